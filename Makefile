@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
+PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
+
+.PHONY: setup demo test test-fast bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m vitkd.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs data lightning_logs

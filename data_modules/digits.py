@@ -1,0 +1,58 @@
+"""scikit-learn's digits as the embedded original data set (real handwriting that ships in the wheel)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from data_modules.image_data import ImageDataModule
+from data_modules.shards import shard_url
+from data_modules.wild_pool import generate_pool
+
+SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
+
+
+@lru_cache(maxsize=1)
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """1797 8×8 images (17 grey levels) → uint8 0..255; stratified 60/20/20 train/val/test split."""
+    d = load_digits()
+    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    y = d.target.astype(np.int64)
+    x_tr, x_rest, y_tr, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=SPLIT_SEED)
+    x_va, x_te, y_va, y_te = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=SPLIT_SEED)
+    return {"train": (x_tr, y_tr), "val": (x_va, y_va), "test": (x_te, y_te)}
+
+
+class DigitsDataModule(ImageDataModule):
+    """Digits (original data) + the embedded wild pool (``data_modules.wild_pool``) for selection.
+
+    Args (besides ``ImageDataModule``'s):
+        wild_pool_size: number of samples in the embedded wild pool (written once under ``data_dir``).
+        wild_pool_seed: seed of the embedded pool.
+    """
+
+    num_classes = 10
+
+    def __init__(self, *args, wild_pool_size: int = 20000, wild_pool_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wild_pool_size, self.wild_pool_seed = wild_pool_size, wild_pool_seed
+
+    def original_split(self, split: str):
+        return digits_splits()[split]
+
+    def _pool_dir(self):
+        return self.data_dir / f"digits-wild-{self.wild_pool_size}-s{self.wild_pool_seed}"
+
+    def prepare_data(self) -> None:
+        if self.wild_urls is None and not (self._pool_dir() / "meta.json").exists():
+            generate_pool(self._pool_dir(), self.wild_pool_size, self.wild_pool_seed)
+
+    def embedded_wild_urls(self) -> str:
+        meta = self._pool_dir() / "meta.json"
+        if not meta.exists():
+            self.prepare_data()
+        import json
+
+        return shard_url(self._pool_dir(), json.loads(meta.read_text())["shards"], "wild")

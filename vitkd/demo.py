@@ -1,0 +1,95 @@
+"""``make demo``: teacher → selections → students (3 seeds each) on the embedded default, then a table.
+
+Writes every run under ``runs/demo/`` and the comparison as ``runs/demo/summary.json``: a list of rows
+with ``run``, ``data``, ``params``, ``test_acc_mean``, ``test_acc_std`` and, for runs on a selection,
+the selection's ``precision``. Each checkpoint is chosen on its validation split, never on test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from vitkd.fit import cli_main
+from vitkd.io import write_json
+
+CONFIGS = Path("experiments/digits")
+SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
+STUDENTS = [
+    # run name, config, data it trains on, selection it uses
+    ("scratch", "scratch.yaml", "original (labels)", None),
+    ("kd_original", "kd_original.yaml", "original (labels) + teacher", None),
+    ("dfnd", "dfnd.yaml", "wild, confidence-selected", "select_dfnd"),
+    ("random_wild", "random_wild.yaml", "wild, random subset", "select_random"),
+    ("attention_probe", "attention_probe.yaml", "wild, attention-probe-selected", "select_ap"),
+]
+
+
+def run(config: str, run_dir: Path, *extra: str) -> dict:
+    args = ["--config", str(CONFIGS / config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    t0 = time.time()
+    metrics = cli_main(args)
+    print(f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: v for k, v in metrics.items() if k in ('test/acc', 'precision', 'num_kept')})}", flush=True)
+    return metrics
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  {'precision':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
+        prec = f"{r['precision']:.3f}" if r.get("precision") is not None else "-"
+        lines.append(f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {prec:>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    t0 = time.time()
+    teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
+    common = ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
+
+    print("[1/3] teacher", flush=True)
+    teacher = run("teacher.yaml", out / "teacher")
+    rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
+
+    print("[2/3] selections", flush=True)
+    selections = {name: run(cfg, out / name, *common) for name, cfg in SELECTIONS.items()}
+
+    print("[3/3] students", flush=True)
+    for name, cfg, data, sel in STUDENTS:
+        extra = list(common) if cfg != "scratch.yaml" else []
+        if sel is not None:
+            extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
+        accs, params = [], None
+        for seed in a.seeds:
+            m = run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra)
+            accs.append(m["test/acc"])
+            params = m["params"]
+        row = {
+            "run": name,
+            "data": data,
+            "params": params,
+            "test_acc_mean": statistics.fmean(accs),
+            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "test_accs": accs,
+            "seeds": len(accs),
+        }
+        if sel is not None:
+            row["precision"] = selections[sel].get("precision")
+            row["num_kept"] = selections[sel]["num_kept"]
+        rows.append(row)
+
+    write_json(out / "summary.json", rows)
+    print(table(rows))
+    print(f"demo finished in {time.time() - t0:.0f}s; table in {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""What every stage shares: a LightningModule that knows how to run itself and what to report."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from vitkd.models import count_params
+
+
+class Stage(pl.LightningModule):
+    """A vitkd stage. ``execute`` runs it on a trainer and returns the figures for ``metrics.json``.
+
+    Training stages fit, keep the best checkpoint on the validation split (never test) and the last one,
+    then test the best. Other stages (the selector) override ``execute``.
+    """
+
+    monitor: str = "val/acc"
+    monitor_mode: str = "max"
+
+    def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
+        trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        results = trainer.test(self, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        metrics.update(self.report())
+        if ckpt is not None:
+            metrics["best_checkpoint"] = best
+            if ckpt.best_model_score is not None:
+                metrics[f"best_{self.monitor}"] = float(ckpt.best_model_score)
+        metrics["epochs"] = trainer.current_epoch
+        return metrics
+
+    def report(self) -> dict[str, Any]:
+        """Stage-specific figures for ``metrics.json`` (parameters of the trained model by default)."""
+        return {"params": count_params(self.model)}
+
+    def configure_callbacks(self):
+        return [ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, save_last=True, enable_version_counter=False)]
+
+    # -- optimisation shared by training stages -----------------------------------------------
+    def cosine_schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()):
+        """Linear warm-up then cosine decay, stepped per batch when the epoch length is known, else per epoch."""
+        total = self.trainer.estimated_stepping_batches
+        per_step = math.isfinite(total)
+        if per_step:
+            epochs = max(1, self.trainer.max_epochs or 1)
+            total, warmup = int(total), warmup_epochs * total / epochs
+        else:
+            total, warmup = max(1, self.trainer.max_epochs or 1), warmup_epochs
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1.0, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        lambdas = [(lambda _s: 1.0) if i in constant_groups else factor for i in range(len(optimizer.param_groups))]
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step" if per_step else "epoch"}}

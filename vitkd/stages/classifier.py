@@ -1,0 +1,64 @@
+"""Supervised training of a ViT on labeled data: the teacher, and the student-from-scratch baseline."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitkd.models import create_model
+from vitkd.stages.base import Stage
+
+
+class Classifier(Stage):
+    """Cross-entropy training of a timm ViT.
+
+    Args:
+        arch: timm model name (vitkd presets included, e.g. ``digits_teacher_patch4_16``).
+        img_size, in_chans, num_classes: set from the data module.
+        lr, weight_decay, warmup_epochs: AdamW with linear warm-up then cosine decay.
+        label_smoothing: cross-entropy label smoothing.
+        model_kwargs: extra keyword arguments for the timm constructor (e.g. ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        img_size: int = 16,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc.update(self(x).float(), y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc.update(self(x).float(), y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.cosine_schedule(opt, self.hparams.warmup_epochs)
