@@ -54,27 +54,35 @@ class VitkdCLI(LightningCLI):
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    # jsonargparse nests the real reason; the most specific line names the key
-    for ln in lines:
-        if "not expected" in ln or "Unrecognized" in ln or "does not" in ln or "No action" in ln:
-            return ln
+    """jsonargparse nests the real reason several lines deep; keep the line that names the key."""
+    lines = [ln.strip(" -") for ln in str(err).splitlines() if ln.strip(" -")]
+    for marker in ("is not accepted", "not expected", "Unrecognized", "No action", "does not", "Expected"):
+        for ln in lines:
+            if marker in ln and "Union subtypes" not in ln:
+                return ln
     return lines[0] if lines else type(err).__name__
 
 
 def cli_main(args: ArgsType = None) -> dict[str, Any]:
     """Parse a config, run its stage, write the run directory; returns the figures of ``metrics.json``."""
-    cli = VitkdCLI(
-        Stage,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        args=args,
-        parser_kwargs={"exit_on_error": False},
-    )
+    VitkdInputError.last = None
+    try:
+        cli = VitkdCLI(
+            Stage,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            args=args,
+            parser_kwargs={"exit_on_error": False},
+        )
+    except (ArgumentError, ValueError) as err:
+        original = VitkdInputError.unwrap(err)
+        if original is not None:
+            raise original from None
+        raise
     run_dir, trainer = cli.run_dir, cli.trainer
     if trainer.is_global_zero:
         write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))

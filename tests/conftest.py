@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def fit(*args: str) -> dict:
+    from vitkd.fit import cli_main
+
+    return cli_main(["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *args])
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 2-block teacher trained for one short epoch through the CLI; returns its best checkpoint."""
+    run = tmp_path_factory.mktemp("teacher")
+    fit(
+        "--config", "experiments/digits/teacher.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "4",
+        "--run_dir", str(run),
+    )
+    return run / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory) -> str:
+    """A handmade wild pool: 3 shards of 40 samples with src tags."""
+    from data_modules.shards import encode_png, write_shards
+
+    out = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for i in range(120):
+            img = (rng.random((8, 8)) * 255).astype(np.uint8)
+            yield {"__key__": f"s{i:04d}", "png": encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
+
+    write_shards(samples(), out, pattern="wild-%06d.tar", maxcount=40)
+    return str(out / "wild-{000000..000002}.tar")

@@ -1,0 +1,110 @@
+"""Each stage once through the CLI on tiny settings, and the run-directory contract."""
+import csv
+import json
+
+import webdataset as wds
+import yaml
+
+from tests.conftest import fit
+
+
+def test_teacher_run_directory(tiny_teacher):
+    run = tiny_teacher.parent.parent
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] > 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["class_path"] == "vitkd.stages.Classifier"
+    assert cfg["model"]["init_args"]["arch"] == "test_vit_patch4_16"
+    assert not list(run.rglob("*.tmp")), "no temporary files are left behind"
+
+
+def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
+    m = fit(
+        "--config", "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt", str(tiny_teacher),
+        "--model.init_args.probe_blocks", "[0, 1]",
+        "--model.init_args.num_keep", "30",
+        "--data.init_args.wild_urls", tiny_pool,
+        "--data.init_args.eval_batch_size", "32",
+        "--run_dir", str(tmp_path),
+    )
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert len(rows) == 120 == m["num_scored"]
+    assert set(rows[0]) >= {"key", "va_blk0", "va_blk1", "vn", "value", "pred", "selected", "src"}
+    by_value = sorted(rows, key=lambda r: float(r["value"]))
+    kept = {r["key"] for r in rows if r["selected"] == "1"}
+    assert kept == {r["key"] for r in by_value[:30]}
+    assert max(float(r["value"]) for r in rows if r["key"] in kept) <= min(float(r["value"]) for r in rows if r["key"] not in kept)
+    # V recomputed from its columns (Eq. 6)
+    r = rows[0]
+    v = 0.9 * float(r["vn"]) + 0.05 * (float(r["va_blk0"]) + float(r["va_blk1"]))
+    assert abs(v - float(r["value"])) < 1e-4
+    # selected shards: exactly the kept keys, pseudo-label in cls, src carried along
+    samples = list(wds.WebDataset(str(tmp_path / "selected" / "shard-000000.tar"), shardshuffle=False))
+    assert {s["__key__"] for s in samples} == kept
+    preds = {r["key"]: r["pred"] for r in rows}
+    assert all(s["cls"].decode() == preds[s["__key__"]] for s in samples)
+    n_digit = sum(s["src"] == b"digit" for s in samples)
+    assert m["precision"] == n_digit / 30 and m["num_kept"] == 30
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_kept"] == 30
+
+
+def test_student_on_selected_shards(tiny_teacher, tiny_pool, tmp_path):
+    sel = fit(
+        "--config", "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt", str(tiny_teacher),
+        "--model.init_args.probe_blocks", "[0, 1]",
+        "--model.init_args.num_keep", "60",
+        "--data.init_args.wild_urls", tiny_pool,
+        "--run_dir", str(tmp_path / "sel"),
+    )
+    m = fit(
+        "--config", "experiments/digits/attention_probe.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt", str(tiny_teacher),
+        "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
+        "--data.init_args.train_urls", sel["selected_urls"],
+        "--data.init_args.val_fraction", "0.2",
+        "--trainer.max_epochs", "1",
+        "--trainer.log_every_n_steps", "1",
+        "--run_dir", str(tmp_path / "student"),
+    )
+    assert 0.0 <= m["test/acc"] <= 1.0 and "q_diagonal" in m
+    log = list(csv.DictReader(open(tmp_path / "student" / "metrics.csv")))
+    logged = {k for row in log for k, v in row.items() if v}
+    assert {"train/ce", "train/probe", "train/kd", "val/acc"} <= logged
+    # the frozen teacher is not stored in the student's checkpoint
+    import torch
+
+    state = torch.load(tmp_path / "student" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and not any(k.startswith("teacher.") for k in state)
+
+
+def test_kd_original_and_scratch_baselines(tiny_teacher, tmp_path):
+    m = fit(
+        "--config", "experiments/digits/kd_original.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt", str(tiny_teacher),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--run_dir", str(tmp_path / "kd"),
+    )
+    assert "test/acc" in m
+    m = fit(
+        "--config", "experiments/digits/scratch.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--run_dir", str(tmp_path / "scratch"),
+    )
+    assert "test/acc" in m
+
+
+def test_resume_from_checkpoint(tiny_teacher, tmp_path):
+    m = fit(
+        "--config", "experiments/digits/teacher.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
+        "--ckpt_path", str(tiny_teacher.parent / "last.ckpt"),
+        "--run_dir", str(tmp_path),
+    )
+    assert m["epochs"] == 2
