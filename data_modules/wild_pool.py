@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw, ImageFont
 from data_modules.shards import encode_png, shard_url, write_shards
 from vitkd.io import write_json
 
-DEFAULT_MIX = {"digit": 0.35, "letter": 0.35, "natural": 0.2, "noise": 0.1}
+DEFAULT_MIX = {"digit": 0.4, "letter": 0.3, "natural": 0.2, "noise": 0.1}
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 _FONTS = sorted(
-    [p for p in _FONT_DIR.glob("DejaVu*.ttf")]
+    [p for p in _FONT_DIR.glob("DejaVu*.ttf") if "Display" not in p.name]  # Display fonts lack most glyphs
     + [_FONT_DIR / f for f in ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf")]
 )
 _LETTERS = string.ascii_letters
@@ -36,25 +36,23 @@ def acquire(bitmap32: np.ndarray) -> np.ndarray:
 
 def render_glyph(char: str, rng: np.random.Generator) -> np.ndarray:
     """A character in a random bundled font, size, stroke, rotation, shear and shift → 32×32 bool bitmap."""
-    font = ImageFont.truetype(str(_FONTS[rng.integers(len(_FONTS))]), size=int(rng.integers(64, 96)))
+    font = ImageFont.truetype(str(_FONTS[rng.integers(len(_FONTS))]), size=80)
     canvas = Image.new("L", (128, 128), 0)
     draw = ImageDraw.Draw(canvas)
-    draw.text((64, 64), char, fill=255, font=font, anchor="mm", stroke_width=int(rng.integers(0, 6)), stroke_fill=255)
-    shear = rng.uniform(-0.25, 0.25)
+    draw.text((64, 64), char, fill=255, font=font, anchor="mm", stroke_width=int(rng.integers(1, 4)), stroke_fill=255)
+    shear = rng.uniform(-0.1, 0.1)
     canvas = canvas.transform(canvas.size, Image.AFFINE, (1, shear, -shear * 64, 0, 1, 0), resample=Image.BILINEAR)
-    canvas = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
+    canvas = canvas.rotate(rng.uniform(-5, 5), resample=Image.BILINEAR)
     box = canvas.getbbox()
     if box is None:
         return np.zeros((32, 32), dtype=bool)
     glyph = canvas.crop(box)
-    # like the digits data: the glyph fills most of the 32×32 frame, aspect ratio kept
-    h = int(rng.integers(22, 31))
-    w = max(1, min(30, round(glyph.width * h / glyph.height)))
+    # like the digits data: the glyph fills the frame's height, aspect ratio kept
+    h = int(rng.integers(28, 33))
+    w = max(1, min(32, round(glyph.width * h / glyph.height)))
     glyph = glyph.resize((w, h), Image.BILINEAR)
     frame = Image.new("L", (32, 32), 0)
-    ox = (32 - w) // 2 + int(rng.integers(-1, 2))
-    oy = (32 - h) // 2 + int(rng.integers(-1, 2))
-    frame.paste(glyph, (max(0, ox), max(0, oy)))
+    frame.paste(glyph, ((32 - w) // 2, (32 - h) // 2))
     bitmap = np.asarray(frame) > 127
     flips = rng.random((32, 32)) < rng.uniform(0.0, 0.03)
     return bitmap ^ flips
