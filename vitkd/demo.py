@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 from vitkd.fit import cli_main
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args(argv)
+    # the demo prints one line per run; Lightning's per-run banners and tips would bury the table
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
     out = Path(a.out)
     t0 = time.time()
     teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
