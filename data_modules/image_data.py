@@ -87,7 +87,8 @@ class ShardStream(IterableDataset):
             buffer.append(item)
             if len(buffer) >= 2048:
                 yield buffer.pop(int(rng.integers(len(buffer))))
-        rng.shuffle(buffer) if buffer else None
+        if buffer:
+            rng.shuffle(buffer)
         yield from buffer
 
     def _decode(self, sample: dict):

@@ -19,16 +19,21 @@ def test_teacher_run_directory(tiny_teacher):
     assert not list(run.rglob("*.tmp")), "no temporary files are left behind"
 
 
-def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
-    m = fit(
+def select(teacher, pool: str, num_keep: int, run_dir, *extra: str) -> dict:
+    """The demo's selection config on a handmade pool, probing both blocks of the tiny teacher."""
+    return fit(
         "--config", "experiments/digits/select.yaml",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher),
+        "--model.init_args.teacher_ckpt", str(teacher),
         "--model.init_args.probe_blocks", "[0, 1]",
-        "--model.init_args.num_keep", "30",
-        "--data.init_args.wild_urls", tiny_pool,
-        "--data.init_args.eval_batch_size", "32",
-        "--run_dir", str(tmp_path),
+        "--model.init_args.num_keep", str(num_keep),
+        "--data.init_args.wild_urls", pool,
+        "--run_dir", str(run_dir),
+        *extra,
     )
+
+
+def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
+    m = select(tiny_teacher, tiny_pool, 30, tmp_path, "--data.init_args.eval_batch_size", "32")
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     assert len(rows) == 120 == m["num_scored"]
     assert set(rows[0]) >= {"key", "va_blk0", "va_blk1", "vn", "value", "pred", "selected", "src"}
@@ -51,14 +56,7 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
 
 
 def test_student_on_selected_shards(tiny_teacher, tiny_pool, tmp_path):
-    sel = fit(
-        "--config", "experiments/digits/select.yaml",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher),
-        "--model.init_args.probe_blocks", "[0, 1]",
-        "--model.init_args.num_keep", "60",
-        "--data.init_args.wild_urls", tiny_pool,
-        "--run_dir", str(tmp_path / "sel"),
-    )
+    sel = select(tiny_teacher, tiny_pool, 60, tmp_path / "sel")
     m = fit(
         "--config", "experiments/digits/attention_probe.yaml",
         "--model.init_args.arch", "test_vit_patch4_16",

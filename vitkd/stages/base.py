@@ -46,7 +46,7 @@ class Stage(pl.LightningModule):
     def cosine_schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()):
         """Linear warm-up then cosine decay, stepped per batch when the epoch length is known, else per epoch."""
         total = self.trainer.estimated_stepping_batches
-        per_step = math.isfinite(total)
+        per_step = math.isfinite(total) and total > 0  # a stream of unknown length gives inf or -1
         if per_step:
             epochs = max(1, self.trainer.max_epochs or 1)
             total, warmup = int(total), warmup_epochs * total / epochs

@@ -82,11 +82,11 @@ class AttentionProbeSelector(Stage):
             self._rows.append({"key": key, "src": batch["src"][i], **{k: v[i].item() for k, v in cols.items()}})
 
     def execute(self, trainer, datamodule, ckpt_path=None) -> dict[str, Any]:
+        if trainer.world_size > 1:
+            raise VitkdInputError("selection runs on one process in this version: launch it with --trainer.devices 1 --trainer.num_nodes 1")
         self._rows = []
         with torch.inference_mode():
             trainer.predict(self, datamodule=datamodule, return_predictions=False)
-        if trainer.world_size > 1:
-            raise VitkdInputError("selection runs on one process in this version: launch it with --trainer.devices 1")
         run_dir = Path(trainer.default_root_dir)
         kept = self._choose()
         self._write_scores(run_dir / "scores.csv", kept)
