@@ -9,7 +9,7 @@ from sklearn.model_selection import train_test_split
 
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
-from data_modules.wild_pool import generate_pool
+from data_modules.wild_pool import POOL_VERSION, generate_pool
 
 SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
 
@@ -43,7 +43,7 @@ class DigitsDataModule(ImageDataModule):
         return digits_splits()[split]
 
     def _pool_dir(self):
-        return self.data_dir / f"digits-wild-{self.wild_pool_size}-s{self.wild_pool_seed}"
+        return self.data_dir / f"digits-wild-v{POOL_VERSION}-{self.wild_pool_size}-s{self.wild_pool_seed}"
 
     def prepare_data(self) -> None:
         if self.wild_urls is None and not (self._pool_dir() / "meta.json").exists():

@@ -16,26 +16,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_modules import shards
-from data_modules.transforms import to_tensor, train_augment
+from data_modules.transforms import random_affine, to_tensor
 from vitkd.errors import VitkdInputError
 
 
 class ArrayDataset(Dataset):
     """uint8 images (N, H, W) with int labels → (image tensor, label)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, in_chans: int, img_size: int, augment: bool):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, in_chans: int, img_size: int):
         self.images, self.labels = images, labels
         self.in_chans, self.img_size = in_chans, img_size
-        self.augment = train_augment(img_size) if augment else None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = to_tensor(self.images[i], self.in_chans, self.img_size)
-        if self.augment is not None:
-            x = self.augment(x)
-        return x, int(self.labels[i])
+        return to_tensor(self.images[i], self.in_chans, self.img_size), int(self.labels[i])
 
 
 def _held_out(key: str, fraction: float) -> bool:
@@ -56,7 +52,6 @@ class ShardStream(IterableDataset):
         img_size: int,
         part: str = "all",
         val_fraction: float = 0.0,
-        augment: bool = False,
         with_meta: bool = False,
         shuffle_seed: int | None = None,
         rank: int = 0,
@@ -64,7 +59,6 @@ class ShardStream(IterableDataset):
     ):
         self.urls, self.in_chans, self.img_size = urls, in_chans, img_size
         self.part, self.val_fraction = part, val_fraction
-        self.augment = train_augment(img_size) if augment else None
         self.with_meta, self.shuffle_seed = with_meta, shuffle_seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -93,8 +87,6 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict):
         x = to_tensor(shards.decode_image(sample), self.in_chans, self.img_size)
-        if self.augment is not None:
-            x = self.augment(x)
         if self.with_meta:
             return {"image": x, "key": sample["__key__"], "src": shards.read_str(sample) or ""}
         label = shards.read_int(sample)
@@ -118,7 +110,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: training batch size (per process).
         eval_batch_size: batch size for validation, test and scoring.
         num_workers: DataLoader worker processes.
-        augment: random affine augmentation on training images.
+        augment: random affine augmentation of training batches (applied to whole batches after transfer).
         train_urls: shards to train on instead of the original training split (e.g. a selection's
             ``selected/shard-{000000..000002}.tar``); validation is then a held-out slice of them.
         val_fraction: fraction of ``train_urls`` samples held out (by key) for validation.
@@ -147,7 +139,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.train_urls, self.val_fraction = augment, train_urls, val_fraction
         self.wild_urls, self.data_dir = wild_urls, Path(data_dir)
-        self._train_stream: ShardStream | None = None
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +164,9 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=collate_fn,
         )
 
-    def _original(self, split: str, augment: bool = False) -> ArrayDataset:
+    def _original(self, split: str) -> ArrayDataset:
         x, y = self.original_split(split)
-        return ArrayDataset(x, y, self.in_chans, self.img_size, augment)
+        return ArrayDataset(x, y, self.in_chans, self.img_size)
 
     def _stream(self, urls: str, **kw) -> ShardStream:
         rank, world = self._rank()
@@ -184,11 +175,15 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_urls:
             seed = torch.initial_seed() % (2**31)
-            self._train_stream = self._stream(
-                self.train_urls, part="train", val_fraction=self.val_fraction, augment=self.augment, shuffle_seed=seed
-            )
-            return self._loader(self._train_stream, self.batch_size)
-        return self._loader(self._original("train", self.augment), self.batch_size, shuffle=True)
+            stream = self._stream(self.train_urls, part="train", val_fraction=self.val_fraction, shuffle_seed=seed)
+            return self._loader(stream, self.batch_size)
+        return self._loader(self._original("train"), self.batch_size, shuffle=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x, y = batch
+            batch = (random_affine(x), y)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         if self.train_urls:

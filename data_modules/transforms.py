@@ -5,7 +5,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
 
 
 def to_tensor(img: Image.Image | np.ndarray, in_chans: int, img_size: int) -> torch.Tensor:
@@ -24,6 +23,18 @@ def to_tensor(img: Image.Image | np.ndarray, in_chans: int, img_size: int) -> to
     return t.sub_(0.5).div_(0.5)
 
 
-def train_augment(img_size: int) -> v2.Transform:
-    """Mild geometric augmentation (shift/rotate/scale), applied to the model-size tensor."""
-    return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0)
+def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1), fill: float = -1.0) -> torch.Tensor:
+    """Mild random shift/rotate/scale of a whole batch (B, C, H, W) at once, one draw per image.
+
+    Done on the batch with ``affine_grid``/``grid_sample`` rather than per sample in the loader: on a
+    CPU the per-sample transform cost as much as the training step of the small models.
+    """
+    b = x.shape[0]
+    angle = torch.empty(b, device=x.device).uniform_(-degrees, degrees) * (torch.pi / 180)
+    s = torch.empty(b, device=x.device).uniform_(*scale)
+    shift = torch.empty(b, 2, device=x.device).uniform_(-translate, translate) * 2  # grid units span [-1, 1]
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    # sample (x - fill) with zero padding so the uncovered border takes the value ``fill``
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill

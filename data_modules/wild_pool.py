@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data_modules.shards import encode_png, shard_url, write_shards
 from vitkd.io import write_json
 
+POOL_VERSION = 2  # bump when the rendering changes, so cached pools are rebuilt
 DEFAULT_MIX = {"digit": 0.4, "letter": 0.3, "natural": 0.2, "noise": 0.1}
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 _FONTS = sorted(
@@ -47,14 +48,14 @@ def render_glyph(char: str, rng: np.random.Generator) -> np.ndarray:
     if box is None:
         return np.zeros((32, 32), dtype=bool)
     glyph = canvas.crop(box)
-    # like the digits data: the glyph fills the frame's height, aspect ratio kept
+    # like the digits data: the glyph fills the frame's height and is a little narrower than the font's
     h = int(rng.integers(28, 33))
-    w = max(1, min(32, round(glyph.width * h / glyph.height)))
+    w = max(1, min(26, round(glyph.width * h / glyph.height * rng.uniform(0.7, 1.0))))
     glyph = glyph.resize((w, h), Image.BILINEAR)
     frame = Image.new("L", (32, 32), 0)
     frame.paste(glyph, ((32 - w) // 2, (32 - h) // 2))
     bitmap = np.asarray(frame) > 127
-    flips = rng.random((32, 32)) < rng.uniform(0.0, 0.03)
+    flips = rng.random((32, 32)) < rng.uniform(0.0, 0.005)  # sparse sensor noise
     return bitmap ^ flips
 
 
