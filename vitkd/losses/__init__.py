@@ -21,3 +21,6 @@ __all__ += [
     "discrepancy_loss",
     "generator_loss",
 ]
+from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss  # noqa: E402
+
+__all__ += ["ProjectorEnsemble", "projector_ensemble_loss"]

@@ -5,3 +5,6 @@ from vitkd.stages.selector import AttentionProbeSelector
 from vitkd.stages.student import ProbeDistillation
 
 __all__ = ["Stage", "Classifier", "AttentionProbeSelector", "ProbeDistillation"]
+from vitkd.stages.generator import DataFreeGAN  # noqa: E402
+
+__all__ += ["DataFreeGAN"]

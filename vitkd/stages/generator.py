@@ -1,0 +1,393 @@
+"""Data-free distillation through a generator: DAFL and vitkd's transformer-augmented GAN (one stage).
+
+Two optimizers, manual optimization. Each training step:
+
+1. generator step — x = G(z); the frozen teacher is the discriminator:
+   L_G = L_adv + λ·L_attention (``vitkd.losses.generator``; DAFL is L_adv = DAFL's three terms, λ = 0);
+2. student step(s) on x.detach() (optionally mixed with selected wild shards — the hybrid):
+   L_total = λKD·L_KD + λCE·L_CE + λpatch·L_patch with L_KD the T²-scaled KL to the teacher
+   (``kd_loss``), L_CE the cross-entropy to the teacher's argmax, L_patch the probe-distillation patch
+   relation loss (``probe_relation_loss``), as in ``ProbeDistillation``.
+
+There is no original training data: an "epoch" is ``steps_per_epoch`` steps. Validation never touches the
+original data either: it is the student's agreement with the teacher's argmax (``val/agree``) on images
+the current generator makes from a fixed held-out noise bank (never used for training); the best
+checkpoint is chosen on it. That measures how well the student copies the teacher on the generator's
+own distribution, not accuracy on real digits. Test accuracy is on the datamodule's original test split.
+
+Under DDP each rank draws its own noise from a generator seeded with ``seed + rank``. A non-finite
+generator (or student) loss term stops the run with a message naming the term; the checkpoints already on
+disk (``last.ckpt`` from the previous epoch) are left untouched.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitkd.errors import VitkdInputError
+from vitkd.generators import create_generator, photometric_view
+from vitkd.io import atomic_path
+from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss
+from vitkd.models import AttentionProbe, FeatureTap, count_params, create_model
+from vitkd.stages.base import Stage
+from vitkd.teacher import load_teacher
+
+VAL_SEED_OFFSET = 1_000_003  # the held-out noise bank never coincides with a training stream
+
+
+class GeneratorDiverged(VitkdInputError):
+    """A loss term became NaN or infinite; the message names the term and what to lower."""
+
+
+def rank_noise_generator(seed: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The noise stream of one process: a torch.Generator seeded with ``seed + rank``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) + int(rank))
+    return g
+
+
+class _Steps(Dataset):
+    """``n`` dummy items: the generator stage's epoch length (noise is drawn in the step, not loaded)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class DataFreeGAN(Stage):
+    """Generator + student trained together from a frozen teacher, without the teacher's data.
+
+    Args:
+        arch: student timm model name.
+        teacher_ckpt, teacher_arch: the frozen teacher (as in ``ProbeDistillation``).
+        generator: ``dafl`` (DAFL's conv generator) or ``transformer`` (vitkd's transformer-augmented one).
+        generator_kwargs: extra arguments of the generator class.
+        latent_dim: size of the noise vector z.
+        batch_size: generated images per step and process (also the student batch size).
+        steps_per_epoch: training steps per epoch and process.
+        student_steps: student updates per generator update (the extra ones on fresh samples).
+        seed: base of the noise seeds (rank r draws from ``seed + r``); ``None`` takes the run's
+            ``seed_everything`` value.
+        val_samples, grid_samples: size of the held-out noise bank and of the per-epoch image grid.
+        oh_weight, ie_weight, act_weight, disc_weight: the L_adv terms (one-hot, information entropy,
+            activation, student–teacher discrepancy); 0 switches a term off.
+        attention_lambda: λ of L_G = L_adv + λ·L_attention (0 switches L_attention off).
+        peak_weight, consistency_weight: the L_attention terms.
+        probe_blocks, probe_head: teacher blocks whose CLS attention probe L_attention reads.
+        view_strength: photometric jitter of the second view (consistency term).
+        kd_weight, ce_weight, patch_weight: λKD, λCE, λpatch of the student loss.
+        temperature: of L_KD.
+        patch_pairs, relation_norm: (teacher block, student block) pairs and normalisation of L_patch.
+        wild_ratio: hybrid — fraction of each student batch taken from the datamodule's ``train_urls``
+            shards (selected wild images); 0 is purely data-free.
+        lr_g, lr_s, weight_decay, warmup_epochs: Adam(β1 0.5) for G; AdamW with warm-up + cosine for S.
+    """
+
+    monitor = "val/agree"
+
+    def __init__(
+        self,
+        arch: str,
+        teacher_ckpt: str,
+        teacher_arch: str | None = None,
+        img_size: int = 16,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        generator: Literal["dafl", "transformer"] = "transformer",
+        generator_kwargs: dict[str, Any] | None = None,
+        latent_dim: int = 100,
+        batch_size: int = 128,
+        steps_per_epoch: int = 50,
+        student_steps: int = 1,
+        seed: int | None = None,
+        val_samples: int = 1024,
+        grid_samples: int = 64,
+        oh_weight: float = 1.0,
+        ie_weight: float = 5.0,
+        act_weight: float = 0.1,
+        disc_weight: float = 0.0,
+        attention_lambda: float = 0.0,
+        peak_weight: float = 1.0,
+        consistency_weight: float = 1.0,
+        probe_blocks: list[int] = [1, 3],
+        probe_head: str = "mean",
+        view_strength: float = 0.2,
+        kd_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        patch_weight: float = 0.0,
+        temperature: float = 4.0,
+        patch_pairs: list[tuple[int, int]] = [(1, 1), (3, 3), (5, 5)],
+        relation_norm: Literal["token", "channel"] = "token",
+        wild_ratio: float = 0.0,
+        lr_g: float = 1e-3,
+        lr_s: float = 2e-3,
+        weight_decay: float = 0.025,
+        warmup_epochs: float = 1.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
+        if not 0.0 <= wild_ratio < 1.0:
+            raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
+        if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
+            raise VitkdInputError("steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args")
+        self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
+        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
+        self.use_attention = attention_lambda > 0 and (peak_weight > 0 or consistency_weight > 0)
+        self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if self.use_attention else None
+        self.taps = None
+        if patch_weight > 0:
+            pairs = [tuple(p) for p in patch_pairs]
+            self.taps = (FeatureTap(self.teacher, [p[0] for p in pairs]), FeatureTap(self.model, [p[1] for p in pairs]))
+            self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
+        self.n_wild = int(round(wild_ratio * batch_size))
+        self.val_agree = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._noise: torch.Generator | None = None
+        self._wild_iter = None
+        self._wild_loader: DataLoader | None = None
+        self.noise_fingerprint: list | None = None
+
+    # -- running the stage ------------------------------------------------------------------------
+    def base_seed(self) -> int:
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def noise_bank(self, n: int) -> torch.Tensor:
+        """The held-out noise (same on every rank, split by the distributed sampler); never trained on."""
+        g = rank_noise_generator(self.base_seed() + VAL_SEED_OFFSET, 0)
+        return torch.randn(n, self.hparams.latent_dim, generator=g)
+
+    def execute(self, trainer, datamodule, ckpt_path: str | None = None) -> dict[str, Any]:
+        hp = self.hparams
+        if self.n_wild > 0:
+            if not getattr(datamodule, "train_urls", None):
+                raise VitkdInputError("wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'")
+            datamodule.trainer = trainer  # the shard stream splits by this trainer's rank and world size
+            self._wild_loader = DataLoader(datamodule.train_dataloader().dataset, batch_size=self.n_wild, num_workers=datamodule.num_workers)
+        steps = DataLoader(_Steps(hp.steps_per_epoch * trainer.world_size), batch_size=1)
+        val = DataLoader(TensorDataset(self.noise_bank(hp.val_samples)), batch_size=512)
+        trainer.fit(self, train_dataloaders=steps, val_dataloaders=val, ckpt_path=ckpt_path)
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        results = trainer.test(self, dataloaders=datamodule.test_dataloader(), ckpt_path=best, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        metrics.update(self.report())
+        if ckpt is not None:
+            metrics["best_checkpoint"] = best
+            if ckpt.best_model_score is not None:
+                metrics[f"best_{self.monitor}"] = float(ckpt.best_model_score)
+        metrics["epochs"] = trainer.current_epoch
+        metrics["validation"] = "student-teacher argmax agreement on generated images from a held-out noise bank"
+        return metrics
+
+    def report(self) -> dict[str, Any]:
+        out = {"params": count_params(self.model), "generator_params": count_params(self.generator), "generator": self.hparams.generator}
+        if self.noise_fingerprint is not None:
+            out["noise_fingerprint"] = self.noise_fingerprint
+        if self.n_wild:
+            out["wild_per_batch"] = self.n_wild
+        return out
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_train_start(self) -> None:
+        self._noise = rank_noise_generator(self.base_seed(), self.global_rank, self.device)
+
+    def draw_noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hparams.latent_dim, generator=self._noise, device=self.device)
+
+    def _next_wild(self) -> torch.Tensor:
+        if self._wild_iter is None:
+            self._wild_iter = iter(self._wild_loader)
+        try:
+            x, _ = next(self._wild_iter)
+        except StopIteration:  # a new pass over the shards
+            self._wild_iter = iter(self._wild_loader)
+            x, _ = next(self._wild_iter)
+        return x.to(self.device)
+
+    # -- the losses -------------------------------------------------------------------------------
+    def teacher_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits and pre-logits features (the DAFL activation term's f_T)."""
+        feats = self.teacher.forward_head(self.teacher.forward_features(x), pre_logits=True)
+        return self.teacher.head(feats), feats
+
+    def probes(self) -> list[torch.Tensor]:
+        rows = self.probe.rows()
+        return [rows[b] for b in self.probe.blocks]
+
+    def generator_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(L_adv terms, L_attention terms) for generated images x; gradients flow to x only."""
+        hp = self.hparams
+        t_logits, t_feats = self.teacher_out(x)
+        probes_a = self.probes() if self.use_attention else None
+        s_logits = self.model(x) if hp.disc_weight else None
+        adv = adversarial_loss(t_logits, t_feats, s_logits, hp.oh_weight, hp.ie_weight, hp.act_weight, hp.disc_weight)
+        attn: dict[str, torch.Tensor] = {}
+        if self.use_attention:
+            probes_b = None
+            if hp.consistency_weight:
+                self.teacher(photometric_view(x, hp.view_strength, self._noise))
+                probes_b = self.probes()
+            attn = attention_loss(probes_a, probes_b, hp.peak_weight, hp.consistency_weight)
+        return adv, attn
+
+    def student_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """λKD·L_KD + λCE·L_CE + λpatch·L_patch on images x (teacher pseudo-labels), as named terms."""
+        hp = self.hparams
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+            t_feats = self.taps[0].features() if self.taps else None
+        s_logits = self.model(x)
+        out: dict[str, torch.Tensor] = {}
+        if hp.kd_weight:
+            out["kd"] = hp.kd_weight * kd_loss(s_logits, t_logits, hp.temperature)
+        if hp.ce_weight:
+            out["ce"] = hp.ce_weight * F.cross_entropy(s_logits.float(), t_logits.argmax(dim=1))
+        if hp.patch_weight:
+            s_feats = self.taps[1].features()
+            out["patch"] = hp.patch_weight * probe_relation_loss(
+                [s_feats[s] for _, s in self.pairs], [t_feats[t] for t, _ in self.pairs], hp.relation_norm, self.model.num_prefix_tokens
+            )
+        if not out:
+            raise VitkdInputError("every student loss term is switched off: set kd_weight, ce_weight or patch_weight above 0")
+        return out
+
+    def check_finite(self, terms: dict[str, torch.Tensor], which: str) -> None:
+        """Stop (on every rank together) when a term is NaN or infinite, naming it."""
+        names = list(terms)
+        flags = torch.stack([(~torch.isfinite(terms[k].detach())).float() for k in names])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        bad = [k for k, f in zip(names, flags.tolist()) if f > 0]
+        if bad:
+            ckpt = self.trainer.checkpoint_callback if self.trainer is not None else None
+            last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+            kept = f"last good checkpoint kept: {last}" if last is not None and last.is_file() else "no checkpoint was written before it"
+            weight = "lr_s" if which == "student" else "lr_g"
+            raise GeneratorDiverged(
+                f"{which} loss term {bad[0]!r} is not finite at epoch {self.current_epoch} step {self._step_in_epoch}; run stopped, {kept}: lower --model.init_args.{weight} or that term's weight"
+            )
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        self._step_in_epoch = batch_idx
+        opt_g, opt_s = self.optimizers()
+        sched = self.lr_schedulers()
+        z = self.draw_noise(hp.batch_size)
+        if self.noise_fingerprint is None:
+            fp = self.all_gather(z[0, :4].float().detach())
+            self.noise_fingerprint = fp.reshape(-1, 4).cpu().tolist()
+
+        # 1. generator step: the teacher is the discriminator
+        self.toggle_optimizer(opt_g)
+        x = self.generator(z)
+        adv, attn = self.generator_terms(x)
+        terms_g = {**adv, **attn}
+        self.check_finite(terms_g, "generator")
+        loss_g = generator_loss(adv, attn, hp.attention_lambda)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # 2. student step(s) on the generated batch (+ wild images for the hybrid)
+        n_gen = hp.batch_size - self.n_wild
+        self.toggle_optimizer(opt_s)
+        for k in range(hp.student_steps):
+            if k == 0:
+                xs = x.detach()[:n_gen]
+            else:
+                with torch.no_grad():
+                    xs = self.generator(self.draw_noise(hp.batch_size))[:n_gen]
+            if self.n_wild:
+                xs = torch.cat([xs, self._next_wild().to(xs.dtype)])
+            terms_s = self.student_terms(xs)
+            self.check_finite(terms_s, "student")
+            loss_s = torch.stack(list(terms_s.values())).sum()
+            opt_s.zero_grad(set_to_none=True)
+            self.manual_backward(loss_s)
+            opt_s.step()
+            sched.step()
+        self.untoggle_optimizer(opt_s)
+
+        bs = hp.batch_size
+        for k, v in terms_g.items():
+            self.log(f"train/g_{k}", v.detach(), batch_size=bs)
+        for k, v in terms_s.items():
+            self.log(f"train/s_{k}", v.detach(), batch_size=bs)
+        self.log("train/loss_g", loss_g.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/loss_s", loss_s.detach(), prog_bar=True, batch_size=bs)
+
+    def validation_step(self, batch, batch_idx):
+        (z,) = batch
+        x = self.generator(z)
+        t = self.teacher(x).argmax(dim=1)
+        self.val_agree.update(self.model(x).float(), t)
+        self.log("val/agree", self.val_agree, on_epoch=True, prog_bar=True, batch_size=len(z))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc.update(self(x).float(), y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
+
+    def on_train_epoch_end(self) -> None:
+        """Save the generator's samples on the fixed grid noise as a PNG (and to W&B when it logs images)."""
+        if not self.trainer.is_global_zero or self.hparams.grid_samples <= 0:
+            return
+        from torchvision.utils import save_image
+
+        was_training = self.generator.training
+        self.generator.eval()
+        with torch.no_grad():
+            z = self.noise_bank(self.hparams.grid_samples).to(self.device)
+            x = self.generator(z).float().cpu()
+        self.generator.train(was_training)
+        path = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:03d}.png"
+        with atomic_path(path) as tmp:
+            save_image(x * 0.5 + 0.5, str(tmp), nrow=int(math.ceil(math.sqrt(len(x)))), format="png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="generator/samples", images=[str(path)], step=self.global_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=(0.5, 0.999))
+        opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr_s, weight_decay=hp.weight_decay)
+        per_epoch = hp.steps_per_epoch * hp.student_steps
+        total = max(1, (self.trainer.max_epochs or 1) * per_epoch)
+        warmup = hp.warmup_epochs * per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+
+        return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, factor)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
