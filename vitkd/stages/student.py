@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+import vitkd.efficient.shuffle_block  # noqa: F401  (registers the channel-shuffle student presets)
+from vitkd.efficient.measure import measure
 from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, kd_loss, probe_relation_loss
+from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import FeatureTap, create_model
 from vitkd.stages.base import Stage
 from vitkd.teacher import load_teacher
@@ -37,6 +40,9 @@ class ProbeDistillation(Stage):
         relation_norm: ``token`` normalises each channel over tokens (authors' code, the default, which gave the
             published numbers); ``channel`` normalises each token (the paper's cosine relation, Eq. 7).
         beta, temperature: weight and temperature of L_KD (Eq. 9).
+        projector_weight: weight of the projector-ensemble feature loss (PEFD; 0, the default, switches it off).
+        num_projectors, projector_act: PEFD ensemble size (authors: 3) and projector activation (authors: ReLU).
+        measure_batch_size: batch size of the throughput measured for ``metrics.json`` (0 skips the cost figures).
     """
 
     def __init__(
@@ -61,6 +67,10 @@ class ProbeDistillation(Stage):
         weight_decay: float = 0.025,
         warmup_epochs: float = 1.0,
         model_kwargs: dict[str, Any] | None = None,
+        projector_weight: float = 0.0,
+        num_projectors: int = 3,
+        projector_act: Literal["relu", "none"] = "relu",
+        measure_batch_size: int = 256,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +90,9 @@ class ProbeDistillation(Stage):
             pairs = [tuple(p) for p in probe_pairs]
             self.taps = (FeatureTap(self.teacher, [p[0] for p in pairs]), FeatureTap(self.model, [p[1] for p in pairs]))
             self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
+        self.projectors = (
+            ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if projector_weight > 0 else None
+        )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -94,10 +107,19 @@ class ProbeDistillation(Stage):
     def losses(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed."""
         hp = self.hparams
+        pefd = self.projectors is not None
         with torch.no_grad():
-            t_logits = self.teacher(x)
+            if pefd:  # same computation as teacher(x), keeping the pooled pre-logit feature
+                t_tokens = self.teacher.forward_features(x)
+                t_logits, t_pooled = self.teacher.forward_head(t_tokens), self.teacher.forward_head(t_tokens, pre_logits=True)
+            else:
+                t_logits = self.teacher(x)
             t_feats = self.taps[0].features() if self.taps else None
-        s_logits = self.model(x)
+        if pefd:
+            s_tokens = self.model.forward_features(x)
+            s_logits, s_pooled = self.model.forward_head(s_tokens), self.model.forward_head(s_tokens, pre_logits=True)
+        else:
+            s_logits = self.model(x)
         target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
         out: dict[str, torch.Tensor] = {}
         if hp.ce_weight > 0:
@@ -110,8 +132,10 @@ class ProbeDistillation(Stage):
             )
         if hp.beta > 0:
             out["kd"] = hp.beta * kd_loss(s_logits, t_logits, hp.temperature)
+        if pefd:
+            out["projector"] = hp.projector_weight * projector_ensemble_loss(s_pooled, t_pooled, self.projectors)
         if not out:
-            raise VitkdInputError("every loss term is switched off: set ce_weight, alpha or beta above 0")
+            raise VitkdInputError("every loss term is switched off: set ce_weight, alpha, beta or projector_weight above 0")
         return out
 
     def training_step(self, batch, batch_idx):
@@ -134,7 +158,8 @@ class ProbeDistillation(Stage):
         self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
 
     def configure_optimizers(self):
-        groups = [{"params": self.model.parameters(), "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}]
+        params = list(self.model.parameters()) + (list(self.projectors.parameters()) if self.projectors is not None else [])
+        groups = [{"params": params, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}]
         if self.q is not None:
             # DFND trains θ with its own Adam(1e-3) every step: here a constant-lr group with no decay
             groups.append({"params": self.q.parameters(), "lr": self.hparams.q_lr, "weight_decay": 0.0})
@@ -148,4 +173,7 @@ class ProbeDistillation(Stage):
         out = super().report()
         if self.q is not None:
             out["q_diagonal"] = self.q.diagonal
+        if self.hparams.measure_batch_size > 0:  # cost of the student alone (the projectors serve only the training loss)
+            hp = self.hparams
+            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=hp.measure_batch_size, warmup=2, iters=5))
         return out

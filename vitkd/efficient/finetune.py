@@ -1,0 +1,123 @@
+"""IdleViT fine-tuning stage: self-distillation from the unreduced model (IdleViT, ``reference-methods.md`` §2.6).
+
+L = w_ce·CE + w_cut·(mean token cut loss over idle layers) + w_kd·KL(T ‖ S, T = 1)
+    + w_feat·MSE(normalize(f_S), normalize(f_T)),
+where the teacher T is the same trained ViT without idling (frozen) and f is the pooled pre-logit feature.
+The authors' defaults are w_cut = 20, w_kd = 5 and w_feat = 100·w_kd (ImageNet, 30 epochs).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitkd.efficient.idlevit import IdleViT
+from vitkd.efficient.measure import count_params, measure
+from vitkd.losses import kd_loss
+from vitkd.stages.base import Stage
+from vitkd.teacher import load_teacher
+
+
+class IdleViTFinetune(Stage):
+    """Fine-tunes a copy of a trained ViT with token idling, distilled from the unreduced original.
+
+    Args:
+        teacher_ckpt / teacher_arch: the trained ViT (it is both the initialisation and the frozen teacher).
+        keep_ratio: fraction of image tokens computed in each idle layer (one value or one per idle layer).
+        idle_layers: blocks that idle tokens (default: the last two thirds).
+        label_source: ``data`` (batch labels) or ``teacher`` (the unreduced model's argmax) for the CE term.
+        ce_weight, cut_weight, kd_weight, feat_weight: weights of the four terms (0 switches a term off).
+        lr, weight_decay, warmup_epochs: AdamW with warm-up then cosine decay.
+        measure_batch_size: batch size of the throughput in ``metrics.json``.
+    """
+
+    def __init__(
+        self,
+        teacher_ckpt: str,
+        teacher_arch: str | None = None,
+        img_size: int = 16,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        keep_ratio: float | list[float] = 0.7,
+        idle_layers: list[int] | None = None,
+        label_source: Literal["data", "teacher"] = "data",
+        ce_weight: float = 1.0,
+        cut_weight: float = 20.0,
+        kd_weight: float = 5.0,
+        feat_weight: float = 500.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 0.0,
+        measure_batch_size: int = 256,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
+        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        student = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.model = IdleViT(student, keep_ratio, idle_layers)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        with torch.no_grad():
+            t_tokens = self.teacher.forward_features(x)
+            t_logits, t_feat = self.teacher.forward_head(t_tokens), self.teacher.forward_head(t_tokens, pre_logits=True)
+        s_logits, s_feat, cut = self.model.forward_aux(x, with_cut_loss=hp.cut_weight > 0)
+        out: dict[str, torch.Tensor] = {}
+        if hp.ce_weight > 0:
+            target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
+            out["ce"] = hp.ce_weight * F.cross_entropy(s_logits.float(), target)
+        if hp.cut_weight > 0 and cut is not None:
+            out["cut"] = hp.cut_weight * cut
+        if hp.kd_weight > 0:
+            out["kd"] = hp.kd_weight * kd_loss(s_logits, t_logits, 1.0)
+        if hp.feat_weight > 0:
+            out["feat"] = hp.feat_weight * F.mse_loss(F.normalize(s_feat.float(), dim=-1), F.normalize(t_feat.float(), dim=-1))
+        return out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        terms = self.losses(x, y)
+        loss = torch.stack(list(terms.values())).sum()
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc.update(self(x).float(), y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc.update(self(x).float(), y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.cosine_schedule(opt, self.hparams.warmup_epochs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def report(self) -> dict[str, Any]:
+        hp = self.hparams
+        out: dict[str, Any] = {"params": count_params(self.model), "keep": {str(k): v for k, v in self.model.keep.items()}}
+        if hp.measure_batch_size > 0:
+            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=hp.measure_batch_size, warmup=2, iters=5))
+            out["teacher_gflops"] = measure(self.teacher, (hp.in_chans, hp.img_size, hp.img_size), batch_size=8, warmup=0, iters=1)["gflops"]
+        return out
