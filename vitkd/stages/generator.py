@@ -15,7 +15,8 @@ the current generator makes from a fixed held-out noise bank (never used for tra
 checkpoint is chosen on it. That measures how well the student copies the teacher on the generator's
 own distribution, not accuracy on real digits. Test accuracy is on the datamodule's original test split.
 
-Under DDP each rank draws its own noise from a generator seeded with ``seed + rank``. A non-finite
+Under DDP (``--trainer.strategy ddp_find_unused_parameters_true``: each of the two backward passes uses
+only one network) each rank draws its own noise from a generator seeded with ``seed + rank``. A non-finite
 generator (or student) loss term stops the run with a message naming the term; the checkpoints already on
 disk (``last.ckpt`` from the previous epoch) are left untouched.
 """
@@ -181,6 +182,7 @@ class DataFreeGAN(Stage):
                 raise VitkdInputError("wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'")
             datamodule.trainer = trainer  # the shard stream splits by this trainer's rank and world size
             self._wild_loader = DataLoader(datamodule.train_dataloader().dataset, batch_size=self.n_wild, num_workers=datamodule.num_workers)
+            self._datamodule = datamodule
         steps = DataLoader(_Steps(hp.steps_per_epoch * trainer.world_size), batch_size=1)
         val = DataLoader(TensorDataset(self.noise_bank(hp.val_samples)), batch_size=512)
         trainer.fit(self, train_dataloaders=steps, val_dataloaders=val, ckpt_path=ckpt_path)
@@ -213,6 +215,15 @@ class DataFreeGAN(Stage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+            raise VitkdInputError(
+                "the generator stage's two backward passes each use one network, which plain DDP rejects: use --trainer.strategy ddp_find_unused_parameters_true"
+            )
+
     def on_train_start(self) -> None:
         self._noise = rank_noise_generator(self.base_seed(), self.global_rank, self.device)
 
@@ -227,7 +238,9 @@ class DataFreeGAN(Stage):
         except StopIteration:  # a new pass over the shards
             self._wild_iter = iter(self._wild_loader)
             x, _ = next(self._wild_iter)
-        return x.to(self.device)
+        # the datamodule's own batch-level augmentation, as the wild-shard students get it
+        x, _ = self._datamodule.on_after_batch_transfer((x.to(self.device), None), 0)
+        return x
 
     # -- the losses -------------------------------------------------------------------------------
     def teacher_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,131 @@
+"""The generator stage through the CLI on tiny settings: a generator and a student step, the hybrid,
+the NaN stop, and two DDP ranks drawing different noise."""
+import json
+import os
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import fit
+from vitkd.stages.generator import DataFreeGAN, GeneratorDiverged, rank_noise_generator
+
+TINY = [
+    "--model.init_args.arch", "test_vit_patch4_16",
+    "--model.init_args.batch_size", "8",
+    "--model.init_args.steps_per_epoch", "1",
+    "--model.init_args.val_samples", "16",
+    "--model.init_args.grid_samples", "4",
+    "--model.init_args.probe_blocks", "[0, 1]",
+    "--model.init_args.patch_pairs", "[[0, 0], [1, 1]]",
+    "--trainer.max_epochs", "1",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+def tiny_args(teacher, run_dir, config="transformer_gan.yaml", *extra):
+    gen = "{width: 8}" if config == "dafl.yaml" else "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}"
+    return ["--config", f"experiments/generator/{config}", "--model.init_args.teacher_ckpt", str(teacher), "--run_dir", str(run_dir),
+            "--model.init_args.generator_kwargs", gen, *TINY, *extra]
+
+
+def _fresh_stage(teacher, seed=0, **kw) -> DataFreeGAN:
+    """The stage as the CLI builds it from transformer_gan.yaml + TINY (same seed, same initial weights)."""
+    pl.seed_everything(seed)
+    args = dict(
+        arch="test_vit_patch4_16", teacher_ckpt=str(teacher), generator="transformer",
+        generator_kwargs={"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
+        attention_lambda=1.0, probe_blocks=[0, 1], patch_weight=0.8, patch_pairs=[(0, 0), (1, 1)],
+    )
+    args.update(kw)
+    return DataFreeGAN(**args)
+
+
+def test_one_generator_and_one_student_step_through_cli(tiny_teacher, tmp_path):
+    m = fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--trainer.precision", "bf16-mixed"))
+    assert 0.0 <= m["test/acc"] <= 1.0 and 0.0 <= m["best_val/agree"] <= 1.0 and m["generator"] == "transformer"
+    assert (tmp_path / "samples" / "epoch000.png").is_file()
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith("teacher.") for k in state)
+    # both networks moved away from their (identically seeded) initial weights: one step each was taken
+    fresh = _fresh_stage(tiny_teacher).state_dict()
+    assert not torch.equal(state["generator.to_tokens.weight"], fresh["generator.to_tokens.weight"])
+    assert not torch.equal(state["model.head.weight"], fresh["model.head.weight"])
+    # every switched-on term of L_G and L_total was logged
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    for k in ("train/g_oh", "train/g_ie", "train/g_attn_peak", "train/g_attn_cons", "train/s_kd", "train/s_ce", "train/s_patch"):
+        assert k in header, k
+
+
+def test_dafl_and_disc_term_through_cli(tiny_teacher, tmp_path):
+    m = fit(*tiny_args(tiny_teacher, tmp_path, "dafl.yaml", "--model.init_args.disc_weight", "0.5"))
+    assert m["generator"] == "dafl"
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/g_oh", "train/g_ie", "train/g_act", "train/g_disc"} <= set(header)
+    assert "train/g_attn_peak" not in header  # λ = 0 in the DAFL config
+
+
+def _labelled_shards(tmp_path) -> str:
+    from data_modules.shards import encode_png, write_shards
+
+    rng = np.random.default_rng(0)
+    samples = ({"__key__": f"w{i:04d}", "png": encode_png((rng.random((8, 8)) * 255).astype(np.uint8)), "cls": str(i % 10)} for i in range(40))
+    write_shards(samples, tmp_path / "sel", pattern="shard-%06d.tar", maxcount=20)
+    return str(tmp_path / "sel" / "shard-{000000..000001}.tar")
+
+
+def test_hybrid_through_cli(tiny_teacher, tmp_path):
+    urls = _labelled_shards(tmp_path)
+    m = fit(*tiny_args(tiny_teacher, tmp_path / "run", "hybrid.yaml", "--data.init_args.train_urls", urls, "--model.init_args.wild_ratio", "0.25"))
+    assert m["wild_per_batch"] == 2 and 0.0 <= m["test/acc"] <= 1.0
+
+
+def test_hybrid_without_shards_is_refused(tiny_teacher, tmp_path):
+    with pytest.raises(Exception, match="train_urls"):
+        fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--model.init_args.wild_ratio", "0.5"))
+
+
+class NaNAfterFirstEpoch(DataFreeGAN):
+    """Test double: the attention-peak term turns NaN from the second epoch on."""
+
+    def generator_terms(self, x):
+        adv, attn = super().generator_terms(x)
+        if self.current_epoch >= 1:
+            attn["attn_peak"] = attn["attn_peak"] * float("nan")
+        return adv, attn
+
+
+def test_nan_generator_term_stops_and_keeps_last_good_checkpoint(tiny_teacher, tmp_path):
+    args = tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--model.class_path", "tests.test_generator_stage.NaNAfterFirstEpoch", "--trainer.max_epochs", "3")
+    with pytest.raises(GeneratorDiverged, match="generator loss term 'attn_peak' is not finite at epoch 1") as err:
+        fit(*args)
+    assert "last good checkpoint kept" in str(err.value)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+    # the entry point turns it into one line and exit status 2
+    from vitkd.fit import main
+
+    assert main(["--trainer.enable_progress_bar", "false", *args[:-2], "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "again")]) == 2
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_draw_different_noise(tiny_teacher, tmp_path):
+    """2-process DDP on CPU (gloo): each rank's first noise row comes from seed + rank."""
+    cmd = [sys.executable, "-m", "vitkd.fit", *tiny_args(tiny_teacher, tmp_path, "dafl.yaml"),
+           "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.enable_progress_bar", "false", "--seed_everything", "3"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    rows = torch.tensor(m["noise_fingerprint"])
+    assert rows.shape == (2, 4)
+    for rank in (0, 1):
+        expected = torch.randn(8, 100, generator=rank_noise_generator(3, rank))[0, :4]
+        assert torch.allclose(rows[rank], expected, atol=1e-6)
+    assert not torch.allclose(rows[0], rows[1])
