@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-generator test test-fast bench clean
+.PHONY: setup demo demo-efficient demo-generator test test-fast bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m vitkd.demo
+
+# Efficient-ViT toolbox (issue 6): GTP/ToMe/IdleViT on the digits teacher, shuffle/plain/projector students.
+demo-efficient: setup
+	$(PY) -m vitkd.efficient.demo
 
 demo-generator: setup
 	$(PY) -m vitkd.generators.demo
