@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -27,6 +28,7 @@ class VitkdCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/<stage>-<time>).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from.")
         parser.add_argument("--run_name", type=str | None, default=None, help="Name of the run in loggers (default: run_dir's name).")
+        parser.add_argument("--torch_threads", type=int | None, default=None, help="torch intra-op threads (default: torch's choice).")
         parser.add_class_arguments(WandbOptions, "wandb")
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -37,6 +39,8 @@ class VitkdCLI(LightningCLI):
             stage = str(cfg.model.class_path).rsplit(".", 1)[-1].lower()
             cfg.run_dir = f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(cfg.run_dir)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
             raise VitkdInputError(f"--ckpt_path {cfg.ckpt_path} does not exist: pass a checkpoint from a run's checkpoints/ folder")
 
