@@ -17,6 +17,7 @@ TINY = [
     "--model.init_args.arch", "test_vit_patch4_16",
     "--model.init_args.batch_size", "8",
     "--model.init_args.steps_per_epoch", "1",
+    "--model.init_args.student_steps", "1",
     "--model.init_args.val_samples", "16",
     "--model.init_args.grid_samples", "4",
     "--model.init_args.probe_blocks", "[0, 1]",
