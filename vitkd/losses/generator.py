@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkd.generators.dafl import dafl_loss
+from vitkd.scoring import attention_value
 
 
 def discrepancy_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -37,11 +38,7 @@ def attention_peak_loss(probes: list[torch.Tensor]) -> torch.Tensor:
     differentiable loss on generated images: minimising it makes the teacher attend to a few patches,
     as it does on real digits, instead of spreading attention over a texture.
     """
-    vals = []
-    for p in probes:
-        u = torch.ones_like(p, dtype=torch.float32)
-        vals.append(F.cosine_similarity(p.float(), u, dim=-1).mean())
-    return torch.stack(vals).mean()
+    return torch.stack([attention_value(p).mean() for p in probes]).mean()
 
 
 def attention_consistency_loss(probes_a: list[torch.Tensor], probes_b: list[torch.Tensor]) -> torch.Tensor:
