@@ -130,3 +130,14 @@ def test_two_ddp_ranks_draw_different_noise(tiny_teacher, tmp_path):
         expected = torch.randn(8, 100, generator=rank_noise_generator(3, rank))[0, :4]
         assert torch.allclose(rows[rank], expected, atol=1e-6)
     assert not torch.allclose(rows[0], rows[1])
+
+
+def test_sample_grid_reaches_wandb_offline(tiny_teacher, tmp_path, monkeypatch):
+    """With W&B on (offline here: no key), the epoch's sample grid is logged as a W&B image too."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr("vitkd.logging._has_api_key", lambda: False)
+    fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--wandb.enabled", "true"))
+    assert (tmp_path / "samples" / "epoch000.png").is_file()
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/generator/samples_*.png"))
+    assert media, "the sample grid is stored in the offline W&B run"
