@@ -19,7 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vitkd.errors import VitkdInputError
 from vitkd.io import AtomicCheckpointIO, write_json, write_text
-from vitkd.logging import WandbOptions, build_loggers
+from vitkd.logging import WandbOptions, build_loggers, finish_loggers
 from vitkd.stages import Stage
 
 
@@ -94,6 +94,7 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
     metrics["run_dir"] = str(run_dir)
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
+    finish_loggers(trainer.loggers)
     return metrics
 
 

@@ -78,3 +78,10 @@ def build_loggers(run_dir: Path, run_name: str, wandb: WandbOptions | None, extr
             if mode == "offline":
                 rank_zero_info(f"W&B is offline: upload later with `wandb sync {run_dir / 'wandb'}`")
     return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close a W&B run at the end of its stage, so the next run in the same process starts its own."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()

@@ -12,16 +12,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import count_params, measure
 from vitkd.losses import kd_loss
-from vitkd.stages.base import Stage
+from vitkd.stages.base import ClassificationStage
 from vitkd.teacher import load_teacher
 
 
-class IdleViTFinetune(Stage):
+class IdleViTFinetune(ClassificationStage):
     """Fine-tunes a copy of a trained ViT with token idling, distilled from the unreduced original.
 
     Args:
@@ -59,16 +58,12 @@ class IdleViTFinetune(Stage):
         self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.model = IdleViT(student, keep_ratio, idle_layers)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.add_accuracy(num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
         return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -88,24 +83,6 @@ class IdleViTFinetune(Stage):
             out["feat"] = hp.feat_weight * F.mse_loss(F.normalize(s_feat.float(), dim=-1), F.normalize(t_feat.float(), dim=-1))
         return out
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        terms = self.losses(x, y)
-        loss = torch.stack(list(terms.values())).sum()
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, batch_size=len(x))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc.update(self(x).float(), y)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_acc.update(self(x).float(), y)
-        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.models import count_params
 
@@ -62,3 +63,38 @@ class Stage(pl.LightningModule):
         lambdas = [(lambda _s: 1.0) if i in constant_groups else factor for i in range(len(optimizer.param_groups))]
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step" if per_step else "epoch"}}
+
+
+class ClassificationStage(Stage):
+    """A stage that trains a classifier ``self.model``: named loss terms from ``losses(x, y)`` are logged
+    and summed in the training step; accuracy is measured on the validation and test splits."""
+
+    def add_accuracy(self, num_classes: int) -> None:
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each weighted loss term of the stage for one batch."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        terms = self.losses(x, y)
+        loss = torch.stack(list(terms.values())).sum()
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc.update(self(x).float(), y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc.update(self(x).float(), y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))

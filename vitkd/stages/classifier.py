@@ -5,13 +5,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.models import create_model
-from vitkd.stages.base import Stage
+from vitkd.stages.base import ClassificationStage
 
 
-class Classifier(Stage):
+class Classifier(ClassificationStage):
     """Cross-entropy training of a timm ViT.
 
     Args:
@@ -37,27 +36,10 @@ class Classifier(Stage):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.add_accuracy(num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc.update(self(x).float(), y)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_acc.update(self(x).float(), y)
-        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 import vitkd.efficient.shuffle_block  # noqa: F401  (registers the channel-shuffle student presets)
 from vitkd.efficient.measure import measure
@@ -18,11 +17,11 @@ from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, kd_loss, probe_relation_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import FeatureTap, create_model
-from vitkd.stages.base import Stage
+from vitkd.stages.base import ClassificationStage
 from vitkd.teacher import load_teacher
 
 
-class ProbeDistillation(Stage):
+class ProbeDistillation(ClassificationStage):
     """Student distillation: L = w_ce·H_CE(Q(N_S(x)), ŷ) + α·L_P + β·L_KD (Eq. 10).
 
     Args:
@@ -93,16 +92,12 @@ class ProbeDistillation(Stage):
         self.projectors = (
             ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if projector_weight > 0 else None
         )
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.add_accuracy(num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
         return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed."""
@@ -138,24 +133,6 @@ class ProbeDistillation(Stage):
             raise VitkdInputError("every loss term is switched off: set ce_weight, alpha, beta or projector_weight above 0")
         return out
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        terms = self.losses(x, y)
-        loss = torch.stack(list(terms.values())).sum()
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, batch_size=len(x))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc.update(self(x).float(), y)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_acc.update(self(x).float(), y)
-        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
 
     def configure_optimizers(self):
         params = list(self.model.parameters()) + (list(self.projectors.parameters()) if self.projectors is not None else [])
