@@ -18,6 +18,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from vitkd.errors import VitkdInputError
+from vitkd.models.vit import preset_kwargs
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -80,14 +81,8 @@ class ChannelShuffleBlock(nn.Module):
 
 
 def _shuffle_vit(pretrained: bool = False, attended_ratio: float = 0.5, attended_dim: int | None = None, shuffle_groups: int = 2, **kwargs) -> VisionTransformer:
-    if pretrained:
-        raise ValueError("vitkd presets have no pretrained weights; pass a checkpoint path to the stage instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm registry bookkeeping
-        kwargs.pop(key, None)
-    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
-    kwargs.setdefault("qkv_bias", True)
     block = partial(ChannelShuffleBlock, attended_ratio=attended_ratio, attended_dim=attended_dim, shuffle_groups=shuffle_groups)
-    return VisionTransformer(block_fn=block, **kwargs)
+    return VisionTransformer(block_fn=block, **preset_kwargs(pretrained, kwargs))
 
 
 @register_model

@@ -13,14 +13,19 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 
-def _vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def preset_kwargs(pretrained: bool, kwargs: dict) -> dict:
+    """Constructor kwargs of a vitkd preset: no pretrained weights, timm's registry bookkeeping dropped,
+    DeiT's LayerNorm eps and qkv bias by default."""
     if pretrained:
         raise ValueError("vitkd presets have no pretrained weights; pass a checkpoint path to the stage instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm registry bookkeeping
-        kwargs.pop(key, None)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
     kwargs.setdefault("qkv_bias", True)
-    return VisionTransformer(**kwargs)
+    return kwargs
+
+
+def _vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    return VisionTransformer(**preset_kwargs(pretrained, kwargs))
 
 
 @register_model

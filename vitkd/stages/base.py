@@ -24,9 +24,13 @@ class Stage(pl.LightningModule):
 
     def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)
+        return self.test_best(trainer, datamodule=datamodule)
+
+    def test_best(self, trainer: pl.Trainer, **test_kwargs: Any) -> dict[str, Any]:
+        """Test the best checkpoint on validation (never chosen on test); the figures for ``metrics.json``."""
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        results = trainer.test(self, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results = trainer.test(self, ckpt_path=best, verbose=False, **test_kwargs)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
         metrics.update(self.report())
         if ckpt is not None:

@@ -186,16 +186,7 @@ class DataFreeGAN(Stage):
         steps = DataLoader(_Steps(hp.steps_per_epoch * trainer.world_size), batch_size=1)
         val = DataLoader(TensorDataset(self.noise_bank(hp.val_samples)), batch_size=512)
         trainer.fit(self, train_dataloaders=steps, val_dataloaders=val, ckpt_path=ckpt_path)
-        ckpt = trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        results = trainer.test(self, dataloaders=datamodule.test_dataloader(), ckpt_path=best, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-        metrics.update(self.report())
-        if ckpt is not None:
-            metrics["best_checkpoint"] = best
-            if ckpt.best_model_score is not None:
-                metrics[f"best_{self.monitor}"] = float(ckpt.best_model_score)
-        metrics["epochs"] = trainer.current_epoch
+        metrics = self.test_best(trainer, dataloaders=datamodule.test_dataloader())
         metrics["validation"] = "student-teacher argmax agreement on generated images from a held-out noise bank"
         return metrics
 
