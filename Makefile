@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator test test-fast bench clean
+.PHONY: setup demo demo-efficient demo-generator test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
