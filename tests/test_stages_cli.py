@@ -13,6 +13,8 @@ def test_teacher_run_directory(tiny_teacher):
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] > 0
+    # cost figures of the trained model: both FLOP conventions and a measured throughput
+    assert metrics["gflops"] > 0 and metrics["macs_linear"] > 0 and metrics["images_per_s"] > 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["class_path"] == "vitkd.stages.Classifier"
     assert cfg["model"]["init_args"]["arch"] == "test_vit_patch4_16"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkd.efficient.idlevit import IdleViT
-from vitkd.efficient.measure import count_params, measure
+from vitkd.efficient.measure import measure
 from vitkd.losses import kd_loss
 from vitkd.stages.base import ClassificationStage
 from vitkd.teacher import load_teacher
@@ -93,8 +93,8 @@ class IdleViTFinetune(ClassificationStage):
 
     def report(self) -> dict[str, Any]:
         hp = self.hparams
-        out: dict[str, Any] = {"params": count_params(self.model), "keep": {str(k): v for k, v in self.model.keep.items()}}
+        out = super().report()
+        out["keep"] = {str(k): v for k, v in self.model.keep.items()}
         if hp.measure_batch_size > 0:
-            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=hp.measure_batch_size, warmup=2, iters=5))
             out["teacher_gflops"] = measure(self.teacher, (hp.in_chans, hp.img_size, hp.img_size), batch_size=8, warmup=0, iters=1)["gflops"]
         return out

@@ -73,6 +73,21 @@ class ClassificationStage(Stage):
     """A stage that trains a classifier ``self.model``: named loss terms from ``losses(x, y)`` are logged
     and summed in the training step; accuracy is measured on the validation and test splits."""
 
+    def report(self) -> dict[str, Any]:
+        """Parameters, FLOPs (two conventions, labelled) and measured throughput of the trained model.
+
+        ``measure_batch_size`` (a hyper-parameter of the stage, default 256; 0 skips it) sets the batch
+        of the throughput timing.
+        """
+        from vitkd.efficient.measure import measure  # imported here: vitkd.efficient builds on the stages
+
+        out = super().report()
+        hp = self.hparams
+        batch = hp.get("measure_batch_size", 256)
+        if batch > 0:
+            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5))
+        return out
+
     def add_accuracy(self, num_classes: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -19,6 +19,7 @@ class Classifier(ClassificationStage):
         lr, weight_decay, warmup_epochs: AdamW with linear warm-up then cosine decay.
         label_smoothing: cross-entropy label smoothing.
         model_kwargs: extra keyword arguments for the timm constructor (e.g. ``drop_path_rate``).
+        measure_batch_size: batch of the throughput timed for ``metrics.json`` (0 skips the cost figures).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class Classifier(ClassificationStage):
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        measure_batch_size: int = 256,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import vitkd.efficient.shuffle_block  # noqa: F401  (registers the channel-shuffle student presets)
-from vitkd.efficient.measure import measure
 from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, kd_loss, probe_relation_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
@@ -150,7 +149,4 @@ class ProbeDistillation(ClassificationStage):
         out = super().report()
         if self.q is not None:
             out["q_diagonal"] = self.q.diagonal
-        if self.hparams.measure_batch_size > 0:  # cost of the student alone (the projectors serve only the training loss)
-            hp = self.hparams
-            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=hp.measure_batch_size, warmup=2, iters=5))
         return out
