@@ -47,7 +47,7 @@ def evaluate(model: torch.nn.Module, loader) -> float:
 
 
 def cost(model: torch.nn.Module, bs: int) -> dict:
-    m = measure(model, INPUT, batch_size=bs, warmup=2, iters=5)
+    m = measure(model, INPUT, batch_size=bs, warmup=3, iters=15)
     keys = ("params", "gflops", "macs_linear", "images_per_s", "throughput_batch_size", "throughput_iters", "throughput_threads", "throughput_device")
     return {k: m[k] for k in keys}
 

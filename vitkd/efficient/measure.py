@@ -84,18 +84,22 @@ def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int =
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
     with torch.inference_mode():
         for _ in range(warmup):
             model(x)
         _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(iters):  # each batch timed on its own: the median resists a busy machine
+            t0 = time.perf_counter()
             model(x)
-        _sync(device)
-        dt = time.perf_counter() - t0
+            _sync(device)
+            times.append(time.perf_counter() - t0)
     model.train(was_training)
+    times.sort()
     return {
-        "images_per_s": batch_size * iters / dt,
+        "images_per_s": batch_size / times[len(times) // 2],
+        "images_per_s_best": batch_size / times[0],
+        "throughput_timing": "median (and best) of per-batch wall times, synchronised",
         "throughput_batch_size": batch_size,
         "throughput_iters": iters,
         "throughput_warmup": warmup,
