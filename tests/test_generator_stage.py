@@ -48,6 +48,7 @@ def _fresh_stage(teacher, seed=0, **kw) -> DataFreeGAN:
 def test_one_generator_and_one_student_step_through_cli(tiny_teacher, tmp_path):
     m = fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--trainer.precision", "bf16-mixed"))
     assert 0.0 <= m["test/acc"] <= 1.0 and 0.0 <= m["best_val/agree"] <= 1.0 and m["generator"] == "transformer"
+    assert m["gflops"] > 0 and m["images_per_s"] > 0  # the student's cost figures
     assert (tmp_path / "samples" / "epoch000.png").is_file()
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not any(k.startswith("teacher.") for k in state)

@@ -44,6 +44,20 @@ class Stage(pl.LightningModule):
         """Stage-specific figures for ``metrics.json`` (parameters of the trained model by default)."""
         return {"params": count_params(self.model)}
 
+    def cost_figures(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Parameters, FLOPs (two conventions, labelled) and measured throughput of ``model``.
+
+        ``measure_batch_size`` (a hyper-parameter of the stage, default 256; 0 skips it) sets the batch
+        of the throughput timing.
+        """
+        from vitkd.efficient.measure import measure  # imported here: vitkd.efficient builds on the stages
+
+        hp = self.hparams
+        batch = hp.get("measure_batch_size", 256)
+        if batch <= 0:
+            return {}
+        return measure(model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5)
+
     def configure_callbacks(self):
         return [ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, save_last=True, enable_version_counter=False)]
 
@@ -74,19 +88,7 @@ class ClassificationStage(Stage):
     and summed in the training step; accuracy is measured on the validation and test splits."""
 
     def report(self) -> dict[str, Any]:
-        """Parameters, FLOPs (two conventions, labelled) and measured throughput of the trained model.
-
-        ``measure_batch_size`` (a hyper-parameter of the stage, default 256; 0 skips it) sets the batch
-        of the throughput timing.
-        """
-        from vitkd.efficient.measure import measure  # imported here: vitkd.efficient builds on the stages
-
-        out = super().report()
-        hp = self.hparams
-        batch = hp.get("measure_batch_size", 256)
-        if batch > 0:
-            out.update(measure(self.model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5))
-        return out
+        return {**super().report(), **self.cost_figures(self.model)}
 
     def add_accuracy(self, num_classes: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

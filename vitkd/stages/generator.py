@@ -191,7 +191,8 @@ class DataFreeGAN(Stage):
         return metrics
 
     def report(self) -> dict[str, Any]:
-        out = {"params": count_params(self.model), "generator_params": count_params(self.generator), "generator": self.hparams.generator}
+        out = {"params": count_params(self.model), **self.cost_figures(self.model)}
+        out.update(generator_params=count_params(self.generator), generator=self.hparams.generator)
         if self.noise_fingerprint is not None:
             out["noise_fingerprint"] = self.noise_fingerprint
         if self.n_wild:
