@@ -17,7 +17,6 @@ from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.losses import kd_loss
 from vitkd.stages.base import ClassificationStage
-from vitkd.teacher import load_teacher
 
 
 class IdleViTFinetune(ClassificationStage):
@@ -54,16 +53,10 @@ class IdleViTFinetune(ClassificationStage):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
-        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.model = IdleViT(student, keep_ratio, idle_layers)
         self.add_accuracy(num_classes)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -87,9 +80,6 @@ class IdleViTFinetune(ClassificationStage):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return self.cosine_schedule(opt, self.hparams.warmup_epochs)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def report(self) -> dict[str, Any]:
         hp = self.hparams

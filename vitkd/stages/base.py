@@ -10,6 +10,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.models import count_params
+from vitkd.teacher import load_teacher
+
+
+def warmup_cosine(total: float, warmup: float):
+    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
 
 
 class Stage(pl.LightningModule):
@@ -21,6 +34,23 @@ class Stage(pl.LightningModule):
 
     monitor: str = "val/acc"
     monitor_mode: str = "max"
+
+    def load_frozen_teacher(self, teacher_ckpt: str, teacher_arch: str | None = None) -> None:
+        """Sets ``self.teacher`` (frozen, kept in eval mode) and ``self.teacher_info``, built for the stage's
+        ``img_size``/``in_chans``/``num_classes``. The teacher is not stored in the stage's checkpoints:
+        it is reloaded from ``teacher_ckpt``, so checkpoints load without its keys."""
+        hp = self.hparams
+        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=hp.img_size, in_chans=hp.in_chans, num_classes=hp.num_classes)
+        self.strict_loading = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "teacher" in self._modules:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -72,11 +102,7 @@ class Stage(pl.LightningModule):
         else:
             total, warmup = max(1, self.trainer.max_epochs or 1), warmup_epochs
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1.0, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        factor = warmup_cosine(total, warmup)
 
         lambdas = [(lambda _s: 1.0) if i in constant_groups else factor for i in range(len(optimizer.param_groups))]
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -37,8 +37,7 @@ from vitkd.generators import create_generator, photometric_view
 from vitkd.io import atomic_path
 from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss
 from vitkd.models import AttentionProbe, FeatureTap, count_params, create_model
-from vitkd.stages.base import Stage
-from vitkd.teacher import load_teacher
+from vitkd.stages.base import Stage, warmup_cosine
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out noise bank never coincides with a training stream
 
@@ -141,13 +140,12 @@ class DataFreeGAN(Stage):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
         if not 0.0 <= wild_ratio < 1.0:
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
             raise VitkdInputError("steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
-        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
         self.use_attention = attention_lambda > 0 and (peak_weight > 0 or consistency_weight > 0)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if self.use_attention else None
@@ -198,11 +196,6 @@ class DataFreeGAN(Stage):
         if self.n_wild:
             out["wild_per_batch"] = self.n_wild
         return out
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -387,12 +380,5 @@ class DataFreeGAN(Stage):
         total = max(1, (self.trainer.max_epochs or 1) * per_epoch)
         warmup = hp.warmup_epochs * per_epoch
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+        return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, warmup_cosine(total, warmup))]
 
-        return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, factor)]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

@@ -21,7 +21,6 @@ from vitkd.io import atomic_path, write_json
 from vitkd.models import AttentionProbe
 from vitkd.scoring import attention_value, confidence_value, selection_value
 from vitkd.stages.base import Stage
-from vitkd.teacher import load_teacher
 
 
 class AttentionProbeSelector(Stage):
@@ -62,7 +61,7 @@ class AttentionProbeSelector(Stage):
             raise VitkdInputError(f"num_keep {num_keep} must be positive: pass --model.num_keep N")
         if len(lambda_a) != len(probe_blocks):
             raise VitkdInputError(f"lambda_a has {len(lambda_a)} weights for {len(probe_blocks)} probe_blocks: give one weight per block")
-        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
         self._rows: list[dict[str, Any]] = []
 

@@ -17,7 +17,6 @@ from vitkd.losses import NoisyAdaptation, kd_loss, probe_relation_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import FeatureTap, create_model
 from vitkd.stages.base import ClassificationStage
-from vitkd.teacher import load_teacher
 
 
 class ProbeDistillation(ClassificationStage):
@@ -72,12 +71,10 @@ class ProbeDistillation(ClassificationStage):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.strict_loading = False  # the frozen teacher is not stored in student checkpoints
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
-        self.teacher, info = load_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
-        self.teacher_info = info
+        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         if noisy_adaptation and ce_weight > 0:
-            diag = q_diagonal if q_diagonal is not None else info.get("val_acc")
+            diag = q_diagonal if q_diagonal is not None else self.teacher_info.get("val_acc")
             if diag is None:
                 raise VitkdInputError(f"teacher checkpoint {teacher_ckpt} records no validation accuracy: set --model.q_diagonal (the teacher's accuracy)")
             self.q = NoisyAdaptation(num_classes, diag)
@@ -93,27 +90,14 @@ class ProbeDistillation(ClassificationStage):
         )
         self.add_accuracy(num_classes)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def losses(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed."""
         hp = self.hparams
         pefd = self.projectors is not None
         with torch.no_grad():
-            if pefd:  # same computation as teacher(x), keeping the pooled pre-logit feature
-                t_tokens = self.teacher.forward_features(x)
-                t_logits, t_pooled = self.teacher.forward_head(t_tokens), self.teacher.forward_head(t_tokens, pre_logits=True)
-            else:
-                t_logits = self.teacher(x)
+            t_logits, t_pooled = _logits_and_pooled(self.teacher, x, pefd)
             t_feats = self.taps[0].features() if self.taps else None
-        if pefd:
-            s_tokens = self.model.forward_features(x)
-            s_logits, s_pooled = self.model.forward_head(s_tokens), self.model.forward_head(s_tokens, pre_logits=True)
-        else:
-            s_logits = self.model(x)
+        s_logits, s_pooled = _logits_and_pooled(self.model, x, pefd)
         target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
         out: dict[str, torch.Tensor] = {}
         if hp.ce_weight > 0:
@@ -132,7 +116,6 @@ class ProbeDistillation(ClassificationStage):
             raise VitkdInputError("every loss term is switched off: set ce_weight, alpha, beta or projector_weight above 0")
         return out
 
-
     def configure_optimizers(self):
         params = list(self.model.parameters()) + (list(self.projectors.parameters()) if self.projectors is not None else [])
         groups = [{"params": params, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}]
@@ -142,11 +125,16 @@ class ProbeDistillation(ClassificationStage):
         opt = torch.optim.AdamW(groups)
         return self.cosine_schedule(opt, self.hparams.warmup_epochs, constant_groups=(1,) if self.q is not None else ())
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
     def report(self) -> dict[str, Any]:
         out = super().report()
         if self.q is not None:
             out["q_diagonal"] = self.q.diagonal
         return out
+
+
+def _logits_and_pooled(model: torch.nn.Module, x: torch.Tensor, pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``model(x)``, plus the pooled pre-logit feature when asked (one trunk pass either way)."""
+    if not pooled:
+        return model(x), None
+    tokens = model.forward_features(x)
+    return model.forward_head(tokens), model.forward_head(tokens, pre_logits=True)
