@@ -13,7 +13,7 @@ from typing import Iterator
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from data_modules import shards
 from data_modules.transforms import random_affine, to_tensor

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 
 import vitkd.models  # noqa: F401
 from vitkd.efficient.measure import flops_per_image, linear_macs_per_image, measure, throughput

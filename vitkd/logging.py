@@ -82,6 +82,8 @@ def build_loggers(run_dir: Path, run_name: str, wandb: WandbOptions | None, extr
 
 def finish_loggers(loggers: list[Logger]) -> None:
     """Close a W&B run at the end of its stage, so the next run in the same process starts its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # never start a run just to end it
             logger.experiment.finish()

@@ -13,7 +13,6 @@ images/s on this machine (batch size, iterations and threads stated in each row)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
