@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator test test-fast clean
+.PHONY: setup demo demo-efficient demo-generator demo-detection bench test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,14 @@ demo-efficient: setup
 
 demo-generator: setup
 	$(PY) -m vitkd.generators.demo
+
+# DETR teacher -> lighter DETR student on the embedded aerial set (issue 5).
+demo-detection: setup
+	$(PY) -m vitkd.detection.demo
+
+# Speed and memory figures, written to benchmarks/results/<machine>-<date>.json (issue 7).
+bench: setup
+	$(PY) -m benchmarks.bench
 
 test: setup
 	$(PY) -m pytest -q
