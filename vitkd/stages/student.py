@@ -90,13 +90,24 @@ class ProbeDistillation(ClassificationStage):
         )
         self.add_accuracy(num_classes)
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed."""
+    @torch.no_grad()
+    def teacher_outputs(self, x: torch.Tensor) -> dict[str, Any]:
+        """What the loss terms need from the frozen teacher for a batch: ``logits``, ``pooled`` (PEFD only)
+        and ``feats`` (block outputs for L_P). Computed once per batch, or ahead of time and passed to
+        ``losses`` as ``teacher_out`` when the inputs are not augmented (the teacher-output cache)."""
+        logits, pooled = _logits_and_pooled(self.teacher, x, self.projectors is not None)
+        feats = self.taps[0].features() if self.taps else None
+        return {"logits": logits, "pooled": pooled, "feats": feats}
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor | None, teacher_out: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed.
+
+        ``teacher_out``: the teacher's outputs for ``x`` from ``teacher_outputs``; computed here when None.
+        """
         hp = self.hparams
         pefd = self.projectors is not None
-        with torch.no_grad():
-            t_logits, t_pooled = _logits_and_pooled(self.teacher, x, pefd)
-            t_feats = self.taps[0].features() if self.taps else None
+        tout = teacher_out if teacher_out is not None else self.teacher_outputs(x)
+        t_logits, t_pooled, t_feats = tout["logits"], tout["pooled"], tout["feats"]
         s_logits, s_pooled = _logits_and_pooled(self.model, x, pefd)
         target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
         out: dict[str, torch.Tensor] = {}
