@@ -1,5 +1,6 @@
 """LightningDataModules and the shard format."""
 from data_modules.digits import DigitsDataModule
 from data_modules.image_data import ImageDataModule
+from data_modules.shard_data import ShardDataModule
 
-__all__ = ["DigitsDataModule", "ImageDataModule"]
+__all__ = ["DigitsDataModule", "ImageDataModule", "ShardDataModule"]

@@ -7,13 +7,15 @@ the original train/val/test arrays (``DigitsDataModule`` here; real formats in l
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Iterator
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_modules import shards
 from data_modules.transforms import random_affine, to_tensor
@@ -39,10 +41,21 @@ def _held_out(key: str, fraction: float) -> bool:
     return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
 class ShardStream(IterableDataset):
     """Decoded samples from shards: (image, cls) for training, or a dict with key/src for scoring.
 
-    Shards are split by the trainer's rank and world size (set in ``setup``), then by DataLoader worker.
+    Training (``epoch_samples`` set): every epoch the shards are permuted with a seed shared by all ranks
+    and dealt to the ranks (``rank``/``world_size`` come from the trainer), then to DataLoader workers;
+    each rank yields exactly ``epoch_samples`` samples, cycling through its shards if they hold fewer, so
+    every rank runs the same number of batches (DDP never waits on a rank that ran dry).
+    Evaluation (``epoch_samples`` None): one pass, every sample exactly once over all ranks: shards are
+    split by rank, or samples are when there are fewer shards than ranks.
+    Undecodable images and damaged shards are skipped and counted in ``skips`` (raise if it is strict).
     """
 
     def __init__(
@@ -56,37 +69,87 @@ class ShardStream(IterableDataset):
         shuffle_seed: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        epoch_samples: int | None = None,
+        skips: shards.SkipCounter | None = None,
     ):
         self.urls, self.in_chans, self.img_size = urls, in_chans, img_size
         self.part, self.val_fraction = part, val_fraction
         self.with_meta, self.shuffle_seed = with_meta, shuffle_seed
         self.rank, self.world_size = rank, world_size
+        self.epoch_samples = epoch_samples
+        self.skips = skips if skips is not None else shards.SkipCounter()
         self.epoch = 0
 
-    def __iter__(self) -> Iterator:
-        seed = None if self.shuffle_seed is None else self.shuffle_seed + self.epoch
-        self.epoch += 1
-        stream = shards.raw_samples(self.urls, self.rank, self.world_size, seed)
-        buffer: list = []
-        rng = np.random.default_rng(seed)
-        for sample in stream:
+    def __len__(self) -> int:
+        if self.epoch_samples is None:
+            raise TypeError("an evaluation stream has no fixed length")
+        return self.epoch_samples
+
+    def _samples(self, seed: int | None) -> Iterator:
+        """One pass over this rank's and worker's share of the shards, filtered to ``part``, decoded."""
+        worker, workers = _worker()
+        if self.epoch_samples is None and len(self.urls) < self.world_size:
+            # fewer shards than ranks: every rank reads every shard and keeps every world_size-th sample
+            mine, sample_split = shards.shard_order(self.urls, 0, 1, seed), (self.rank, self.world_size)
+        else:
+            mine, sample_split = shards.shard_order(self.urls, self.rank, self.world_size, seed), (0, 1)
+        if len(mine) >= workers:
+            mine, worker_split = mine[worker::workers], (0, 1)
+        else:
+            worker_split = (worker, workers)
+        stream = shards.raw_samples(mine, skips=self.skips, split_by_worker=False)
+        for i, sample in enumerate(stream):
+            if i % sample_split[1] != sample_split[0] or (i // sample_split[1]) % worker_split[1] != worker_split[0]:
+                continue
             key = sample["__key__"]
             if self.part != "all" and _held_out(key, self.val_fraction) != (self.part == "val"):
                 continue
             item = self._decode(sample)
-            if seed is None:
+            if item is not None:
                 yield item
-                continue
-            # sample-level shuffle buffer (shard order is already shuffled per epoch)
+
+    def _quota(self) -> int | None:
+        """Samples this worker yields this epoch (None: one natural pass)."""
+        if self.epoch_samples is None:
+            return None
+        worker, workers = _worker()
+        return self.epoch_samples // workers + (1 if worker < self.epoch_samples % workers else 0)
+
+    def __iter__(self) -> Iterator:
+        seed = None if self.shuffle_seed is None else self.shuffle_seed + self.epoch
+        self.epoch += 1
+        quota = self._quota()
+        if quota is None:
+            items = self._samples(seed)
+        else:
+            items = itertools.islice(self._cycle(seed), quota)
+        if seed is None:
+            yield from items
+            return
+        # sample-level shuffle buffer (the shard order is already shuffled per epoch)
+        rng = np.random.default_rng(seed)
+        buffer: list = []
+        for item in items:
             buffer.append(item)
             if len(buffer) >= 2048:
                 yield buffer.pop(int(rng.integers(len(buffer))))
-        if buffer:
-            rng.shuffle(buffer)
+        rng.shuffle(buffer)
         yield from buffer
 
+    def _cycle(self, seed: int | None) -> Iterator:
+        for rep in itertools.count():
+            n = 0
+            for item in self._samples(None if seed is None else seed + 100_003 * rep):
+                n += 1
+                yield item
+            if n == 0:
+                raise VitkdInputError(f"no {self.part} samples in shards {self.urls[:3]}...: check the shard URLs and --data.init_args.val_fraction")
+
     def _decode(self, sample: dict):
-        x = to_tensor(shards.decode_image(sample), self.in_chans, self.img_size)
+        image = shards.decode_or_skip(sample, self.skips)
+        if image is None:
+            return None
+        x = to_tensor(image, self.in_chans, self.img_size)
         if self.with_meta:
             return {"image": x, "key": sample["__key__"], "src": shards.read_str(sample) or ""}
         label = shards.read_int(sample)
@@ -97,8 +160,34 @@ class ShardStream(IterableDataset):
         return x, label
 
 
-def _collate_meta(batch: list[dict]) -> dict:
-    return {"image": torch.stack([b["image"] for b in batch]), "key": [b["key"] for b in batch], "src": [b["src"] for b in batch]}
+class ShardBatches(IterableDataset):
+    """Scoring batches for the selector, one shard at a time: each shard is read whole by one worker and cut
+    into batches of dicts (``image``, ``key``, ``src``, ``url``, ``last``). ``last`` marks a shard's final
+    batch (possibly empty), so a consumer knows when a shard is finished and can save its scores. Batches
+    never mix shards, so a sample's batch (and its score) does not depend on the number of ranks."""
+
+    def __init__(self, urls: list[str], in_chans: int, img_size: int, batch_size: int, skips: shards.SkipCounter):
+        self.urls, self.in_chans, self.img_size, self.batch_size, self.skips = urls, in_chans, img_size, batch_size, skips
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        for url in self.urls[worker::workers]:
+            skips = shards.SkipCounter(self.skips.strict)  # this shard's own counts, reported with its last batch
+            pending: list = []
+            for sample in shards.raw_samples([url], skips=skips, split_by_worker=False):
+                image = shards.decode_or_skip(sample, skips)
+                if image is None:
+                    continue
+                pending.append((to_tensor(image, self.in_chans, self.img_size), sample["__key__"], shards.read_str(sample) or ""))
+                if len(pending) == self.batch_size:
+                    yield self._batch(pending, url)
+                    pending = []
+            self.skips.add(skips)
+            yield {**self._batch(pending, url), "last": True, "skipped": skips.counts()}
+
+    def _batch(self, items: list, url: str) -> dict:
+        image = torch.stack([i[0] for i in items]) if items else torch.zeros(0, self.in_chans, self.img_size, self.img_size)
+        return {"image": image, "key": [i[1] for i in items], "src": [i[2] for i in items], "url": url, "last": False}
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -114,7 +203,12 @@ class ImageDataModule(pl.LightningDataModule):
         train_urls: shards to train on instead of the original training split (e.g. a selection's
             ``selected/shard-{000000..000002}.tar``); validation is then a held-out slice of them.
         val_fraction: fraction of ``train_urls`` samples held out (by key) for validation.
+        val_urls, test_urls: shards of the validation and test splits, instead of the data set's own arrays
+            (packed original sets); ``val_urls`` replaces the held-out slice of ``train_urls``.
         wild_urls: shards the selector scores; ``None`` means the data set's embedded wild pool.
+        epoch_samples: training samples per epoch over all ranks when training on shards; ``None``: the
+            shards' sample count (from their ``meta.json`` or tar listing) × (1 − ``val_fraction``).
+        strict: raise on a damaged shard or an undecodable image, instead of skipping and counting it.
         data_dir: where embedded data is written on first use.
     """
 
@@ -130,7 +224,11 @@ class ImageDataModule(pl.LightningDataModule):
         augment: bool = True,
         train_urls: str | None = None,
         val_fraction: float = 0.05,
+        val_urls: str | None = None,
+        test_urls: str | None = None,
         wild_urls: str | None = None,
+        epoch_samples: int | None = None,
+        strict: bool = False,
         data_dir: str = "data",
     ):
         super().__init__()
@@ -138,7 +236,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.img_size, self.in_chans = img_size, in_chans
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.train_urls, self.val_fraction = augment, train_urls, val_fraction
+        self.val_urls, self.test_urls = val_urls, test_urls
         self.wild_urls, self.data_dir = wild_urls, Path(data_dir)
+        self.epoch_samples, self.skips = epoch_samples, shards.SkipCounter(strict)
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,28 +254,53 @@ class ImageDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, ds, batch_size: int, shuffle: bool = False, collate_fn=None) -> DataLoader:
+    def _loader(self, ds, batch_size: int | None, shuffle: bool = False, sampler=None) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn,
         )
 
     def _original(self, split: str) -> ArrayDataset:
         x, y = self.original_split(split)
         return ArrayDataset(x, y, self.in_chans, self.img_size)
 
+    def _eval_loader(self, ds: Dataset) -> DataLoader:
+        """Each sample exactly once over all ranks (Lightning's default sampler would pad with repeats)."""
+        rank, world = self._rank()
+        sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return self._loader(ds, self.eval_batch_size, sampler=sampler)
+
     def _stream(self, urls: str, **kw) -> ShardStream:
         rank, world = self._rank()
-        return ShardStream(shards.expand_urls(urls), self.in_chans, self.img_size, rank=rank, world_size=world, **kw)
+        return ShardStream(shards.expand_urls(urls), self.in_chans, self.img_size, rank=rank, world_size=world, skips=self.skips, **kw)
+
+    def train_epoch_samples(self) -> int:
+        """Training samples per rank per epoch on ``train_urls``: equal on every rank (with several DataLoader
+        workers, a whole number of batches per worker)."""
+        _, world = self._rank()
+        total = self.epoch_samples
+        if total is None:
+            counts = shards.shard_counts(shards.expand_urls(self.train_urls))
+            if counts is None:
+                raise VitkdInputError(f"cannot count the samples of remote shards {self.train_urls}: set --data.init_args.epoch_samples")
+            total = int(sum(counts.values()) * (1.0 - (0.0 if self.val_urls else self.val_fraction)))
+        per_rank = total // world
+        step = self.batch_size * self.num_workers
+        if self.num_workers > 1 and per_rank >= step:
+            per_rank = per_rank // step * step  # whole batches per worker, so the loader's length is exact
+        if per_rank == 0:
+            raise VitkdInputError(f"{total} training samples in {self.train_urls} are fewer than the {world} ranks: use fewer devices or more data")
+        return per_rank
 
     def train_dataloader(self) -> DataLoader:
         if self.train_urls:
-            seed = torch.initial_seed() % (2**31)
-            stream = self._stream(self.train_urls, part="train", val_fraction=self.val_fraction, shuffle_seed=seed)
+            seed = torch.initial_seed() % (2**31)  # the same on every rank after seed_everything
+            part = "all" if self.val_urls else "train"
+            stream = self._stream(self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples())
             return self._loader(stream, self.batch_size)
         return self._loader(self._original("train"), self.batch_size, shuffle=True)
 
@@ -186,14 +311,30 @@ class ImageDataModule(pl.LightningDataModule):
         return batch
 
     def val_dataloader(self) -> DataLoader:
+        if self.val_urls:
+            return self._loader(self._stream(self.val_urls), self.eval_batch_size)
         if self.train_urls:
             return self._loader(self._stream(self.train_urls, part="val", val_fraction=self.val_fraction), self.eval_batch_size)
-        return self._loader(self._original("val"), self.eval_batch_size)
+        return self._eval_loader(self._original("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._original("test"), self.eval_batch_size)
+        if self.test_urls:
+            return self._loader(self._stream(self.test_urls), self.eval_batch_size)
+        return self._eval_loader(self._original("test"))
+
+    def wild_shards(self) -> list[str]:
+        """The wild pool's shard URLs, expanded."""
+        return shards.expand_urls(self.wild_urls or self.embedded_wild_urls())
+
+    def scoring_loader(self, urls: list[str]) -> DataLoader:
+        """Per-shard scoring batches (see ``ShardBatches``) over ``urls``, for the selector."""
+        return self._loader(ShardBatches(urls, self.in_chans, self.img_size, self.eval_batch_size, self.skips), None)
 
     def predict_dataloader(self) -> DataLoader:
-        """The wild stream, with keys and source tags, for the selector."""
-        urls = self.wild_urls or self.embedded_wild_urls()
-        return self._loader(self._stream(urls, with_meta=True), self.eval_batch_size, collate_fn=_collate_meta)
+        """This rank's share of the wild pool as scoring batches (dicts with ``image``, ``key``, ``src``)."""
+        rank, world = self._rank()
+        return self.scoring_loader(self.wild_shards()[rank::world])
+
+    def data_report(self) -> dict[str, int]:
+        """Damaged shards and undecodable images skipped so far (this process), for ``metrics.json``."""
+        return self.skips.counts()

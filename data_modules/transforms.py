@@ -14,7 +14,7 @@ def to_tensor(img: Image.Image | np.ndarray, in_chans: int, img_size: int) -> to
         arr = np.asarray(img)
     else:
         arr = img
-    t = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+    t = torch.from_numpy(np.array(arr, dtype=np.uint8)).float().div_(255.0)  # a copy: PIL arrays are read-only
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     if t.shape[0] != in_chans:
         t = t.mean(0, keepdim=True) if in_chans == 1 else t.expand(in_chans, -1, -1)

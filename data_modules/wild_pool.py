@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_modules.shards import encode_png, shard_url, write_shards
-from vitkd.io import write_json
 
 POOL_VERSION = 2  # bump when the rendering changes, so cached pools are rebuilt
 DEFAULT_MIX = {"digit": 0.4, "letter": 0.3, "natural": 0.2, "noise": 0.1}
@@ -124,7 +123,6 @@ def generate_pool(out_dir: str | Path, size: int = 20000, seed: int = 0, shard_s
                 bitmap = render_noise(rng)
             yield {"__key__": f"wild{i:07d}", "png": encode_png(acquire(bitmap)), "src": src}
 
-    shards = write_shards(samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size)
-    write_json(out_dir / "meta.json", {"num_samples": size, "sources": counts, "seed": seed, "shards": len(shards)})
+    shards = write_shards(samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size, meta={"sources": counts, "seed": seed})
     return shard_url(out_dir, len(shards), "wild")
 

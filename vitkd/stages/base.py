@@ -68,7 +68,22 @@ class Stage(pl.LightningModule):
             if ckpt.best_model_score is not None:
                 metrics[f"best_{self.monitor}"] = float(ckpt.best_model_score)
         metrics["epochs"] = trainer.current_epoch
+        metrics.update(self.data_figures(trainer))
         return metrics
+
+    def data_figures(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Batches each rank trained on, samples validated per epoch over all ranks, and damaged data
+        skipped (summed over ranks): the evidence that DDP splits the data as it should."""
+        out: dict[str, Any] = {}
+        steps = torch.tensor([getattr(self, "_train_batches", 0)], device=self.device)
+        out["train_batches_per_rank"] = [int(v) for v in trainer.strategy.all_gather(steps).flatten().tolist()]
+        if hasattr(self, "_val_samples"):
+            out["val_samples_per_epoch"] = int(trainer.strategy.reduce(torch.tensor(float(self._val_samples), device=self.device), reduce_op="sum"))
+        report = getattr(trainer.datamodule, "data_report", None)
+        if report is not None:
+            for k, v in report().items():
+                out[k] = int(trainer.strategy.reduce(torch.tensor(float(v), device=self.device), reduce_op="sum"))
+        return out
 
     def report(self) -> dict[str, Any]:
         """Stage-specific figures for ``metrics.json`` (parameters of the trained model by default)."""
@@ -127,8 +142,15 @@ class ClassificationStage(Stage):
         """Each weighted loss term of the stage for one batch."""
         raise NotImplementedError
 
+    def on_train_epoch_start(self) -> None:
+        self._train_batches = 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_samples = 0
+
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self._train_batches += 1
         terms = self.losses(x, y)
         loss = torch.stack(list(terms.values())).sum()
         for k, v in terms.items():
@@ -138,6 +160,7 @@ class ClassificationStage(Stage):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
+        self._val_samples += len(y)
         self.val_acc.update(self(x).float(), y)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
 

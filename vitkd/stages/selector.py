@@ -4,13 +4,20 @@ Streams wild shards, scores every sample with V = Σ λa·V_a + λn·V_n (Eqs. 4
 lowest, and writes ``scores.csv`` and the kept samples as ``selected/shard-%06d.tar`` carrying the
 teacher's pseudo-label in ``cls``. ``strategy="random"`` keeps a uniform random subset of the same size
 (the random-wild baseline); λa = [] gives DFND's confidence-only selection.
+
+At scale: each rank scores its share of the shards (one shard per batch stream, so a sample's score does
+not depend on the number of ranks) and saves every finished shard's scores to ``score_parts/`` at once,
+so an interrupted selection resumes without rescoring finished shards. Rank 0 then merges the parts into
+the global top-k holding at most k candidates plus one shard in memory, and writes the outputs.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -36,6 +43,7 @@ class AttentionProbeSelector(Stage):
         strategy: ``value`` (Eq. 6) or ``random`` (uniform subset of the same size, a baseline).
         positive_sources: ``src`` tags counted as in-distribution when measuring selection precision.
         seed: seed of the random strategy.
+        shard_size: samples per written ``selected/shard-%06d.tar``.
     """
 
     def __init__(
@@ -63,90 +71,234 @@ class AttentionProbeSelector(Stage):
             raise VitkdInputError(f"lambda_a has {len(lambda_a)} weights for {len(probe_blocks)} probe_blocks: give one weight per block")
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
-        self._rows: list[dict[str, Any]] = []
+        self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._parts: ScoreParts | None = None
 
     @property
     def model(self):
         return self.teacher
 
-    def predict_step(self, batch, batch_idx):
-        logits = self.teacher(batch["image"])
+    def configure_callbacks(self):
+        return []  # nothing to checkpoint: the outputs are the score parts and the selection
+
+    # -- scoring (every rank) -----------------------------------------------------------------
+    def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """V_a per probed block (Eq. 4), V_n (Eq. 5), V (Eq. 6) and the teacher's prediction for a batch."""
+        logits = self.teacher(images)
         vn = confidence_value(logits)
         va = [attention_value(r) for r in self.probe.rows().values()] if self.probe else []
-        value = selection_value(va, vn, self.hparams.lambda_a, self.hparams.lambda_n)
-        cols = {"vn": vn, "value": value, "pred": logits.argmax(dim=1)}
-        cols.update({f"va_blk{b}": a for b, a in zip(self.probe.blocks if self.probe else [], va)})
-        cols = {k: v.float().cpu().numpy() if k != "pred" else v.cpu().numpy() for k, v in cols.items()}
-        for i, key in enumerate(batch["key"]):
-            self._rows.append({"key": key, "src": batch["src"][i], **{k: v[i].item() for k, v in cols.items()}})
+        cols = {f"va_blk{b}": a for b, a in zip(self.probe.blocks if self.probe else [], va)}
+        cols.update(vn=vn, value=selection_value(va, vn, self.hparams.lambda_a, self.hparams.lambda_n), pred=logits.argmax(dim=1))
+        return cols
+
+    def predict_step(self, batch, batch_idx):
+        if len(batch["key"]):
+            cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in self.score(batch["image"]).items()}
+            cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]))
+            self._pending.setdefault(batch["url"], []).append(cols)
+        if batch["last"]:
+            chunks = self._pending.pop(batch["url"], [])
+            self._parts.save(batch["url"], chunks, batch.get("skipped", {}))
 
     def execute(self, trainer, datamodule, ckpt_path=None) -> dict[str, Any]:
-        if trainer.world_size > 1:
-            raise VitkdInputError("selection runs on one process in this version: launch it with --trainer.devices 1 --trainer.num_nodes 1")
-        self._rows = []
-        with torch.inference_mode():
-            trainer.predict(self, datamodule=datamodule, return_predictions=False)
         run_dir = Path(trainer.default_root_dir)
-        kept = self._choose()
-        self._write_scores(run_dir / "scores.csv", kept)
-        urls = shards.expand_urls(datamodule.wild_urls or datamodule.embedded_wild_urls())
-        self._write_selected(run_dir / "selected", urls, kept)
-        return self._metrics(kept, run_dir)
+        urls = datamodule.wild_shards()
+        self._parts = ScoreParts(run_dir / "score_parts", urls, self._fingerprint(trainer))
+        if trainer.is_global_zero:
+            self._parts.prepare()
+        trainer.strategy.barrier("vitkd-score-parts")
+        todo = [u for u in urls[trainer.global_rank :: trainer.world_size] if not self._parts.done(u)]
+        self._pending = {}
+        with torch.inference_mode():
+            trainer.predict(self, dataloaders=datamodule.scoring_loader(todo), return_predictions=False)
+        trainer.strategy.barrier("vitkd-scored")
+        scored_now = int(trainer.strategy.reduce(torch.tensor(float(len(todo)), device=self.device), reduce_op="sum"))
+        metrics: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            metrics = {**self._select(run_dir, urls), "shards_scored_this_run": scored_now, "world_size": trainer.world_size}
+            self._report(trainer, run_dir)
+        trainer.strategy.barrier("vitkd-selected")
+        return metrics
 
-    def _choose(self) -> set[str]:
-        n, k = len(self._rows), self.hparams.num_keep
+    def _fingerprint(self, trainer) -> dict[str, Any]:
+        """What the saved scores depend on: resuming with any of it changed would mix incomparable scores."""
+        hp = self.hparams
+        ckpt = Path(hp.teacher_ckpt)
+        stat = ckpt.stat()
+        return {
+            "teacher_ckpt": str(ckpt.resolve()), "teacher_size": stat.st_size, "teacher_mtime": int(stat.st_mtime),
+            "probe_blocks": list(hp.probe_blocks), "probe_head": hp.probe_head, "lambda_a": list(hp.lambda_a), "lambda_n": hp.lambda_n,
+            "img_size": hp.img_size, "in_chans": hp.in_chans, "precision": str(trainer.precision),
+        }
+
+    # -- selection (rank 0) -------------------------------------------------------------------
+    def _select(self, run_dir: Path, urls: list[str]) -> dict[str, Any]:
+        parts = self._parts
+        n, k = parts.num_scored(), self.hparams.num_keep
         if k > n:
             raise VitkdInputError(f"num_keep {k} is larger than the wild pool ({n} samples scored): lower --model.num_keep")
+        kept = self._choose(n, k)  # part index -> sorted row indices
+        self._write_scores(run_dir / "scores.csv", kept)
+        written = self._write_selected(run_dir / "selected", kept)
+        return self._metrics(kept, run_dir, written)
+
+    def _choose(self, n: int, k: int) -> dict[int, np.ndarray]:
+        """Global top-k over the parts, holding at most k candidates plus one part in memory. Ties in V are
+        broken by position (shard order, then order in the shard), so any number of ranks gives the same set."""
+        parts = self._parts
         if self.hparams.strategy == "random":
-            idx = np.random.default_rng(self.hparams.seed).choice(n, size=k, replace=False)
-        else:
-            values = np.array([r["value"] for r in self._rows])
-            idx = np.argsort(values, kind="stable")[:k]
-        return {self._rows[i]["key"] for i in idx}
+            pos = np.sort(np.random.default_rng(self.hparams.seed).choice(n, size=k, replace=False))
+            kept, offset = {}, 0
+            for i in range(len(parts.urls)):
+                m = parts.size(i)
+                sel = pos[(pos >= offset) & (pos < offset + m)] - offset
+                if len(sel):
+                    kept[i] = sel
+                offset += m
+            return kept
+        best_v, best_id = np.empty(0, np.float64), np.empty(0, np.int64)
+        for i in range(len(parts.urls)):
+            v = parts.load(i)["value"].astype(np.float64)
+            ids = (np.int64(i) << 32) | np.arange(len(v), dtype=np.int64)
+            best_v, best_id = np.concatenate([best_v, v]), np.concatenate([best_id, ids])
+            if len(best_v) > k:
+                order = np.lexsort((best_id, best_v))[:k]
+                best_v, best_id = best_v[order], best_id[order]
+        kept = {}
+        for i in np.unique(best_id >> 32):
+            kept[int(i)] = np.sort(best_id[(best_id >> 32) == i] & 0xFFFFFFFF)
+        return kept
 
-    def _write_scores(self, path: Path, kept: set[str]) -> None:
-        fields = ["key", *[c for c in self._rows[0] if c.startswith("va_blk")], "vn", "value", "pred", "selected", "src"]
+    def _rows(self, kept: dict[int, np.ndarray]) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+        """Each part's columns with its ``selected`` mask, in shard order."""
+        for i in range(len(self._parts.urls)):
+            cols = self._parts.load(i)
+            mask = np.zeros(len(cols["key"]), dtype=bool)
+            mask[kept.get(i, np.empty(0, np.int64))] = True
+            yield i, cols, mask
+
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> None:
+        va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for r in self._rows:
-                w.writerow({**r, "selected": int(r["key"] in kept)})
+            w = csv.writer(f)
+            w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
+            for _, cols, mask in self._rows(kept):
+                floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
+                for j in range(len(mask)):
+                    w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
 
-    def _write_selected(self, out_dir: Path, urls: list[str], kept: set[str]) -> None:
-        """Second pass over the shards: copy the kept samples' image bytes with the pseudo-label in ``cls``."""
-        preds = {r["key"]: int(r["pred"]) for r in self._rows if r["key"] in kept}
+    def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
+        """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
+        urls = self._parts.urls
 
         def samples():
-            for s in shards.raw_samples(urls):
-                key = s["__key__"]
-                if key not in preds:
+            for i, cols, mask in self._rows(kept):
+                if not mask.any():
                     continue
-                out = {"__key__": key, "cls": str(preds[key]).encode()}
-                for ext in shards.IMAGE_EXTS:
-                    if ext in s:
-                        out[ext] = s[ext]
-                if "src" in s:
-                    out["src"] = s["src"]
-                yield out
+                preds = dict(zip(cols["key"][mask].tolist(), cols["pred"][mask].tolist()))
+                for s in shards.raw_samples([urls[i]], skips=shards.SkipCounter(), split_by_worker=False):
+                    key = s["__key__"]
+                    if key not in preds:
+                        continue
+                    out = {"__key__": key, "cls": str(preds[key]).encode()}
+                    for ext in shards.IMAGE_EXTS:
+                        if ext in s:
+                            out[ext] = s[ext]
+                    if "src" in s:
+                        out["src"] = s["src"]
+                    yield out
 
-        written = shards.write_shards(samples(), out_dir, pattern="shard-%06d.tar", maxcount=self.hparams.shard_size)
-        write_json(out_dir / "meta.json", {"num_samples": len(preds), "shards": len(written), "source": [str(u) for u in urls]})
+        written = shards.write_shards(samples(), out_dir, pattern="shard-%06d.tar", maxcount=self.hparams.shard_size, meta={"source": urls})
+        return len(written)
 
-    def _metrics(self, kept: set[str], run_dir: Path) -> dict[str, Any]:
-        scored = Counter(r["src"] for r in self._rows)
-        kept_src = Counter(r["src"] for r in self._rows if r["key"] in kept)
-        n_sel = len(list((run_dir / "selected").glob("*.tar")))
+    def _metrics(self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int) -> dict[str, Any]:
+        scored, kept_src, skipped = Counter(), Counter(), Counter()
+        for i, cols, mask in self._rows(kept):
+            scored.update(cols["src"].tolist())
+            kept_src.update(cols["src"][mask].tolist())
+            skipped.update(self._parts.skipped(i))
+        num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
-            "num_scored": len(self._rows),
-            "num_kept": len(kept),
+            "num_scored": sum(scored.values()),
+            "num_kept": num_kept,
+            "num_shards": len(self._parts.urls),
             "selected_urls": shards.shard_url(run_dir / "selected", n_sel, "shard"),
             "strategy": self.hparams.strategy,
+            "damaged_shards": skipped.get("damaged_shards", 0),
+            "corrupt_images": skipped.get("corrupt_images", 0),
         }
         if any(scored.keys() - {""}):
             pos = set(self.hparams.positive_sources)
-            out["precision"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, len(kept))
+            out["precision"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, num_kept)
             out["recall"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, sum(v for s, v in scored.items() if s in pos))
             out["scored_by_source"] = dict(scored)
             out["kept_by_source"] = dict(kept_src)
         return out
 
+    def _report(self, trainer, run_dir: Path) -> None:
+        """Callbacks with an ``on_selection_end`` hook (e.g. the selection report) run once the outputs exist."""
+        for cb in trainer.callbacks:
+            hook = getattr(cb, "on_selection_end", None)
+            if hook is not None:
+                hook(trainer, self, run_dir)
+
+
+class ScoreParts:
+    """Per-shard score files ``part-%06d.npz`` (index in the pool's shard list), written atomically as each
+    shard finishes; ``fingerprint.json`` records what the scores depend on, so a resumed selection only
+    reuses scores computed the same way."""
+
+    def __init__(self, folder: Path, urls: list[str], fingerprint: dict[str, Any]):
+        self.folder, self.urls = folder, urls
+        self.fingerprint = {**fingerprint, "pool": hashlib.sha1("\n".join(urls).encode()).hexdigest()}
+        self._index = {u: i for i, u in enumerate(urls)}
+        self._sizes: dict[int, int] = {}
+
+    def prepare(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "fingerprint.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != self.fingerprint:
+                changed = sorted(k for k in self.fingerprint if old.get(k) != self.fingerprint.get(k))
+                raise VitkdInputError(
+                    f"{self.folder} holds scores computed differently ({', '.join(changed)} changed): use a new --run_dir, or delete that folder to rescore"
+                )
+        else:
+            write_json(path, self.fingerprint)
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"part-{i:06d}.npz"
+
+    def done(self, url: str) -> bool:
+        return self.path(self._index[url]).is_file()
+
+    def save(self, url: str, chunks: list[dict[str, np.ndarray]], skipped: dict[str, int]) -> None:
+        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+        with atomic_path(self.path(self._index[url])) as tmp, open(tmp, "wb") as f:
+            np.savez(f, url=np.array(url), skipped=np.array(json.dumps(skipped)), **cols)
+
+    def load(self, i: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(i)) as z:
+            if str(z["url"]) != self.urls[i]:
+                raise VitkdInputError(f"{self.path(i)} holds scores of {z['url']}, not {self.urls[i]}: use a new --run_dir")
+            cols = {k: z[k] for k in z.files if k not in ("url", "skipped")}
+        if "key" not in cols:  # a shard with no readable sample
+            cols = {"key": np.empty(0, str), "src": np.empty(0, str), "value": np.empty(0), "vn": np.empty(0), "pred": np.empty(0, np.int64)}
+        self._sizes[i] = len(cols["key"])
+        return cols
+
+    def skipped(self, i: int) -> dict[str, int]:
+        with np.load(self.path(i)) as z:
+            return json.loads(str(z["skipped"]))
+
+    def size(self, i: int) -> int:
+        if i not in self._sizes:
+            self.load(i)
+        return self._sizes[i]
+
+    def num_scored(self) -> int:
+        missing = [u for u in self.urls if not self.done(u)]
+        if missing:
+            raise VitkdInputError(f"no scores for {len(missing)} shards (e.g. {missing[0]}): rerun the same command to resume the selection")
+        return sum(self.size(i) for i in range(len(self.urls)))
