@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vitkd.fit import cli_main
+from vitkd.errors import VitkdInputError
 from vitkd.io import write_json
 
 CONFIGS = Path("experiments/digits")
@@ -30,11 +32,23 @@ STUDENTS = [
 
 
 def run(config: str, run_dir: Path, *extra: str) -> dict:
-    args = ["--config", str(CONFIGS / config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    """One ``python -m vitkd.fit`` run in its own process; its ``metrics.json``. The log goes to ``run_dir/fit.log``."""
+    args = [sys.executable, "-m", "vitkd.fit", "--config", str(CONFIGS / config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    metrics = cli_main(args)
+    with open(run_dir / "fit.log", "w") as log:
+        done = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise VitkdInputError(f"run {run_dir} failed (exit {done.returncode}): see {run_dir / 'fit.log'}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: v for k, v in metrics.items() if k in ('test/acc', 'precision', 'num_kept')})}", flush=True)
     return metrics
+
+
+def run_all(jobs: list[tuple], workers: int) -> list[dict]:
+    """Independent runs, ``workers`` at a time (each run uses one torch thread: see the configs)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: run(*job), jobs))
 
 
 def table(rows: list[dict]) -> str:
@@ -51,11 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2, one per core here)")
     a = p.parse_args(argv)
-    # the demo prints one line per run; Lightning's per-run banners and tips would bury the table
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
     out = Path(a.out)
     t0 = time.time()
     teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
@@ -66,22 +77,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
 
     print("[2/3] selections", flush=True)
-    selections = {name: run(cfg, out / name, *common) for name, cfg in SELECTIONS.items()}
+    names = list(SELECTIONS)
+    selections = dict(zip(names, run_all([(SELECTIONS[n], out / n, *common) for n in names], a.jobs)))
 
     print("[3/3] students", flush=True)
-    for name, cfg, data, sel in STUDENTS:
+    jobs, index = [], []
+    for name, cfg, _, sel in STUDENTS:
         extra = list(common) if cfg != "scratch.yaml" else []
         if sel is not None:
             extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
-        accs, params = [], None
         for seed in a.seeds:
-            m = run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra)
-            accs.append(m["test/acc"])
-            params = m["params"]
+            jobs.append((cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra))
+            index.append(name)
+    # the longest runs first, so the last minutes are not spent on one run while a core idles
+    order = sorted(range(len(jobs)), key=lambda i: [s[0] for s in STUDENTS].index(index[i]), reverse=True)
+    results = dict(zip(order, run_all([jobs[i] for i in order], a.jobs)))
+
+    for name, _, data, sel in STUDENTS:
+        ms = [results[i] for i in range(len(jobs)) if index[i] == name]
+        accs = [m["test/acc"] for m in ms]
         row = {
             "run": name,
             "data": data,
-            "params": params,
+            "params": ms[0]["params"],
             "test_acc_mean": statistics.fmean(accs),
             "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "test_accs": accs,
@@ -94,8 +112,11 @@ def main(argv: list[str] | None = None) -> None:
 
     write_json(out / "summary.json", rows)
     print(table(rows))
-    print(f"demo finished in {time.time() - t0:.0f}s; table in {out / 'summary.json'}")
+    print(f"demo finished in {time.time() - t0:.0f}s with {a.jobs} runs at a time; table in {out / 'summary.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VitkdInputError as err:
+        sys.exit(f"vitkd: error: {err}")

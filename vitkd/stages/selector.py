@@ -227,8 +227,8 @@ class AttentionProbeSelector(Stage):
             "damaged_shards": skipped.get("damaged_shards", 0),
             "corrupt_images": skipped.get("corrupt_images", 0),
         }
-        if any(scored.keys() - {""}):
-            pos = set(self.hparams.positive_sources)
+        pos = set(self.hparams.positive_sources)
+        if pos and any(scored.keys() - {""}):
             out["precision"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, num_kept)
             out["recall"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, sum(v for s, v in scored.items() if s in pos))
             out["scored_by_source"] = dict(scored)
