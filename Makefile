@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-detection bench test test-fast clean
+.PHONY: setup demo demo-efficient demo-generator demo-detection bench report test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,10 @@ demo-detection: setup
 # Speed and memory figures, written to benchmarks/results/<machine>-<date>.json (issue 7).
 bench: setup
 	$(PY) -m benchmarks.bench
+
+# Comparison table and plots of the demo's runs (runs/demo/comparison/).
+report: setup
+	$(PY) -m vitkd.report runs/demo/*
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,1 +1,7 @@
-"""Callbacks shared by stages (attention-probe logging, selection reports and throughput arrive here)."""
+"""Callbacks every stage gets (see ``Stage.configure_callbacks``): attention-probe maps and throughput for
+training stages, the selection report for the selector."""
+from callbacks.attention_maps import AttentionProbeLogger
+from callbacks.selection_report import SelectionReport
+from callbacks.throughput import ThroughputMonitor
+
+__all__ = ["AttentionProbeLogger", "SelectionReport", "ThroughputMonitor"]

@@ -49,7 +49,14 @@ class VitkdCLI(LightningCLI):
         user_loggers = cfg.trainer.get("logger")
         extra = [] if user_loggers in (None, True, False) else (user_loggers if isinstance(user_loggers, list) else [user_loggers])
         run_name = self.config.run_name or self.run_dir.name
-        kwargs.setdefault("logger", build_loggers(self.run_dir, run_name, cfg.wandb, extra))
+        wandb_on = cfg.wandb is not None and cfg.wandb.enabled
+        kwargs.setdefault("logger", build_loggers(
+            self.run_dir, run_name, cfg.wandb, extra,
+            stage=str(self.config.model.class_path).rsplit(".", 1)[-1],
+            config_files=self.config.get("config"),
+            config=self.parser.dump(self.config, skip_none=False) if wandb_on else None,
+            resume=bool(self.config.ckpt_path),
+        ))
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]

@@ -40,5 +40,6 @@ class NoisyAdaptation(nn.Module):
 
 def adapted_cross_entropy(student_logits: torch.Tensor, target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Eq. 10, first term: H_CE(Q(N_S(x)), ŷ) = −log (softmax(s) · Q)[ŷ], averaged over the batch."""
-    p = student_logits.float().softmax(dim=-1) @ q
-    return F.nll_loss(torch.log(p.clamp_min(1e-12)), target)
+    with torch.autocast(student_logits.device.type, enabled=False):  # fp32: a tiny p[ŷ] must not round to 0 in fp16
+        p = student_logits.float().softmax(dim=-1) @ q.float()
+        return F.nll_loss(torch.log(p.clamp_min(1e-12)), target)

@@ -18,8 +18,9 @@ def cls_relation(features: torch.Tensor, norm_axis: NormAxis = "channel", num_pr
     Only the CLS row is needed by Eq. 8, so only that row is formed: O(N·D), not O(N²·D).
     """
     dim = -1 if norm_axis == "channel" else -2
-    f = F.normalize(features.float(), dim=dim)
-    return torch.einsum("bd,bnd->bn", f[:, 0], f[:, num_prefix_tokens:])
+    with torch.autocast(features.device.type, enabled=False):  # fp32: autocast would run the einsum in bf16/fp16
+        f = F.normalize(features.float(), dim=dim)
+        return torch.einsum("bd,bnd->bn", f[:, 0], f[:, num_prefix_tokens:])
 
 
 def probe_relation_loss(

@@ -42,7 +42,8 @@ def probe_from_qkv(qkv: torch.Tensor, attn: nn.Module, num_prefix_tokens: int, h
     q = attn.q_norm(qkv[:, 0:1, 0].transpose(1, 2))  # (B, H, 1, d)
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, d)
     scale = getattr(attn, "scale", d**-0.5)
-    logits = (q.float() @ k.float().transpose(-2, -1)).squeeze(2) * scale  # (B, H, N)
+    with torch.autocast(qkv.device.type, enabled=False):  # fp32 even under autocast: V_a compares near-uniform rows
+        logits = (q.float() @ k.float().transpose(-2, -1)).squeeze(2) * scale  # (B, H, N)
     row = logits.softmax(dim=-1)[..., num_prefix_tokens:]
     if head == "mean":
         return row.mean(dim=1)

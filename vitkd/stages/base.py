@@ -104,7 +104,25 @@ class Stage(pl.LightningModule):
         return measure(model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5)
 
     def configure_callbacks(self):
-        return [ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, save_last=True, enable_version_counter=False)]
+        """Best/last checkpoints; training stages add attention-probe maps (``callbacks.AttentionProbeLogger``)
+        and throughput (``callbacks.ThroughputMonitor``), scoring stages the selection report
+        (``callbacks.SelectionReport``). A callback of the same type in the config's ``trainer.callbacks`` is
+        kept instead of the default: that is how to tune or switch one off, e.g.
+        ``--trainer.callbacks+=callbacks.AttentionProbeLogger --trainer.callbacks.every_n_epochs 0``."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        from callbacks import AttentionProbeLogger, SelectionReport, ThroughputMonitor  # callbacks build on vitkd
+
+        defaults = []
+        if is_overridden("training_step", self, pl.LightningModule):
+            defaults += [ThroughputMonitor(), AttentionProbeLogger()]  # the clock stops before the maps are drawn
+        if is_overridden("predict_step", self, pl.LightningModule):
+            defaults.append(SelectionReport())
+        present = list(self.trainer.callbacks) if self._trainer is not None else []
+        return [
+            ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, save_last=True, enable_version_counter=False),
+            *[cb for cb in defaults if not any(isinstance(p, type(cb)) for p in present)],
+        ]
 
     # -- optimisation shared by training stages -----------------------------------------------
     def cosine_schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()):

@@ -155,6 +155,7 @@ class DataFreeGAN(Stage):
             self.taps = (FeatureTap(self.teacher, [p[0] for p in pairs]), FeatureTap(self.model, [p[1] for p in pairs]))
             self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
         self.n_wild = int(round(wild_ratio * batch_size))
+        self.images_per_step = batch_size * student_steps  # what the throughput callback counts per step
         self.val_agree = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._noise: torch.Generator | None = None

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data_modules import shards
 from vitkd.errors import VitkdInputError
@@ -79,7 +80,8 @@ class AttentionProbeSelector(Stage):
         return self.teacher
 
     def configure_callbacks(self):
-        return []  # nothing to checkpoint: the outputs are the score parts and the selection
+        # the stage defaults (the selection report) without a checkpoint: nothing here is trained
+        return [cb for cb in super().configure_callbacks() if not isinstance(cb, ModelCheckpoint)]
 
     # -- scoring (every rank) -----------------------------------------------------------------
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,7 +118,7 @@ class AttentionProbeSelector(Stage):
         metrics: dict[str, Any] = {}
         if trainer.is_global_zero:
             metrics = {**self._select(run_dir, urls), "shards_scored_this_run": scored_now, "world_size": trainer.world_size}
-            self._report(trainer, run_dir)
+            self._report(trainer, run_dir, datamodule)
         trainer.strategy.barrier("vitkd-selected")
         return metrics
 
@@ -235,12 +237,12 @@ class AttentionProbeSelector(Stage):
             out["kept_by_source"] = dict(kept_src)
         return out
 
-    def _report(self, trainer, run_dir: Path) -> None:
+    def _report(self, trainer, run_dir: Path, datamodule) -> None:
         """Callbacks with an ``on_selection_end`` hook (e.g. the selection report) run once the outputs exist."""
         for cb in trainer.callbacks:
             hook = getattr(cb, "on_selection_end", None)
             if hook is not None:
-                hook(trainer, self, run_dir)
+                hook(trainer, self, run_dir, datamodule=datamodule)
 
 
 class ScoreParts:
