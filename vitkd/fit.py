@@ -18,7 +18,8 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vitkd.errors import VitkdInputError
-from vitkd.io import AtomicCheckpointIO, write_json, write_text
+from vitkd.checkpoint_io import AtomicCheckpointIO
+from vitkd.io import write_json, write_text
 from vitkd.logging import WandbOptions, build_loggers, finish_loggers
 from vitkd.stages import Stage
 

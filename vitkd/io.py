@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: outputs get the usual permissions, not mkstemp's owner-only 0600
 
 
 @contextmanager
@@ -24,6 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -38,6 +39,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if path.exists():
@@ -62,18 +64,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "numel"):  # a tensor (torch is not imported here, so light tools start fast)
         return x.item() if x.numel() == 1 else x.tolist()
     if hasattr(x, "item"):
         return x.item()
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but written to a temporary file and renamed into place."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
