@@ -7,17 +7,15 @@ the selection's ``precision``. Each checkpoint is chosen on its validation split
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json
+from vitkd.runs import run_fit, run_many
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -31,24 +29,11 @@ STUDENTS = [
 ]
 
 
+SHOW = ("test/acc", "precision", "num_kept")
+
+
 def run(config: str, run_dir: Path, *extra: str) -> dict:
-    """One ``python -m vitkd.fit`` run in its own process; its ``metrics.json``. The log goes to ``run_dir/fit.log``."""
-    args = [sys.executable, "-m", "vitkd.fit", "--config", str(CONFIGS / config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(run_dir / "fit.log", "w") as log:
-        done = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0:
-        raise VitkdInputError(f"run {run_dir} failed (exit {done.returncode}): see {run_dir / 'fit.log'}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: v for k, v in metrics.items() if k in ('test/acc', 'precision', 'num_kept')})}", flush=True)
-    return metrics
-
-
-def run_all(jobs: list[tuple], workers: int) -> list[dict]:
-    """Independent runs, ``workers`` at a time (each run uses one torch thread: see the configs)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run(*job), jobs))
+    return run_fit(CONFIGS / config, run_dir, *extra, show=SHOW)
 
 
 def table(rows: list[dict]) -> str:
@@ -78,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("[2/3] selections", flush=True)
     names = list(SELECTIONS)
-    selections = dict(zip(names, run_all([(SELECTIONS[n], out / n, *common) for n in names], a.jobs)))
+    selections = dict(zip(names, run_many([(CONFIGS / SELECTIONS[n], out / n, *common) for n in names], a.jobs, SHOW)))
 
     print("[3/3] students", flush=True)
     jobs, index = [], []
@@ -87,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         if sel is not None:
             extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
         for seed in a.seeds:
-            jobs.append((cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra))
+            jobs.append((CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra))
             index.append(name)
     # the longest runs first, so the last minutes are not spent on one run while a core idles
     order = sorted(range(len(jobs)), key=lambda i: [s[0] for s in STUDENTS].index(index[i]), reverse=True)
-    results = dict(zip(order, run_all([jobs[i] for i in order], a.jobs)))
+    results = dict(zip(order, run_many([jobs[i] for i in order], a.jobs, SHOW)))
 
     for name, _, data, sel in STUDENTS:
         ms = [results[i] for i in range(len(jobs)) if index[i] == name]

@@ -1,0 +1,74 @@
+"""DETR set criterion (``facebookresearch/detr`` ``models/detr.py`` ``SetCriterion``), end to end in one file.
+
+For the Hungarian matching σ of predictions to targets (``matcher.py``), per image batch:
+
+    L = w_ce · CE(p, c_σ; no-object weight) + w_bbox · Σ‖b_i − b_σ(i)‖₁ / N_b + w_giou · Σ(1 − GIoU(b_i, b_σ(i))) / N_b
+
+- ``ce``: cross-entropy over K+1 classes for every query; unmatched queries target the no-object class K,
+  whose weight is ``eos_coef`` = 0.1 (DETR) so the many empty queries do not swamp the few objects.
+- ``bbox`` (L1, DETR weight 5) and ``giou`` (DETR weight 2) on matched pairs, summed and divided by the
+  number of target boxes N_b (at least 1). ``ce`` has DETR weight 1.
+- Auxiliary losses: the same terms, with their own matching, on the output of every earlier decoder layer
+  (keys suffixed ``_aux{i}``), as DETR does by default.
+
+Matching and all losses run in fp32 with autocast off, also inside an autocast region (see ``matcher.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from vitkd.detection.matcher import HungarianMatcher
+
+
+class SetCriterion(nn.Module):
+    """Args:
+        num_classes: K object classes (the no-object class is index K).
+        matcher: a ``HungarianMatcher``.
+        weight_ce, weight_bbox, weight_giou: loss weights (DETR: 1, 5, 2).
+        eos_coef: class weight of no-object in the cross-entropy (DETR: 0.1).
+        aux_loss: add the terms on every earlier decoder layer.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_ce: float = 1.0, weight_bbox: float = 5.0,
+                 weight_giou: float = 2.0, eos_coef: float = 0.1, aux_loss: bool = True):
+        super().__init__()
+        self.num_classes, self.matcher, self.aux_loss = num_classes, matcher, aux_loss
+        self.weights = {"ce": weight_ce, "bbox": weight_bbox, "giou": weight_giou}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def layer_losses(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Unweighted ``ce``, ``bbox``, ``giou`` of one decoder layer's ``pred_logits``/``pred_boxes``."""
+        indices = self.matcher(outputs, targets)
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+        src_idx = torch.cat([src for src, _ in indices]).to(device)
+
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(device))
+
+        num_boxes = max(1, sum(len(t["labels"]) for t in targets))
+        src_boxes = boxes[batch_idx, src_idx]
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device).float()
+        bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))).sum() / num_boxes
+        return {"ce": ce, "bbox": bbox, "giou": giou}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Weighted terms of the last layer (``ce``, ``bbox``, ``giou``) and of each auxiliary layer."""
+        device = outputs["pred_logits"].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            layers = [("", outputs)]
+            if self.aux_loss:
+                layers += [(f"_aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+            terms = {}
+            for suffix, out in layers:
+                for name, value in self.layer_losses(out, targets).items():
+                    terms[name + suffix] = self.weights[name] * value
+        return terms

@@ -1,0 +1,58 @@
+"""Hungarian matching of predictions to targets (DETR, ``facebookresearch/detr`` ``models/matcher.py``).
+
+Per image, the cost of assigning prediction i to target j is
+
+    C[i, j] = w_class · (−p_i[c_j]) + w_bbox · ‖b_i − b_j‖₁ + w_giou · (−GIoU(b_i, b_j))
+
+with DETR's weights w_class = 1, w_bbox = 5, w_giou = 2: the class cost is the negative softmax probability
+(not the NLL), L1 is on normalised ``cxcywh`` boxes, GIoU on ``xyxy``. The optimal one-to-one assignment is
+solved by ``scipy.optimize.linear_sum_assignment`` on CPU, image by image.
+
+Always in fp32, also under autocast: in fp16 box areas and costs overflow and ``linear_sum_assignment``
+raises "matrix contains invalid numeric entries" (mmdetection PR #10335, ``reference-methods.md`` §5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+
+from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """Matches each image's targets to predictions one-to-one at minimum total cost.
+
+    Args:
+        cost_class, cost_bbox, cost_giou: weights of the class, L1 and GIoU costs (DETR: 1, 5, 2).
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+
+    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, tgt_labels: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
+        """(Q, T) cost of one image: ``logits`` (Q, K+1), ``boxes`` (Q, 4) cxcywh; targets (T,), (T, 4)."""
+        prob = logits.float().softmax(-1)
+        boxes, tgt_boxes = boxes.float(), tgt_boxes.float()
+        c_class = -prob[:, tgt_labels]
+        c_bbox = torch.cdist(boxes, tgt_boxes, p=1)
+        c_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))
+        return self.cost_bbox * c_bbox + self.cost_class * c_class + self.cost_giou * c_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``outputs``: ``pred_logits`` (B, Q, K+1) and ``pred_boxes`` (B, Q, 4); ``targets``: per image
+        ``labels`` (T,) and ``boxes`` (T, 4). Returns per image (prediction indices, target indices)."""
+        device = outputs["pred_logits"].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            out = []
+            for logits, boxes, t in zip(outputs["pred_logits"], outputs["pred_boxes"], targets):
+                if len(t["labels"]) == 0:
+                    empty = torch.zeros(0, dtype=torch.int64)
+                    out.append((empty, empty))
+                    continue
+                cost = self.cost_matrix(logits, boxes, t["labels"], t["boxes"]).cpu()
+                rows, cols = linear_sum_assignment(cost.numpy())
+                out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return out

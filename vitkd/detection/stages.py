@@ -1,0 +1,184 @@
+"""Detection stages (LightningModules, run by ``python -m vitkd.fit``): ``DetrTrainer`` trains a DETR on
+labelled boxes (the teacher, or a student from scratch); ``DetrDistillation`` trains a student DETR from a
+frozen DETR teacher. Both keep the checkpoint with the best ``val/map`` and report ``test/map``,
+``test/map50``, ``params``, ``gflops`` and ``images_per_s`` of the trained model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkd.detection.box_ops import normalized_to_pixel_xyxy
+from vitkd.detection.criterion import SetCriterion
+from vitkd.detection.detr import DETR, create_detr, postprocess
+from vitkd.detection.distill import detr_kd_losses, probe_loss, teacher_set
+from vitkd.detection.evaluate import detection_map
+from vitkd.detection.matcher import HungarianMatcher
+from vitkd.errors import VitkdInputError
+from vitkd.models.probe import AttentionProbe
+from vitkd.stages.base import Stage
+from vitkd.teacher import read_checkpoint
+
+
+def load_detr(path: str | Path, img_size: int, in_chans: int, num_classes: int) -> tuple[DETR, dict]:
+    """A trained DETR from a vitkd checkpoint (frozen, eval mode) and its hyper-parameters."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "arch" not in hp or "state_dict" not in ckpt:
+        raise VitkdInputError(f"teacher checkpoint {path} is not a DETR stage checkpoint: train one with experiments/detection/teacher.yaml")
+    for key, mine in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if key in hp and hp[key] != mine:
+            raise VitkdInputError(f"teacher checkpoint {path} has {key}={hp[key]} but the data has {mine}: distil on data of the teacher's format")
+    model = create_detr(hp["arch"], num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(hp.get("model_kwargs") or {}))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VitkdInputError(f"teacher checkpoint {path} does not fit DETR arch {hp['arch']!r} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    model.eval().requires_grad_(False)
+    return model, {"arch": hp["arch"]}
+
+
+class DetrTrainer(Stage):
+    """DETR trained on labelled boxes with the set criterion (``criterion.py``).
+
+    Args:
+        arch: a DETR preset of ``vitkd.detection.detr.DETR_PRESETS``.
+        img_size, in_chans, num_classes: set from the data module.
+        model_kwargs: overrides of the preset (e.g. ``{num_queries: 8}``).
+        lr, lr_backbone, weight_decay, warmup_epochs: AdamW (backbone at ``lr_backbone``, default ``lr``)
+            with linear warm-up then cosine decay.
+        cost_class, cost_bbox, cost_giou: matcher costs (DETR: 1, 5, 2).
+        weight_ce, weight_bbox, weight_giou, eos_coef, aux_loss: set loss (DETR: 1, 5, 2, 0.1, on).
+        measure_batch_size: batch of the throughput timed for ``metrics.json`` (0 skips the cost figures).
+    """
+
+    monitor = "val/map"
+    monitor_mode = "max"
+
+    def __init__(self, arch: str = "detr_aerial_teacher", img_size: int = 64, in_chans: int = 3, num_classes: int = 4,
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 1e-3, lr_backbone: float | None = None,
+                 weight_decay: float = 1e-4, warmup_epochs: float = 1.0, cost_class: float = 1.0, cost_bbox: float = 5.0,
+                 cost_giou: float = 2.0, weight_ce: float = 1.0, weight_bbox: float = 5.0, weight_giou: float = 2.0,
+                 eos_coef: float = 0.1, aux_loss: bool = True, measure_batch_size: int = 64):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_detr(arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
+        self.criterion = SetCriterion(num_classes, self.matcher, weight_ce, weight_bbox, weight_giou, eos_coef, aux_loss)
+        self.val_map, self.test_map = detection_map(), detection_map()
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return self.model(x)
+
+    def report(self) -> dict[str, Any]:
+        return {"params": sum(p.numel() for p in self.model.parameters()), **self.cost_figures(self.model)}
+
+    def losses(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Each weighted loss term of one batch."""
+        return self.criterion(self(x), targets)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_batches = 0
+
+    def training_step(self, batch, batch_idx):
+        x, targets = batch
+        self._train_batches += 1
+        terms = self.losses(x, targets)
+        loss = torch.stack(list(terms.values())).sum()
+        for k, v in terms.items():
+            if "_aux" not in k:
+                self.log(f"train/{k}", v, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _update_map(self, metric, batch) -> None:
+        x, targets = batch
+        preds = postprocess(self(x), self.hparams.img_size)
+        size = self.hparams.img_size
+        gts = [{"boxes": normalized_to_pixel_xyxy(t["boxes"].float(), size, size), "labels": t["labels"]} for t in targets]
+        metric.update(preds, gts)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_samples = 0
+
+    def validation_step(self, batch, batch_idx):
+        self._val_samples += len(batch[0])
+        self._update_map(self.val_map, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        r = self.val_map.compute()
+        self.log("val/map", r["map"].clamp(min=0).float(), prog_bar=True)
+        self.log("val/map50", r["map_50"].clamp(min=0).float())
+        self.val_map.reset()
+
+    def test_step(self, batch, batch_idx):
+        self._update_map(self.test_map, batch)
+
+    def on_test_epoch_end(self) -> None:
+        r = self.test_map.compute()
+        self.log("test/map", r["map"].clamp(min=0).float())
+        self.log("test/map50", r["map_50"].clamp(min=0).float())
+        self.test_map.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        backbone = list(self.model.vit.parameters())
+        ids = {id(p) for p in backbone}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        opt = torch.optim.AdamW([{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}], weight_decay=hp.weight_decay)
+        return self.cosine_schedule(opt, hp.warmup_epochs)
+
+
+class DetrDistillation(DetrTrainer):
+    """A student DETR distilled from a frozen DETR teacher (terms and equations in ``distill.py``).
+
+    Loss = gt_weight · set loss against the labels (``label_source: data``) or against the teacher's boxes
+    scoring ≥ ``pseudo_threshold`` (``label_source: teacher``: no labels used, the data-free setting)
+    + kd_cls_weight · (D1) + kd_bbox_weight · (D2) + kd_giou_weight · (D3) + probe_weight · (D4).
+    A weight of 0 switches its term off.
+
+    Args (besides ``DetrTrainer``'s):
+        teacher_ckpt: the teacher's checkpoint (a ``DetrTrainer`` run's ``checkpoints/best.ckpt``).
+        label_source: ``data`` or ``teacher``.
+        pseudo_threshold: teacher score for a pseudo ground-truth box.
+        kd_threshold: teacher score for a query to be distilled.
+        kd_temperature: τ of (D1).
+        probe_blocks: (teacher block, student block) of the probe term (D4), negative = from the end.
+    """
+
+    def __init__(self, teacher_ckpt: str, arch: str = "detr_aerial_student", label_source: str = "data", gt_weight: float = 1.0,
+                 pseudo_threshold: float = 0.5, kd_threshold: float = 0.3, kd_temperature: float = 1.0, kd_cls_weight: float = 1.0,
+                 kd_bbox_weight: float = 5.0, kd_giou_weight: float = 2.0, probe_weight: float = 0.0,
+                 probe_blocks: tuple[int, int] = (-1, -1), **kwargs: Any):
+        if label_source not in ("data", "teacher"):
+            raise VitkdInputError(f"label_source {label_source!r} is not valid: use 'data' (labelled boxes) or 'teacher' (pseudo ground truth)")
+        super().__init__(arch=arch, **kwargs)
+        self.save_hyperparameters()
+        hp = self.hparams
+        self.teacher, self.teacher_info = load_detr(teacher_ckpt, hp.img_size, hp.in_chans, hp.num_classes)
+        self.strict_loading = False  # the teacher is not in the stage's checkpoints (Stage.on_save_checkpoint)
+        self.probes = None
+        if probe_weight > 0:
+            t_block, s_block = probe_blocks
+            self.probes = (AttentionProbe(self.teacher.vit, [t_block]), AttentionProbe(self.model.vit, [s_block]))
+
+    def losses(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        with torch.no_grad():
+            t_out = self.teacher(x)
+        s_out = self(x)
+        terms: dict[str, torch.Tensor] = {}
+        if hp.gt_weight > 0:
+            if hp.label_source == "teacher":
+                targets = teacher_set(t_out, hp.pseudo_threshold)
+            terms.update({k: hp.gt_weight * v for k, v in self.criterion(s_out, targets).items()})
+        if hp.kd_cls_weight > 0 or hp.kd_bbox_weight > 0 or hp.kd_giou_weight > 0:
+            kd = detr_kd_losses(s_out, t_out, self.matcher, hp.kd_threshold, hp.kd_temperature)
+            for name, w in (("kd_cls", hp.kd_cls_weight), ("kd_bbox", hp.kd_bbox_weight), ("kd_giou", hp.kd_giou_weight)):
+                if w > 0:
+                    terms[name] = w * kd[name]
+        if self.probes is not None:
+            (t_map,), (s_map,) = self.probes[0].maps().values(), self.probes[1].maps().values()
+            terms["probe"] = hp.probe_weight * probe_loss(s_map, t_map.detach())
+        return terms
