@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import csv
 import json
 import math
 from pathlib import Path
@@ -269,3 +270,17 @@ def test_detr_presets_and_outputs():
     assert "aux_outputs" not in teacher.eval()(x)
     with pytest.raises(VitkdInputError, match="unknown DETR arch"):
         create_detr("detr_nope", num_classes=4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_distill_stage_under_mixed_precision(det_teacher, tmp_path, precision):
+    """bf16 and fp16 autocast (the MixedPrecision plugin: Lightning turns '16-mixed' into bf16 on a CPU);
+    the matcher and box losses stay fp32 inside, so every figure is finite."""
+    args = (["--trainer.precision", "bf16-mixed"] if precision == "bf16-mixed" else
+            ["--trainer.precision", "null", "--trainer.plugins+=lightning.pytorch.plugins.precision.MixedPrecision",
+             "--trainer.plugins.precision", "16-mixed", "--trainer.plugins.device", "cpu"])
+    m = fit("--config", "experiments/detection/distill.yaml", *TINY, *args, "--trainer.log_every_n_steps", "1",
+            "--data.init_args.data_dir", str(tmp_path / "d"), "--model.init_args.teacher_ckpt", str(det_teacher), "--run_dir", str(tmp_path / "r"))
+    assert all(math.isfinite(m[k]) for k in ("test/map", "test/map50", "images_per_s"))
+    logged = [float(v) for row in csv.DictReader(open(tmp_path / "r" / "metrics.csv")) for k, v in row.items() if k.startswith("train/") and v]
+    assert logged and all(math.isfinite(v) for v in logged)
