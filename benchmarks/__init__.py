@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of vitkd against reference-style loops (``make bench``)."""

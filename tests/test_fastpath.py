@@ -1,0 +1,101 @@
+"""The fast paths (bf16 autocast, fused attention with the CLS-row probe, cached teacher outputs) give the
+same selection and the same loss values as the plain fp32 path, and the benchmark's reference-style loops
+compute the same quantities as vitkd (so ``make bench`` compares like with like)."""
+import csv
+
+import pytest
+import torch
+
+from benchmarks.reference import HookedAttention, ReferenceDistiller, reference_model, reference_scores
+from tests.conftest import fit
+from vitkd.stages import AttentionProbeSelector, ProbeDistillation
+
+BF16_RTOL = 2e-2  # bf16 keeps 8 mantissa bits (2^-8 ≈ 4e-3 per rounding); a few roundings through a 2-block ViT
+
+
+def _select(teacher, pool, run_dir, precision):
+    fit(
+        "--config", "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt", str(teacher),
+        "--model.init_args.probe_blocks", "[0, 1]",
+        "--model.init_args.num_keep", "60",
+        "--data.init_args.wild_urls", pool,
+        "--trainer.precision", precision,
+        "--run_dir", str(run_dir),
+    )
+    rows = list(csv.DictReader(open(run_dir / "scores.csv")))
+    return {r["key"]: float(r["value"]) for r in rows}, {r["key"] for r in rows if r["selected"] == "1"}
+
+
+def test_bf16_selection_keeps_the_fp32_keys(tiny_teacher, tiny_pool, tmp_path):
+    v32, kept32 = _select(tiny_teacher, tiny_pool, tmp_path / "fp32", "32-true")
+    v16, kept16 = _select(tiny_teacher, tiny_pool, tmp_path / "bf16", "bf16-mixed")
+    assert v32.keys() == v16.keys() and len(kept32) == len(kept16) == 60
+    dev = {k: abs(v16[k] - v32[k]) for k in v32}
+    # every value within bf16 tolerance of its fp32 value, and the bf16 run really ran in lower precision
+    assert all(d <= BF16_RTOL * max(1.0, abs(v32[k])) for k, d in dev.items()), max(dev.values())
+    assert max(dev.values()) > 0
+    # Two samples can swap order under bf16 only if their fp32 values are closer than the sum of their bf16
+    # deviations, so a sample can change sides of the cut only if its fp32 value lies within its own
+    # deviation plus the largest one of the k-th value. On this barely trained teacher all 120 values lie
+    # within ~0.01 of each other, so that band is wide; the samples outside it must be kept (or not) by both.
+    kth, maxdev = sorted(v32.values())[59], max(dev.values())
+    border = {k for k, v in v32.items() if abs(v - kth) <= dev[k] + maxdev}
+    assert len(kept32 - border) >= 10 and len(v32.keys() - kept32 - border) >= 10, "too few samples left to compare"
+    assert kept32 - border == kept16 - border
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_teacher):
+    torch.manual_seed(0)
+    return ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0), (1, 1)])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("relation_norm", ["token", "channel"])
+def test_bf16_losses_match_fp32(stage, batch, relation_norm):
+    stage.hparams.relation_norm = relation_norm
+    with torch.no_grad():
+        fp32 = stage.losses(batch, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = stage.losses(batch, None)
+    assert fp32.keys() == bf16.keys() == {"ce", "probe", "kd"}
+    for k in fp32:
+        assert fp32[k].dtype == bf16[k].dtype == torch.float32, k  # loss terms are reduced in fp32 under autocast
+        torch.testing.assert_close(bf16[k], fp32[k], rtol=BF16_RTOL, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32), "autocast had no effect"
+
+
+def test_cached_teacher_outputs_give_identical_losses(stage, batch):
+    cached = stage.teacher_outputs(batch)
+    with torch.no_grad():
+        direct = stage.losses(batch, None)
+        from_cache = stage.losses(batch, None, teacher_out=cached)
+    assert direct.keys() == from_cache.keys()
+    for k in direct:
+        assert torch.equal(direct[k], from_cache[k]), k
+
+
+def test_reference_selector_scores_like_vitkd(tiny_teacher, batch):
+    sel = AttentionProbeSelector(teacher_ckpt=str(tiny_teacher), num_keep=1, probe_blocks=[0, 1], probe_head="mean")
+    ref = reference_model(sel.teacher).eval()
+    hooks = HookedAttention(ref, [0, 1])
+    with torch.inference_mode():
+        fast = sel.score(batch)
+    with torch.no_grad():
+        slow = reference_scores(ref, hooks, batch, [0, 1], "mean", [0.05, 0.05], 0.9)
+    for k in ("va_blk0", "va_blk1", "vn", "value"):
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("relation_norm", ["token", "channel"])
+def test_reference_distill_loss_equals_vitkd(stage, batch, relation_norm):
+    stage.hparams.relation_norm = relation_norm
+    with torch.no_grad():
+        vitkd_loss = sum(stage.losses(batch, None).values())
+    ref = ReferenceDistiller(stage.teacher, stage.model, [(0, 0), (1, 1)], 10, q_diagonal=0.9, relation_norm=relation_norm)
+    assert ref.step(batch) == pytest.approx(float(vitkd_loss), rel=1e-5)  # the loss before the reference's update
