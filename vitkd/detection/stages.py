@@ -17,7 +17,7 @@ from vitkd.detection.evaluate import detection_map
 from vitkd.detection.matcher import HungarianMatcher
 from vitkd.errors import VitkdInputError
 from vitkd.models.probe import AttentionProbe
-from vitkd.stages.base import Stage
+from vitkd.stages.base import TrainingStage
 from vitkd.teacher import read_checkpoint
 
 
@@ -39,7 +39,7 @@ def load_detr(path: str | Path, img_size: int, in_chans: int, num_classes: int) 
     return model, {"arch": hp["arch"]}
 
 
-class DetrTrainer(Stage):
+class DetrTrainer(TrainingStage):
     """DETR trained on labelled boxes with the set criterion (``criterion.py``).
 
     Args:
@@ -78,19 +78,8 @@ class DetrTrainer(Stage):
         """Each weighted loss term of one batch."""
         return self.criterion(self(x), targets)
 
-    def on_train_epoch_start(self) -> None:
-        self._train_batches = 0
-
-    def training_step(self, batch, batch_idx):
-        x, targets = batch
-        self._train_batches += 1
-        terms = self.losses(x, targets)
-        loss = torch.stack(list(terms.values())).sum()
-        for k, v in terms.items():
-            if "_aux" not in k:
-                self.log(f"train/{k}", v, batch_size=len(x))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        return loss
+    def logs_term(self, name: str) -> bool:
+        return "_aux" not in name  # the decoder layers' auxiliary terms count in the loss, not as curves
 
     def _update_map(self, metric, batch) -> None:
         x, targets = batch
@@ -99,11 +88,7 @@ class DetrTrainer(Stage):
         gts = [{"boxes": normalized_to_pixel_xyxy(t["boxes"].float(), size, size), "labels": t["labels"]} for t in targets]
         metric.update(preds, gts)
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_samples = 0
-
     def validation_step(self, batch, batch_idx):
-        self._val_samples += len(batch[0])
         self._update_map(self.val_map, batch)
 
     def on_validation_epoch_end(self) -> None:

@@ -142,9 +142,43 @@ class Stage(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step" if per_step else "epoch"}}
 
 
-class ClassificationStage(Stage):
-    """A stage that trains a classifier ``self.model``: named loss terms from ``losses(x, y)`` are logged
-    and summed in the training step; accuracy is measured on the validation and test splits."""
+class TrainingStage(Stage):
+    """A stage trained on ``(inputs, targets)`` batches: the named loss terms from ``losses(x, y)`` are
+    logged and summed in the training step, and the batches trained and samples validated per epoch are
+    counted for ``data_figures``."""
+
+    def losses(self, x: torch.Tensor, y: Any) -> dict[str, torch.Tensor]:
+        """Each weighted loss term of the stage for one batch."""
+        raise NotImplementedError
+
+    def logs_term(self, name: str) -> bool:
+        """Whether the loss term ``name`` gets its own ``train/<name>`` curve (all of them by default)."""
+        return True
+
+    def on_train_epoch_start(self) -> None:
+        self._train_batches = 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_samples = 0
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._val_samples += len(batch[0])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self._train_batches += 1
+        terms = self.losses(x, y)
+        loss = torch.stack(list(terms.values())).sum()
+        for k, v in terms.items():
+            if self.logs_term(k):
+                self.log(f"train/{k}", v, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+
+class ClassificationStage(TrainingStage):
+    """A stage that trains a classifier ``self.model``; accuracy is measured on the validation and test
+    splits."""
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), **self.cost_figures(self.model)}
@@ -156,29 +190,8 @@ class ClassificationStage(Stage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each weighted loss term of the stage for one batch."""
-        raise NotImplementedError
-
-    def on_train_epoch_start(self) -> None:
-        self._train_batches = 0
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_samples = 0
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self._train_batches += 1
-        terms = self.losses(x, y)
-        loss = torch.stack(list(terms.values())).sum()
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, batch_size=len(x))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        return loss
-
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self._val_samples += len(y)
         self.val_acc.update(self(x).float(), y)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
 
