@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from vitkd.errors import VitkdInputError
 from vitkd.io import write_json
-from vitkd.runs import run_fit, run_many
+from vitkd.runs import demo_main, run_fit, run_many
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -101,7 +99,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VitkdInputError as err:
-        sys.exit(f"vitkd: error: {err}")
+    demo_main(main)

@@ -8,7 +8,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from vitkd.errors import VitkdInputError
 
@@ -32,3 +32,11 @@ def run_many(jobs: Sequence[tuple], workers: int, show: Sequence[str] = ()) -> l
     """Independent runs ``(config, run_dir, *extra)``, ``workers`` at a time; metrics in job order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: run_fit(*job, show=show), jobs))
+
+
+def demo_main(main: Callable[[], None]) -> None:
+    """A demo's entry point: a failed run ends the demo with one line that names its log."""
+    try:
+        main()
+    except VitkdInputError as err:
+        sys.exit(f"vitkd: error: {err}")

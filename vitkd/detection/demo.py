@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from vitkd.errors import VitkdInputError
 from vitkd.io import write_json
-from vitkd.runs import run_fit, run_many
+from vitkd.runs import demo_main, run_fit, run_many
 
 CONFIGS = Path("experiments/detection")
 RUNS = [("teacher", "teacher.yaml"), ("student_scratch", "student_scratch.yaml"), ("student_distilled", "distill.yaml")]
@@ -84,7 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VitkdInputError as err:
-        sys.exit(f"vitkd: error: {err}")
+    demo_main(main)
