@@ -140,9 +140,9 @@ class AttentionProbeSelector(Stage):
         if k > n:
             raise VitkdInputError(f"num_keep {k} is larger than the wild pool ({n} samples scored): lower --model.num_keep")
         kept = self._choose(n, k)  # part index -> sorted row indices
-        self._write_scores(run_dir / "scores.csv", kept)
+        tallies = self._write_scores(run_dir / "scores.csv", kept)
         written = self._write_selected(run_dir / "selected", kept)
-        return self._metrics(kept, run_dir, written)
+        return self._metrics(kept, run_dir, written, *tallies)
 
     def _choose(self, n: int, k: int) -> dict[int, np.ndarray]:
         """Global top-k over the parts, holding at most k candidates plus one part in memory. Ties in V are
@@ -171,32 +171,37 @@ class AttentionProbeSelector(Stage):
             kept[int(i)] = np.sort(best_id[(best_id >> 32) == i] & 0xFFFFFFFF)
         return kept
 
-    def _rows(self, kept: dict[int, np.ndarray]) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
-        """Each part's columns with its ``selected`` mask, in shard order."""
-        for i in range(len(self._parts.urls)):
+    def _rows(self, kept: dict[int, np.ndarray], only_kept: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+        """Each part's columns with its ``selected`` mask, in shard order (only parts with kept rows if asked)."""
+        for i in sorted(kept) if only_kept else range(len(self._parts.urls)):
             cols = self._parts.load(i)
             mask = np.zeros(len(cols["key"]), dtype=bool)
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
 
-    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> None:
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter]:
+        """``scores.csv``; the same pass over the parts counts samples scored and kept per source, and the
+        damaged data skipped, for ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
+        scored, kept_src, skipped = Counter(), Counter(), Counter()
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
-            for _, cols, mask in self._rows(kept):
+            for i, cols, mask in self._rows(kept):
+                scored.update(cols["src"].tolist())
+                kept_src.update(cols["src"][mask].tolist())
+                skipped.update(self._parts.skipped(i))
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
+        return scored, kept_src, skipped
 
     def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
         """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
         urls = self._parts.urls
 
         def samples():
-            for i, cols, mask in self._rows(kept):
-                if not mask.any():
-                    continue
+            for i, cols, mask in self._rows(kept, only_kept=True):
                 preds = dict(zip(cols["key"][mask].tolist(), cols["pred"][mask].tolist()))
                 for s in shards.raw_samples([urls[i]], skips=shards.SkipCounter(), split_by_worker=False):
                     key = s["__key__"]
@@ -213,12 +218,7 @@ class AttentionProbeSelector(Stage):
         written = shards.write_shards(samples(), out_dir, pattern="shard-%06d.tar", maxcount=self.hparams.shard_size, meta={"source": urls})
         return len(written)
 
-    def _metrics(self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int) -> dict[str, Any]:
-        scored, kept_src, skipped = Counter(), Counter(), Counter()
-        for i, cols, mask in self._rows(kept):
-            scored.update(cols["src"].tolist())
-            kept_src.update(cols["src"][mask].tolist())
-            skipped.update(self._parts.skipped(i))
+    def _metrics(self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter) -> dict[str, Any]:
         num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
             "num_scored": sum(scored.values()),
@@ -295,8 +295,10 @@ class ScoreParts:
             return json.loads(str(z["skipped"]))
 
     def size(self, i: int) -> int:
+        """Samples scored in part ``i`` (reads its keys only: npz members load one at a time)."""
         if i not in self._sizes:
-            self.load(i)
+            with np.load(self.path(i)) as z:
+                self._sizes[i] = len(z["key"]) if "key" in z.files else 0
         return self._sizes[i]
 
     def num_scored(self) -> int:
