@@ -47,7 +47,7 @@ def _worker() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Decoded samples from shards: (image, cls) for training, or a dict with key/src for scoring.
+    """Decoded (image, cls) samples from shards, for training and evaluation (scoring reads ``ShardBatches``).
 
     Training (``epoch_samples`` set): every epoch the shards are permuted with a seed shared by all ranks
     and dealt to the ranks (``rank``/``world_size`` come from the trainer), then to DataLoader workers;
@@ -65,7 +65,6 @@ class ShardStream(IterableDataset):
         img_size: int,
         part: str = "all",
         val_fraction: float = 0.0,
-        with_meta: bool = False,
         shuffle_seed: int | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -74,7 +73,7 @@ class ShardStream(IterableDataset):
     ):
         self.urls, self.in_chans, self.img_size = urls, in_chans, img_size
         self.part, self.val_fraction = part, val_fraction
-        self.with_meta, self.shuffle_seed = with_meta, shuffle_seed
+        self.shuffle_seed = shuffle_seed
         self.rank, self.world_size = rank, world_size
         self.epoch_samples = epoch_samples
         self.skips = skips if skips is not None else shards.SkipCounter()
@@ -150,8 +149,6 @@ class ShardStream(IterableDataset):
         if image is None:
             return None
         x = to_tensor(image, self.in_chans, self.img_size)
-        if self.with_meta:
-            return {"image": x, "key": sample["__key__"], "src": shards.read_str(sample) or ""}
         label = shards.read_int(sample)
         if label is None:
             raise VitkdInputError(
@@ -333,7 +330,7 @@ class ImageDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """This rank's share of the wild pool as scoring batches (dicts with ``image``, ``key``, ``src``)."""
         rank, world = self._rank()
-        return self.scoring_loader(self.wild_shards()[rank::world])
+        return self.scoring_loader(shards.shard_order(self.wild_shards(), rank, world))
 
     def data_report(self) -> dict[str, int]:
         """Damaged shards and undecodable images skipped so far (this process), for ``metrics.json``."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import socket
@@ -22,8 +21,8 @@ from data_modules.image_data import ShardStream
 from vitkd.errors import VitkdInputError
 
 
-def _pool(out: Path, sizes: list[int], labels: bool = True) -> str:
-    """Uneven shards of random 8×8 images: key, png, src, and a cls label."""
+def _pool(out: Path, sizes: list[int], classes: int = 10) -> str:
+    """Uneven shards of random 8×8 images: key ``k<i>``, png, src, and the cls label ``i % classes``."""
     import webdataset as wds
 
     rng = np.random.default_rng(1)
@@ -34,8 +33,7 @@ def _pool(out: Path, sizes: list[int], labels: bool = True) -> str:
             for _ in range(n):
                 img = (rng.random((8, 8)) * 255).astype(np.uint8)
                 sample = {"__key__": f"k{i:05d}", "png": shards.encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
-                if labels:
-                    sample["cls"] = str(i % 10)
+                sample["cls"] = str(i % classes)
                 w.write(sample)
                 i += 1
     return str(out / f"wild-{{000000..{len(sizes) - 1:06d}}}.tar")
@@ -47,12 +45,13 @@ def _held_out(key: str, fraction: float) -> bool:
 
 @pytest.mark.parametrize("sizes", [[30, 5, 50, 17, 41], [60]])  # more shards than ranks, and fewer
 def test_eval_stream_every_sample_once_over_ranks(tmp_path, sizes):
-    urls = shards.expand_urls(_pool(tmp_path, sizes))
+    n = sum(sizes)
+    urls = shards.expand_urls(_pool(tmp_path, sizes, classes=n))  # cls = the sample's index: it names the sample
     seen = []
     for rank in range(2):
-        ds = ShardStream(urls, 1, 8, part="val", val_fraction=0.3, with_meta=True, rank=rank, world_size=2)
-        seen.append([s["key"] for s in ds])
-    expected = {f"k{i:05d}" for i in range(sum(sizes)) if _held_out(f"k{i:05d}", 0.3)}
+        ds = ShardStream(urls, 1, 8, part="val", val_fraction=0.3, rank=rank, world_size=2)
+        seen.append([int(y) for _, y in ds])
+    expected = {i for i in range(n) if _held_out(f"k{i:05d}", 0.3)}
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(expected)
     assert all(seen)  # both ranks evaluate something

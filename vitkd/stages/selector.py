@@ -109,7 +109,7 @@ class AttentionProbeSelector(Stage):
         if trainer.is_global_zero:
             self._parts.prepare()
         trainer.strategy.barrier("vitkd-score-parts")
-        todo = [u for u in urls[trainer.global_rank :: trainer.world_size] if not self._parts.done(u)]
+        todo = [u for u in shards.shard_order(urls, trainer.global_rank, trainer.world_size) if not self._parts.done(u)]
         self._pending = {}
         with torch.inference_mode():
             trainer.predict(self, dataloaders=datamodule.scoring_loader(todo), return_predictions=False)
