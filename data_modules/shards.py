@@ -51,24 +51,17 @@ def shard_order(urls: list[str], rank: int = 0, world_size: int = 1, shuffle_see
     return order[rank::world_size]
 
 
-def raw_samples(
-    urls: list[str],
-    rank: int = 0,
-    world_size: int = 1,
-    shard_shuffle_seed: int | None = None,
-    skips: "SkipCounter | None" = None,
-    split_by_worker: bool = True,
-) -> Iterator[dict]:
-    """Undecoded samples (dicts of bytes with ``__key__`` and ``__url__``) of this rank's shards.
+def raw_samples(urls: list[str], skips: "SkipCounter | None" = None, split_by_worker: bool = True) -> Iterator[dict]:
+    """Undecoded samples (dicts of bytes with ``__key__`` and ``__url__``) of ``urls``, in order (a rank's
+    share comes from ``shard_order``); split between DataLoader workers unless ``split_by_worker`` is off.
 
     A damaged (e.g. truncated) shard ends early: the samples read before the damage are kept, the shard is
     counted in ``skips`` (or raises when ``skips`` is strict or absent).
     """
-    mine = shard_order(urls, rank, world_size, shard_shuffle_seed)
-    if not mine:
+    if not urls:
         return
     ds = wds.WebDataset(
-        mine,
+        urls,
         shardshuffle=False,
         nodesplitter=None,
         workersplitter=wds.split_by_worker if split_by_worker else None,
@@ -154,21 +147,11 @@ def shard_counts(urls: list[str]) -> dict[str, int] | None:
 
 
 def _read_meta(path: Path) -> dict[str, int]:
-    """``{shard file name: samples}`` from a meta.json (``shard_counts`` as a dict, or ``shards`` as a list of dicts)."""
+    """``{shard file name: samples}`` from the ``shard_counts`` of a meta.json (``write_shards``, ``vitkd.pack``)."""
     if not path.is_file():
         return {}
-    meta = json.loads(path.read_text())
-    per = meta.get("shard_counts")
-    if isinstance(per, dict):
-        return {Path(k).name: int(v) for k, v in per.items()}
-    out = {}
-    for entry in meta.get("shards", []) if isinstance(meta.get("shards"), list) else []:
-        if isinstance(entry, dict):
-            name = entry.get("name") or entry.get("file") or entry.get("path") or entry.get("url")
-            n = entry.get("count", entry.get("num_samples", entry.get("samples")))
-            if name is not None and n is not None:
-                out[Path(name).name] = int(n)
-    return out
+    per = json.loads(path.read_text()).get("shard_counts") or {}
+    return {Path(k).name: int(v) for k, v in per.items()}
 
 
 def decode_image(sample: dict) -> Image.Image:
