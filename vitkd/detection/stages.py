@@ -71,9 +71,6 @@ class DetrTrainer(TrainingStage):
     def forward(self, x: torch.Tensor) -> dict:
         return self.model(x)
 
-    def report(self) -> dict[str, Any]:
-        return {"params": sum(p.numel() for p in self.model.parameters()), **self.cost_figures(self.model)}
-
     def losses(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Each weighted loss term of one batch."""
         return self.criterion(self(x), targets)

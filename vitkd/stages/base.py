@@ -151,6 +151,9 @@ class TrainingStage(Stage):
         """Each weighted loss term of the stage for one batch."""
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), **self.cost_figures(self.model)}
+
     def logs_term(self, name: str) -> bool:
         """Whether the loss term ``name`` gets its own ``train/<name>`` curve (all of them by default)."""
         return True
@@ -179,9 +182,6 @@ class TrainingStage(Stage):
 class ClassificationStage(TrainingStage):
     """A stage that trains a classifier ``self.model``; accuracy is measured on the validation and test
     splits."""
-
-    def report(self) -> dict[str, Any]:
-        return {**super().report(), **self.cost_figures(self.model)}
 
     def add_accuracy(self, num_classes: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
