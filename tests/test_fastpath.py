@@ -13,7 +13,7 @@ from vitkd.stages import AttentionProbeSelector, ProbeDistillation
 BF16_RTOL = 2e-2  # bf16 keeps 8 mantissa bits (2^-8 ≈ 4e-3 per rounding); a few roundings through a 2-block ViT
 
 
-def _select(teacher, pool, run_dir, precision):
+def _select(teacher, pool, run_dir, precision, *extra):
     fit(
         "--config", "experiments/digits/select.yaml",
         "--model.init_args.teacher_ckpt", str(teacher),
@@ -22,6 +22,7 @@ def _select(teacher, pool, run_dir, precision):
         "--data.init_args.wild_urls", pool,
         "--trainer.precision", precision,
         "--run_dir", str(run_dir),
+        *extra,
     )
     rows = list(csv.DictReader(open(run_dir / "scores.csv")))
     return {r["key"]: float(r["value"]) for r in rows}, {r["key"] for r in rows if r["selected"] == "1"}
@@ -43,6 +44,17 @@ def test_bf16_selection_keeps_the_fp32_keys(tiny_teacher, tiny_pool, tmp_path):
     border = {k for k, v in v32.items() if abs(v - kth) <= dev[k] + maxdev}
     assert len(kept32 - border) >= 10 and len(v32.keys() - kept32 - border) >= 10, "too few samples left to compare"
     assert kept32 - border == kept16 - border
+
+
+def test_compiled_selection_scores_like_eager(tiny_teacher, tiny_pool, tmp_path):
+    """``--model.init_args.compile true`` (torch.compile of the scoring) keeps the same samples with the same values."""
+    v_eager, kept_eager = _select(tiny_teacher, tiny_pool, tmp_path / "eager", "32-true")
+    v_comp, kept_comp = _select(tiny_teacher, tiny_pool, tmp_path / "compiled", "32-true", "--model.init_args.compile", "true")
+    assert v_eager.keys() == v_comp.keys()
+    assert max(abs(v_comp[k] - v_eager[k]) for k in v_eager) <= 1e-5
+    assert kept_comp == kept_eager
+    fingerprint = (tmp_path / "compiled" / "score_parts" / "fingerprint.json").read_text()
+    assert '"compile": true' in fingerprint  # parts scored eagerly are not mixed with compiled ones on resume
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,9 @@ class AttentionProbeSelector(Stage):
         positive_sources: ``src`` tags counted as in-distribution when measuring selection precision.
         seed: seed of the random strategy.
         shard_size: samples per written ``selected/shard-%06d.tar``.
+        compile: score through ``torch.compile`` (one compilation per batch shape; on the 2-core CPU it measured
+            faster for the paper's pair, see ``make bench``). Scores then differ from eager within the
+            precision's rounding, so resuming a selection with it switched rescores.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class AttentionProbeSelector(Stage):
         positive_sources: list[str] = ["digit"],
         seed: int = 0,
         shard_size: int = 2000,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +78,7 @@ class AttentionProbeSelector(Stage):
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
         self._parts: ScoreParts | None = None
+        self._score = torch.compile(self.score) if compile else self.score
 
     @property
     def model(self):
@@ -95,7 +100,7 @@ class AttentionProbeSelector(Stage):
 
     def predict_step(self, batch, batch_idx):
         if len(batch["key"]):
-            cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in self.score(batch["image"]).items()}
+            cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in self._score(batch["image"]).items()}
             cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]))
             self._pending.setdefault(batch["url"], []).append(cols)
         if batch["last"]:
@@ -131,6 +136,7 @@ class AttentionProbeSelector(Stage):
             "teacher_ckpt": str(ckpt.resolve()), "teacher_size": stat.st_size, "teacher_mtime": int(stat.st_mtime),
             "probe_blocks": list(hp.probe_blocks), "probe_head": hp.probe_head, "lambda_a": list(hp.lambda_a), "lambda_n": hp.lambda_n,
             "img_size": hp.img_size, "in_chans": hp.in_chans, "precision": str(trainer.precision),
+            **({"compile": True} if hp.get("compile") else {}),  # absent when off: parts scored before the switch existed resume
         }
 
     # -- selection (rank 0) -------------------------------------------------------------------
@@ -262,7 +268,7 @@ class ScoreParts:
         if path.exists():
             old = json.loads(path.read_text())
             if old != self.fingerprint:
-                changed = sorted(k for k in self.fingerprint if old.get(k) != self.fingerprint.get(k))
+                changed = sorted(k for k in {*old, *self.fingerprint} if old.get(k) != self.fingerprint.get(k))
                 raise VitkdInputError(
                     f"{self.folder} holds scores computed differently ({', '.join(changed)} changed): use a new --run_dir, or delete that folder to rescore"
                 )
