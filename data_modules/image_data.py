@@ -23,17 +23,18 @@ from vitkd.errors import VitkdInputError
 
 
 class ArrayDataset(Dataset):
-    """uint8 images (N, H, W) with int labels → (image tensor, label)."""
+    """uint8 images (N, H, W) with int labels → (image tensor, label), plus the index as the sample key if asked."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, in_chans: int, img_size: int):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, in_chans: int, img_size: int, keys: bool = False):
         self.images, self.labels = images, labels
-        self.in_chans, self.img_size = in_chans, img_size
+        self.in_chans, self.img_size, self.keys = in_chans, img_size, keys
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return to_tensor(self.images[i], self.in_chans, self.img_size), int(self.labels[i])
+        item = to_tensor(self.images[i], self.in_chans, self.img_size), int(self.labels[i])
+        return (*item, str(i)) if self.keys else item
 
 
 def _held_out(key: str, fraction: float) -> bool:
@@ -56,6 +57,7 @@ class ShardStream(IterableDataset):
     Evaluation (``epoch_samples`` None): one pass, every sample exactly once over all ranks: shards are
     split by rank, or samples are when there are fewer shards than ranks.
     Undecodable images and damaged shards are skipped and counted in ``skips`` (raise if it is strict).
+    ``keys``: yield (image, cls, ``__key__``) instead of (image, cls).
     """
 
     def __init__(
@@ -70,8 +72,9 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         epoch_samples: int | None = None,
         skips: shards.SkipCounter | None = None,
+        keys: bool = False,
     ):
-        self.urls, self.in_chans, self.img_size = urls, in_chans, img_size
+        self.urls, self.in_chans, self.img_size, self.keys = urls, in_chans, img_size, keys
         self.part, self.val_fraction = part, val_fraction
         self.shuffle_seed = shuffle_seed
         self.rank, self.world_size = rank, world_size
@@ -154,7 +157,7 @@ class ShardStream(IterableDataset):
             raise VitkdInputError(
                 f"shard sample {sample['__key__']!r} in {sample.get('__url__')} has no cls label: train on selected shards (they carry the teacher's pseudo-label)"
             )
-        return x, label
+        return (x, label, sample["__key__"]) if self.keys else (x, label)
 
 
 class ShardBatches(IterableDataset):
@@ -210,6 +213,7 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     num_classes: int = 10
+    train_keys: bool = False  # training batches carry each sample's key third (set by a stage that caches per sample)
 
     def __init__(
         self,
@@ -297,14 +301,17 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_urls:
             seed = torch.initial_seed() % (2**31)  # the same on every rank after seed_everything
             part = "all" if self.val_urls else "train"
-            stream = self._stream(self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples())
+            stream = self._stream(
+                self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples(), keys=self.train_keys
+            )
             return self._loader(stream, self.batch_size)
-        return self._loader(self._original("train"), self.batch_size, shuffle=True)
+        x, y = self.original_split("train")
+        return self._loader(ArrayDataset(x, y, self.in_chans, self.img_size, keys=self.train_keys), self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment and self.trainer is not None and self.trainer.training:
-            x, y = batch
-            batch = (random_affine(x), y)
+            x, *rest = batch
+            batch = (random_affine(x), *rest)
         return batch
 
     def val_dataloader(self) -> DataLoader:

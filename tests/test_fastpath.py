@@ -2,13 +2,16 @@
 same selection and the same loss values as the plain fp32 path, and the benchmark's reference-style loops
 compute the same quantities as vitkd (so ``make bench`` compares like with like)."""
 import csv
+import json
 
 import pytest
 import torch
 
 from benchmarks.reference import HookedAttention, ReferenceDistiller, reference_model, reference_scores
 from tests.conftest import fit
+from vitkd.errors import VitkdInputError
 from vitkd.stages import AttentionProbeSelector, ProbeDistillation
+from vitkd.teacher_cache import TeacherCache
 
 BF16_RTOL = 2e-2  # bf16 keeps 8 mantissa bits (2^-8 ≈ 4e-3 per rounding); a few roundings through a 2-block ViT
 
@@ -90,6 +93,74 @@ def test_cached_teacher_outputs_give_identical_losses(stage, batch):
     assert direct.keys() == from_cache.keys()
     for k in direct:
         assert torch.equal(direct[k], from_cache[k]), k
+
+
+def test_teacher_cache_returns_each_keys_outputs(stage, batch):
+    """Keys seen before are read back (rows of the right samples, in batch order); only new keys reach the teacher."""
+    cache, seen = TeacherCache(), []
+
+    def counting(x):
+        seen.append(len(x))
+        return stage.teacher_outputs(x)
+
+    keys = [f"k{i}" for i in range(len(batch))]
+    with torch.no_grad():
+        cache(keys[:20], batch[:20], counting)
+        mixed = [7, 25, 3, 31, 7]  # known and new keys, a repeat, out of order
+        got = cache([keys[i] for i in mixed], batch[mixed], counting)
+        want = stage.teacher_outputs(batch[mixed])
+    assert seen == [20, 2] and len(cache) == 22 and (cache.hits, cache.misses) == (3, 22)
+    assert got.keys() == want.keys() == {"logits", "relation"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert cache.nbytes() == 22 * (10 + 2 * 16) * 4  # logits + one 16-patch relation row per probed block, fp32
+
+
+def _student(teacher, urls, run_dir, *extra):
+    fit(
+        "--config", "experiments/digits/attention_probe.yaml",
+        "--model.init_args.arch", "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt", str(teacher),
+        "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
+        "--data.init_args.train_urls", urls,
+        "--data.init_args.val_fraction", "0.2",
+        "--data.init_args.batch_size", "16",
+        "--data.init_args.augment", "false",
+        "--trainer.max_epochs", "3",
+        "--trainer.log_every_n_steps", "1",
+        "--run_dir", str(run_dir),
+        *extra,
+    )
+    log = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [float(r["train/loss"]) for r in log if r.get("train/loss")], json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_training_with_teacher_cache_matches_recomputing(tiny_teacher, tiny_pool, tmp_path):
+    """Un-augmented training through the cache: the teacher runs once per sample, and every logged loss
+    equals the run that recomputes the teacher each step."""
+    _select(tiny_teacher, tiny_pool, tmp_path / "sel", "32-true")
+    urls = str(tmp_path / "sel" / "selected" / "shard-000000.tar")
+    plain, _ = _student(tiny_teacher, urls, tmp_path / "plain")
+    cached, m = _student(tiny_teacher, urls, tmp_path / "cached", "--model.init_args.teacher_cache", "true")
+    assert len(plain) == len(cached) >= 6
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-6)
+    c = m["teacher_cache"]
+    n_train = c["samples"]  # each training sample once in the cache, then read back in epochs 2 and 3
+    assert c["misses"] == n_train and c["hits"] == 2 * n_train and 40 <= n_train <= 60  # 60 kept, ~20% held out
+
+
+def test_teacher_cache_refuses_augmented_inputs(tiny_teacher, tiny_pool, tmp_path):
+    with pytest.raises(VitkdInputError, match="augment false"):
+        fit(
+            "--config", "experiments/digits/attention_probe.yaml",
+            "--model.init_args.arch", "test_vit_patch4_16",
+            "--model.init_args.teacher_ckpt", str(tiny_teacher),
+            "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
+            "--model.init_args.teacher_cache", "true",
+            "--data.init_args.train_urls", tiny_pool,
+            "--trainer.max_epochs", "1",
+            "--run_dir", str(tmp_path / "aug"),
+        )
 
 
 def test_reference_selector_scores_like_vitkd(tiny_teacher, batch):

@@ -23,6 +23,13 @@ def cls_relation(features: torch.Tensor, norm_axis: NormAxis = "channel", num_pr
         return torch.einsum("bd,bnd->bn", f[:, 0], f[:, num_prefix_tokens:])
 
 
+def relation_rows_loss(student_rows: list[torch.Tensor], teacher_rows: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 8 on CLS relation rows already formed (``cls_relation``): the mean over layer pairs of the MSE
+    between student and teacher rows. The teacher's rows are all the teacher-output cache keeps of L_P."""
+    losses = [F.mse_loss(s, t.float()) for s, t in zip(student_rows, teacher_rows, strict=True)]
+    return torch.stack(losses).mean()
+
+
 def probe_relation_loss(
     student_features: list[torch.Tensor],
     teacher_features: list[torch.Tensor],
@@ -33,8 +40,7 @@ def probe_relation_loss(
 
     Teacher and student widths may differ (only N-vectors are compared); token counts must match.
     """
-    losses = [
-        F.mse_loss(cls_relation(s, norm_axis, num_prefix_tokens), cls_relation(t, norm_axis, num_prefix_tokens))
-        for s, t in zip(student_features, teacher_features, strict=True)
-    ]
-    return torch.stack(losses).mean()
+    return relation_rows_loss(
+        [cls_relation(s, norm_axis, num_prefix_tokens) for s in student_features],
+        [cls_relation(t, norm_axis, num_prefix_tokens) for t in teacher_features],
+    )

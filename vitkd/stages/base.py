@@ -167,10 +167,15 @@ class TrainingStage(Stage):
     def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
         self._val_samples += len(batch[0])
 
+    def batch_losses(self, batch) -> dict[str, torch.Tensor]:
+        """The loss terms of a training batch (``(x, y)``; a stage may read more fields, e.g. sample keys)."""
+        x, y = batch[:2]
+        return self.losses(x, y)
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x = batch[0]
         self._train_batches += 1
-        terms = self.losses(x, y)
+        terms = self.batch_losses(batch)
         loss = torch.stack(list(terms.values())).sum()
         for k, v in terms.items():
             if self.logs_term(k):

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 import vitkd.efficient.shuffle_block  # noqa: F401  (registers the channel-shuffle student presets)
 from vitkd.errors import VitkdInputError
-from vitkd.losses import NoisyAdaptation, kd_loss, probe_relation_loss
+from vitkd.losses import NoisyAdaptation, cls_relation, kd_loss, relation_rows_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import FeatureTap, create_model
+from vitkd.teacher_cache import TeacherCache
 from vitkd.stages.base import ClassificationStage
 
 
@@ -40,6 +41,8 @@ class ProbeDistillation(ClassificationStage):
         projector_weight: weight of the projector-ensemble feature loss (PEFD; 0, the default, switches it off).
         num_projectors, projector_act: PEFD ensemble size (authors: 3) and projector activation (authors: ReLU).
         measure_batch_size: batch size of the throughput measured for ``metrics.json`` (0 skips the cost figures).
+        teacher_cache: run the frozen teacher once per training sample and reuse its outputs in later epochs
+            (``vitkd.teacher_cache``). Needs ``--data.init_args.augment false``: augmented inputs differ every epoch.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class ProbeDistillation(ClassificationStage):
         num_projectors: int = 3,
         projector_act: Literal["relu", "none"] = "relu",
         measure_batch_size: int = 256,
+        teacher_cache: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -89,15 +93,39 @@ class ProbeDistillation(ClassificationStage):
             ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if projector_weight > 0 else None
         )
         self.add_accuracy(num_classes)
+        self.cache = TeacherCache() if teacher_cache else None
+
+    def setup(self, stage: str) -> None:
+        if self.cache is None or stage != "fit":
+            return
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "train_keys"):
+            raise VitkdInputError(f"--model.init_args.teacher_cache needs a data module whose training batches carry sample keys; {type(dm).__name__} has none")
+        if getattr(dm, "augment", False):
+            raise VitkdInputError("--model.init_args.teacher_cache true needs --data.init_args.augment false: augmented inputs change every epoch, so the teacher's outputs cannot be reused")
+        dm.train_keys = True
 
     @torch.no_grad()
-    def teacher_outputs(self, x: torch.Tensor) -> dict[str, Any]:
-        """What the loss terms need from the frozen teacher for a batch: ``logits``, ``pooled`` (PEFD only)
-        and ``feats`` (block outputs for L_P). Computed once per batch, or ahead of time and passed to
-        ``losses`` as ``teacher_out`` when the inputs are not augmented (the teacher-output cache)."""
+    def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loss terms need from the frozen teacher for a batch: ``logits``, ``relation`` (the CLS
+        relation row of each probed block, (B, L, N), for L_P) and ``pooled`` (PEFD). Computed every step, or
+        once per sample by the teacher-output cache when the inputs are not augmented."""
+        hp = self.hparams
         logits, pooled = _logits_and_pooled(self.teacher, x, self.projectors is not None)
-        feats = self.taps[0].features() if self.taps else None
-        return {"logits": logits, "pooled": pooled, "feats": feats}
+        out = {"logits": logits}
+        if self.taps:
+            feats = self.taps[0].features()
+            rows = [cls_relation(feats[t], hp.relation_norm, self.teacher.num_prefix_tokens) for t, _ in self.pairs]
+            out["relation"] = torch.stack(rows, dim=1)
+        if pooled is not None:
+            out["pooled"] = pooled
+        return out
+
+    def batch_losses(self, batch) -> dict[str, torch.Tensor]:
+        if self.cache is None or len(batch) < 3:
+            return super().batch_losses(batch)
+        x, y, keys = batch
+        return self.losses(x, y, teacher_out=self.cache(keys, x, self.teacher_outputs))
 
     def losses(self, x: torch.Tensor, y: torch.Tensor | None, teacher_out: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed.
@@ -107,7 +135,7 @@ class ProbeDistillation(ClassificationStage):
         hp = self.hparams
         pefd = self.projectors is not None
         tout = teacher_out if teacher_out is not None else self.teacher_outputs(x)
-        t_logits, t_pooled, t_feats = tout["logits"], tout["pooled"], tout["feats"]
+        t_logits = tout["logits"]
         s_logits, s_pooled = _logits_and_pooled(self.model, x, pefd)
         target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
         out: dict[str, torch.Tensor] = {}
@@ -116,13 +144,12 @@ class ProbeDistillation(ClassificationStage):
             out["ce"] = hp.ce_weight * ce
         if hp.alpha > 0:
             s_feats = self.taps[1].features()
-            out["probe"] = hp.alpha * probe_relation_loss(
-                [s_feats[s] for _, s in self.pairs], [t_feats[t] for t, _ in self.pairs], hp.relation_norm, self.model.num_prefix_tokens
-            )
+            s_rows = [cls_relation(s_feats[s], hp.relation_norm, self.model.num_prefix_tokens) for _, s in self.pairs]
+            out["probe"] = hp.alpha * relation_rows_loss(s_rows, tout["relation"].unbind(dim=1))
         if hp.beta > 0:
             out["kd"] = hp.beta * kd_loss(s_logits, t_logits, hp.temperature)
         if pefd:
-            out["projector"] = hp.projector_weight * projector_ensemble_loss(s_pooled, t_pooled, self.projectors)
+            out["projector"] = hp.projector_weight * projector_ensemble_loss(s_pooled, tout["pooled"], self.projectors)
         if not out:
             raise VitkdInputError("every loss term is switched off: set ce_weight, alpha, beta or projector_weight above 0")
         return out
@@ -140,6 +167,9 @@ class ProbeDistillation(ClassificationStage):
         out = super().report()
         if self.q is not None:
             out["q_diagonal"] = self.q.diagonal
+        if self.cache is not None:  # this rank's cache
+            c = self.cache
+            out["teacher_cache"] = {"samples": len(c), "hits": c.hits, "misses": c.misses, "mb": c.nbytes() / 2**20}
         return out
 
 
