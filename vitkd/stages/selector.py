@@ -3,7 +3,9 @@
 Streams wild shards, scores every sample with V = Σ λa·V_a + λn·V_n (Eqs. 4–6), keeps the ``num_keep``
 lowest, and writes ``scores.csv`` and the kept samples as ``selected/shard-%06d.tar`` carrying the
 teacher's pseudo-label in ``cls``. ``strategy="random"`` keeps a uniform random subset of the same size
-(the random-wild baseline); λa = [] gives DFND's confidence-only selection.
+(the random-wild baseline); λa = [] gives DFND's confidence-only selection. ``class_balance=True`` (off by
+default, not the paper's method) keeps the lowest V per teacher-predicted class, k // C each, then fills up
+with the lowest V overall.
 
 At scale: each rank scores its share of the shards (one shard per batch stream, so a sample's score does
 not depend on the number of ranks) and saves every finished shard's scores to ``score_parts/`` at once,
@@ -48,6 +50,9 @@ class AttentionProbeSelector(Stage):
         compile: score through ``torch.compile`` (one compilation per batch shape; on the 2-core CPU it measured
             faster for the paper's pair, see ``make bench``). Scores then differ from eager within the
             precision's rounding, so resuming a selection with it switched rescores.
+        class_balance: keep the ``num_keep // num_classes`` lowest-V samples of each teacher-predicted class, then
+            fill the remaining places (classes with fewer samples, the remainder) with the lowest V not yet kept
+            (``value`` strategy only; off by default): confident-first selection collapses onto a few teacher classes.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class AttentionProbeSelector(Stage):
         seed: int = 0,
         shard_size: int = 2000,
         compile: bool = False,
+        class_balance: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +80,8 @@ class AttentionProbeSelector(Stage):
             raise VitkdInputError(f"num_keep {num_keep} must be positive: pass --model.num_keep N")
         if len(lambda_a) != len(probe_blocks):
             raise VitkdInputError(f"lambda_a has {len(lambda_a)} weights for {len(probe_blocks)} probe_blocks: give one weight per block")
+        if class_balance and strategy != "value":
+            raise VitkdInputError(f"class_balance applies to strategy value only, not {strategy}: drop --model.init_args.class_balance")
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -152,7 +160,10 @@ class AttentionProbeSelector(Stage):
 
     def _choose(self, n: int, k: int) -> dict[int, np.ndarray]:
         """Global top-k over the parts, holding at most k candidates plus one part in memory. Ties in V are
-        broken by position (shard order, then order in the shard), so any number of ranks gives the same set."""
+        broken by position (shard order, then order in the shard), so any number of ranks gives the same set.
+        With ``class_balance`` also the q = k // C lowest of each teacher-predicted class (at most k more
+        candidates); the places those leave free are the lowest non-chosen of the global top-k, which holds
+        them all since at most k − r of its k candidates are chosen when r places are free."""
         parts = self._parts
         if self.hparams.strategy == "random":
             pos = np.sort(np.random.default_rng(self.hparams.seed).choice(n, size=k, replace=False))
@@ -164,17 +175,33 @@ class AttentionProbeSelector(Stage):
                     kept[i] = sel
                 offset += m
             return kept
+        q = k // self.hparams.num_classes if self.hparams.get("class_balance") else 0
         best_v, best_id = np.empty(0, np.float64), np.empty(0, np.int64)
+        cls_v, cls_id, cls_c = np.empty(0, np.float64), np.empty(0, np.int64), np.empty(0, np.int64)
         for i in range(len(parts.urls)):
-            v = parts.load(i)["value"].astype(np.float64)
+            cols = parts.load(i)
+            v = cols["value"].astype(np.float64)
             ids = (np.int64(i) << 32) | np.arange(len(v), dtype=np.int64)
             best_v, best_id = np.concatenate([best_v, v]), np.concatenate([best_id, ids])
             if len(best_v) > k:
                 order = np.lexsort((best_id, best_v))[:k]
                 best_v, best_id = best_v[order], best_id[order]
+            if q:
+                cls_v, cls_id = np.concatenate([cls_v, v]), np.concatenate([cls_id, ids])
+                cls_c = np.concatenate([cls_c, cols["pred"].astype(np.int64)])
+                order = np.lexsort((cls_id, cls_v, cls_c))  # by class, then V, then position
+                c = cls_c[order]
+                rank = np.arange(len(c)) - np.searchsorted(c, c, side="left")  # place within its class
+                order = order[rank < q]
+                cls_v, cls_id, cls_c = cls_v[order], cls_id[order], cls_c[order]
+        chosen = best_id
+        if q:
+            ranked = best_id[np.lexsort((best_id, best_v))]
+            fill = ranked[~np.isin(ranked, cls_id)][: k - len(cls_id)]
+            chosen = np.concatenate([cls_id, fill])
         kept = {}
-        for i in np.unique(best_id >> 32):
-            kept[int(i)] = np.sort(best_id[(best_id >> 32) == i] & 0xFFFFFFFF)
+        for i in np.unique(chosen >> 32):
+            kept[int(i)] = np.sort(chosen[(chosen >> 32) == i] & 0xFFFFFFFF)
         return kept
 
     def _rows(self, kept: dict[int, np.ndarray], only_kept: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
@@ -185,22 +212,23 @@ class AttentionProbeSelector(Stage):
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
 
-    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter]:
-        """``scores.csv``; the same pass over the parts counts samples scored and kept per source, and the
-        damaged data skipped, for ``metrics.json``."""
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter]:
+        """``scores.csv``; the same pass over the parts counts samples scored and kept per source, kept per
+        teacher-predicted class, and the damaged data skipped, for ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
-        scored, kept_src, skipped = Counter(), Counter(), Counter()
+        scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
             for i, cols, mask in self._rows(kept):
                 scored.update(cols["src"].tolist())
                 kept_src.update(cols["src"][mask].tolist())
+                kept_pred.update(cols["pred"][mask].tolist())
                 skipped.update(self._parts.skipped(i))
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
-        return scored, kept_src, skipped
+        return scored, kept_src, skipped, kept_pred
 
     def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
         """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
@@ -224,7 +252,9 @@ class AttentionProbeSelector(Stage):
         written = shards.write_shards(samples(), out_dir, pattern="shard-%06d.tar", maxcount=self.hparams.shard_size, meta={"source": urls})
         return len(written)
 
-    def _metrics(self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter) -> dict[str, Any]:
+    def _metrics(
+        self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter, kept_pred: Counter
+    ) -> dict[str, Any]:
         num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
             "num_scored": sum(scored.values()),
@@ -232,6 +262,8 @@ class AttentionProbeSelector(Stage):
             "num_shards": len(self._parts.urls),
             "selected_urls": shards.shard_url(run_dir / "selected", n_sel, "shard"),
             "strategy": self.hparams.strategy,
+            "class_balance": bool(self.hparams.get("class_balance")),
+            "kept_per_class": [kept_pred.get(c, 0) for c in range(self.hparams.num_classes)],
             "damaged_shards": skipped.get("damaged_shards", 0),
             "corrupt_images": skipped.get("corrupt_images", 0),
         }
