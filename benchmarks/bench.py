@@ -362,6 +362,7 @@ def run_selection(urls: str, num_keep: int, ckpt: Path, extra: list[str], run_di
 SCALE_LEVERS = {
     "bf16_mixed": ["--trainer.precision", "bf16-mixed"],
     "one_loader_worker": ["--data.init_args.num_workers", "1"],
+    "compile": ["--model.init_args.compile", "true"],
 }
 
 
