@@ -31,11 +31,13 @@ def _select(teacher, pool, run_dir, precision, *extra):
     return {r["key"]: float(r["value"]) for r in rows}, {r["key"] for r in rows if r["selected"] == "1"}
 
 
-@pytest.mark.parametrize("bf16", ["bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("bf16", ["bf16-mixed", "bf16-true", "bf16-true+compile"])
 def test_bf16_selection_keeps_the_fp32_keys(tiny_teacher, tiny_pool, tmp_path, bf16):
-    """bf16 autocast, and the teacher's weights and inputs in bf16 (``bf16-true``), keep the fp32 selection."""
+    """bf16 autocast, the teacher's weights and inputs in bf16 (``bf16-true``), and that compiled with weight
+    freezing, keep the fp32 selection."""
     v32, kept32 = _select(tiny_teacher, tiny_pool, tmp_path / "fp32", "32-true")
-    v16, kept16 = _select(tiny_teacher, tiny_pool, tmp_path / "bf16", bf16)
+    extra = ("--model.init_args.compile", "true") if bf16.endswith("+compile") else ()
+    v16, kept16 = _select(tiny_teacher, tiny_pool, tmp_path / "bf16", bf16.split("+")[0], *extra)
     assert v32.keys() == v16.keys() and len(kept32) == len(kept16) == 60
     dev = {k: abs(v16[k] - v32[k]) for k in v32}
     # every value within bf16 tolerance of its fp32 value, and the bf16 run really ran in lower precision
