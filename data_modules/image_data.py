@@ -263,7 +263,12 @@ class ImageDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._on_gpu(),  # page-locked batches copy to the GPU asynchronously
         )
+
+    def _on_gpu(self) -> bool:
+        t = self.trainer
+        return t is not None and t.strategy.root_device.type == "cuda"
 
     def _original(self, split: str) -> ArrayDataset:
         x, y = self.original_split(split)
