@@ -89,7 +89,7 @@ def test_wandb_offline_run_holds_probe_images_and_config_and_resumes(tmp_path, m
     assert cfg["model"]["class_path"] == "vitkd.stages.Classifier" and cfg["model"]["init_args"]["arch"] == "test_vit_patch4_16"
     assert not (run / "probe_maps").exists(), "with an image logger on, no PNG fallback"
     run_id = (run / ID_FILE).read_text().strip()
-    assert offline[0].name.endswith(run_id)
+    assert (offline[0] / f"run-{run_id}.wandb").is_file()
 
     # the same run without W&B writes the same grid as a PNG file in the run directory
     plain = tmp_path / "plain"
@@ -101,7 +101,8 @@ def test_wandb_offline_run_holds_probe_images_and_config_and_resumes(tmp_path, m
     # resuming in the same run directory continues the same W&B run (same id)
     fit(*TINY_TEACHER, "--trainer.max_epochs", "2", "--wandb.enabled", "true", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--run_dir", str(run))
     runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    # the run's records carry the id (W&B names the folder by the start second and adds "-1" on a clash)
+    assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").is_file() for r in runs)
     # ... and continues its local log: the first epoch's rows are kept, the second epoch's appended
     epochs = {r["epoch"] for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/acc")}
     assert epochs == {"0", "1"}
