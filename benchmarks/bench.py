@@ -241,19 +241,18 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
     x = torch.randn(b, *shape, device=device)
     keys = [f"s{i}" for i in range(b)]
     out: dict[str, Any] = {"batch": b}
-    init = None
-    variants = [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
-    for precision, cached in variants:
+    init: dict = {}
+
+    def fresh() -> tuple[ProbeDistillation, torch.optim.Optimizer]:
+        """A stage in train mode with the same student weights as every other variant, and its optimizer."""
         stage = distill_stage(p, teacher_ckpt, device)
-        if init is None:
-            init = copy.deepcopy(stage.model.state_dict())
+        if not init:
+            init.update(copy.deepcopy(stage.model.state_dict()))
         stage.model.load_state_dict(init)
         stage.train()
-        opt = distill_optimizer(stage)
-        if cached:
-            stage.cache = TeacherCache()
-        batch = (x, None, keys) if cached else (x, None)
+        return stage, distill_optimizer(stage)
 
+    def train_step(stage: ProbeDistillation, opt: torch.optim.Optimizer, batch: tuple, precision: str) -> Callable[[], None]:
         def step():  # what training_step runs; no .item(): the loss stays on the device
             with autocast(device, precision):
                 loss = sum(stage.batch_losses(batch).values())
@@ -261,6 +260,13 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        return step
+
+    for precision, cached in [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]:
+        stage, opt = fresh()
+        if cached:
+            stage.cache = TeacherCache()
+        step = train_step(stage, opt, (x, None, keys) if cached else (x, None), precision)
         if cached:
             step()  # the first epoch's miss fills the cache; timed steps read it back
         key = f"vitkd_{precision}" + ("_cached_teacher" if cached else "")
@@ -277,24 +283,14 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
             out[key + f"_amortised_{DEMO_EPOCHS}_epochs"] = {"images_per_s": 1 / per_image}
         teacher = stage.teacher
     if compile_variant:
-        stage = distill_stage(p, teacher_ckpt, device)
-        stage.model.load_state_dict(init)
-        stage.train()
-        opt = distill_optimizer(stage)
+        stage, opt = fresh()
         stage.model.compile()
         stage.teacher.compile()
-
-        def step_compiled():
-            with autocast(device, "bf16"):
-                loss = sum(stage.batch_losses((x, None)).values())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = train_step(stage, opt, (x, None), "bf16")
         t0 = time.perf_counter()
-        step_compiled()
+        step()
         out["compile_s"] = time.perf_counter() - t0
-        out["vitkd_bf16_compiled"] = rate(timed(step_compiled, device, warmup, iters), b)
+        out["vitkd_bf16_compiled"] = rate(timed(step, device, warmup, iters), b)
     student = create_model(p["student"], img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"]).to(device)
     student.load_state_dict(init)
     ref = ReferenceDistiller(teacher, student, [tuple(q) for q in p["probe_pairs"]], p["num_classes"], relation_norm=p["relation_norm"])

@@ -270,9 +270,9 @@ class ImageDataModule(pl.LightningDataModule):
         t = self.trainer
         return t is not None and t.strategy.root_device.type == "cuda"
 
-    def _original(self, split: str) -> ArrayDataset:
+    def _original(self, split: str, keys: bool = False) -> ArrayDataset:
         x, y = self.original_split(split)
-        return ArrayDataset(x, y, self.in_chans, self.img_size)
+        return ArrayDataset(x, y, self.in_chans, self.img_size, keys=keys)
 
     def _eval_loader(self, ds: Dataset) -> DataLoader:
         """Each sample exactly once over all ranks (Lightning's default sampler would pad with repeats)."""
@@ -310,8 +310,7 @@ class ImageDataModule(pl.LightningDataModule):
                 self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples(), keys=self.train_keys
             )
             return self._loader(stream, self.batch_size)
-        x, y = self.original_split("train")
-        return self._loader(ArrayDataset(x, y, self.in_chans, self.img_size, keys=self.train_keys), self.batch_size, shuffle=True)
+        return self._loader(self._original("train", keys=self.train_keys), self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment and self.trainer is not None and self.trainer.training:

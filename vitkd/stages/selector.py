@@ -48,7 +48,7 @@ class AttentionProbeSelector(Stage):
         seed: seed of the random strategy.
         shard_size: samples per written ``selected/shard-%06d.tar``.
         compile: score through ``torch.compile`` with inductor's weight freezing (one compilation per batch shape,
-            ~15 s each). With ``--trainer.precision bf16-true`` the fastest scoring measured on the 2-core CPU for
+            ~10 s each for the paper's pair). With ``--trainer.precision bf16-true`` the fastest scoring measured on the 2-core CPU for
             the paper's pair (``make bench``). Scores differ from eager within the precision's rounding, so
             resuming a selection with it switched rescores.
         class_balance: keep the ``num_keep // num_classes`` lowest-V samples of each teacher-predicted class, then
