@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from data_modules import transforms
 from data_modules.shards import decode_image, expand_urls, raw_samples, write_shards
 from vitkd.detection.box_ops import coco_to_normalized
 from vitkd.errors import VitkdInputError
@@ -42,11 +43,12 @@ def check_box(bbox, width: float, height: float, where: str) -> None:
 
 
 def to_tensor(image: Image.Image, img_size: int, in_chans: int) -> torch.Tensor:
+    """The shared pipeline (``data_modules.transforms.to_tensor``) after PIL's resize: detection images are
+    photographs shrunk many times, which PIL filters over the whole footprint and ``F.interpolate`` would alias."""
     image = image.convert("L" if in_chans == 1 else "RGB")
     if image.size != (img_size, img_size):
         image = image.resize((img_size, img_size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+    return transforms.to_tensor(image, in_chans, img_size)
 
 
 def make_target(anns: list[tuple[list, int]], width: float, height: float, image_id: int) -> dict:
@@ -58,9 +60,9 @@ def make_target(anns: list[tuple[list, int]], width: float, height: float, image
     }
 
 
-def read_categories(ann_file: str | Path) -> list[int]:
-    """Sorted category ids of a COCO JSON (class index = position in this list)."""
-    return sorted(int(c["id"]) for c in load_json(ann_file).get("categories", []))
+def category_ids(data: dict) -> list[int]:
+    """Sorted category ids of a loaded COCO JSON (class index = position in this list)."""
+    return sorted(int(c["id"]) for c in data["categories"])
 
 
 def load_json(ann_file: str | Path) -> dict:
@@ -78,13 +80,17 @@ def load_json(ann_file: str | Path) -> dict:
 
 
 class CocoDetection(Dataset):
-    """A COCO instances JSON over an image folder (``file_name`` relative to ``image_root``)."""
+    """A COCO instances JSON over an image folder (``file_name`` relative to ``image_root``).
 
-    def __init__(self, image_root: str | Path, ann_file: str | Path, img_size: int, in_chans: int = 3, categories: list[int] | None = None):
+    ``data`` is the JSON already loaded from ``ann_file`` (the data module reads the train JSON once for its
+    categories); only the parsed entries are kept, not the JSON.
+    """
+
+    def __init__(self, image_root: str | Path, ann_file: str | Path, img_size: int, in_chans: int = 3, categories: list[int] | None = None,
+                 data: dict | None = None):
         self.root, self.ann_file, self.img_size, self.in_chans = Path(image_root), Path(ann_file), img_size, in_chans
-        data = load_json(ann_file)
-        self.coco = data
-        cats = categories if categories is not None else sorted(int(c["id"]) for c in data["categories"])
+        data = data if data is not None else load_json(ann_file)
+        cats = categories if categories is not None else category_ids(data)
         self.cat_index = {c: i for i, c in enumerate(cats)}
         self.images = []
         by_id = {}
@@ -209,7 +215,9 @@ class CocoDataModule(pl.LightningDataModule):
             "test": (test_images, test_json, test_urls),
         }
         self.img_size, self.in_chans, self.batch_size, self.num_workers, self.shuffle_buffer = img_size, in_chans, batch_size, num_workers, shuffle_buffer
-        self.categories = read_categories(train_json) if train_json else None
+        # the train JSON is read once: its categories are needed now (num_classes), its entries at setup
+        self._loaded = {"train": load_json(train_json)} if train_json else {}
+        self.categories = category_ids(self._loaded["train"]) if train_json else None
         if num_classes is None:
             if self.categories is None:
                 raise VitkdInputError("CocoDataModule needs num_classes with shards: pass --data.init_args.num_classes K")
@@ -223,7 +231,7 @@ class CocoDataModule(pl.LightningDataModule):
             if ann_file:
                 if not images:
                     raise VitkdInputError(f"{split}_json is given without {split}_images: pass the image folder of the split")
-                self.datasets[split] = CocoDetection(images, ann_file, self.img_size, self.in_chans, self.categories)
+                self.datasets[split] = CocoDetection(images, ann_file, self.img_size, self.in_chans, self.categories, self._loaded.pop(split, None))
             elif urls:
                 self.datasets[split] = DetectionShards(urls, self.img_size, self.in_chans, self.num_classes, shuffle=self.shuffle_buffer if split == "train" else 0)
             else:

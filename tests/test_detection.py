@@ -143,6 +143,19 @@ def test_coco_missing_image_names_the_entry(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_coco_train_json_is_read_once(tmp_path, monkeypatch):
+    import data_modules.coco as coco_mod
+
+    ann = write_set(tmp_path, small_coco())
+    reads = []
+    real = coco_mod.load_json
+    monkeypatch.setattr(coco_mod, "load_json", lambda f: reads.append(str(f)) or real(f))
+    dm = coco_mod.CocoDataModule(train_images=str(tmp_path / "img"), train_json=str(ann), val_images=str(tmp_path / "img"), val_json=str(ann))
+    dm.setup("fit")
+    assert reads == [str(ann), str(ann)]  # once for train (categories and entries), once for val
+    assert dm.num_classes == len(small_coco()["categories"]) and len(dm.dataset("train")) == len(small_coco()["images"])
+
+
 def test_coco_box_outside_image_names_the_entry(tmp_path):
     from data_modules.coco import CocoDetection
 
