@@ -175,3 +175,23 @@ def test_damaged_shard_and_corrupt_image_are_counted_or_raise(tiny_teacher, tmp_
     assert 20 + 19 < m["num_scored"] < 60 - 1  # the intact shard, the readable half of the truncated one, all but one of the third
     with pytest.raises(VitkdInputError, match="damaged shard|undecodable image"):
         fit(*_select_args(tiny_teacher, urls, tmp_path / "strict", keep=5), "--data.init_args.strict", "true")
+
+
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_memory_cache_yields_the_same_epochs_without_reading_the_shards_again(tmp_path, part):
+    root = tmp_path / "pool"
+    urls = shards.expand_urls(_pool(root, [30, 5, 50, 17, 41], classes=143))  # cls names the sample
+    # 120 > the ~100 training samples: the first epoch reads (and caches) every shard
+    kw = dict(part=part, val_fraction=0.3, shuffle_seed=7, epoch_samples=120 if part == "train" else None)
+
+    def epochs(ds, n):
+        return [[int(y) for _, y in ds] for _ in range(n)]
+
+    plain = epochs(ShardStream(urls, 1, 8, **kw), 3)
+    cached = ShardStream(urls, 1, 8, memory_cache=True, **kw)
+    first = epochs(cached, 1)
+    for tar in root.glob("*.tar"):  # later epochs must come from memory alone
+        tar.unlink()
+    assert first + epochs(cached, 2) == plain  # same samples, same per-epoch shuffles
+    assert not any(cached.skips.counts().values())  # no shard was found missing (it would be skipped and counted)
+    assert plain[0] != plain[1] or part == "val"  # training epochs are still reshuffled
