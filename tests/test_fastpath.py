@@ -186,3 +186,20 @@ def test_reference_distill_loss_equals_vitkd(stage, batch, relation_norm):
         vitkd_loss = sum(stage.losses(batch, None).values())
     ref = ReferenceDistiller(stage.teacher, stage.model, [(0, 0), (1, 1)], 10, q_diagonal=0.9, relation_norm=relation_norm)
     assert ref.step(batch) == pytest.approx(float(vitkd_loss), rel=1e-5)  # the loss before the reference's update
+
+
+def test_teacher_bf16_runs_the_teacher_in_bf16_and_returns_fp32(stage, batch):
+    fp32 = stage.teacher_outputs(batch)
+    stage.hparams.teacher_bf16 = True
+    try:
+        bf16 = stage.teacher_outputs(batch)
+    finally:
+        stage.hparams.teacher_bf16 = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # off, the trainer's own autocast still applies (not switched off)
+        outer = stage.teacher_outputs(batch)
+    assert bf16.keys() == fp32.keys() == {"logits", "relation"}
+    for k in fp32:
+        assert bf16[k].dtype == torch.float32, k
+        torch.testing.assert_close(bf16[k], fp32[k], rtol=BF16_RTOL, atol=5e-2, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(outer[k], bf16[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    assert not torch.equal(bf16["logits"], fp32["logits"]), "bf16 had no effect"

@@ -6,6 +6,7 @@ on confidence-selected shards; KD on original data = CE to the true labels + β�
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import torch
@@ -43,6 +44,10 @@ class ProbeDistillation(ClassificationStage):
         measure_batch_size: batch size of the throughput measured for ``metrics.json`` (0 skips the cost figures).
         teacher_cache: run the frozen teacher once per training sample and reuse its outputs in later epochs
             (``vitkd.teacher_cache``). Needs ``--data.init_args.augment false``: augmented inputs differ every epoch.
+        teacher_bf16: run the frozen teacher's forward under bf16 autocast while the student trains at the
+            trainer's precision (its outputs are returned in fp32). On the 2-core CPU the digits teacher's
+            forward measured 1.9× faster in bf16, while the width-32 student trains faster in fp32, so the
+            digits students use it; under ``bf16-mixed`` the teacher is in bf16 already.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class ProbeDistillation(ClassificationStage):
         projector_act: Literal["relu", "none"] = "relu",
         measure_batch_size: int = 256,
         teacher_cache: bool = False,
+        teacher_bf16: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -111,14 +117,16 @@ class ProbeDistillation(ClassificationStage):
         relation row of each probed block, (B, L, N), for L_P) and ``pooled`` (PEFD). Computed every step, or
         once per sample by the teacher-output cache when the inputs are not augmented."""
         hp = self.hparams
-        logits, pooled = _logits_and_pooled(self.teacher, x, self.projectors is not None)
-        out = {"logits": logits}
+        # nullcontext when off: autocast(enabled=False) would switch off the trainer's own bf16-mixed autocast
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if hp.teacher_bf16 else contextlib.nullcontext():
+            logits, pooled = _logits_and_pooled(self.teacher, x, self.projectors is not None)
+        out = {"logits": logits.float()}
         if self.taps:
             feats = self.taps[0].features()
             rows = [cls_relation(feats[t], hp.relation_norm, self.teacher.num_prefix_tokens) for t, _ in self.pairs]
             out["relation"] = torch.stack(rows, dim=1)
         if pooled is not None:
-            out["pooled"] = pooled
+            out["pooled"] = pooled.float()
         return out
 
     def batch_losses(self, batch) -> dict[str, torch.Tensor]:
