@@ -55,8 +55,23 @@ def main(argv: list[str] | None = None) -> None:
     teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
     common = ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
 
-    print("[1/3] teacher", flush=True)
-    teacher = run("teacher.yaml", out / "teacher")
+    def student_jobs(names: list[str], selections: dict) -> list[tuple]:
+        jobs = []
+        for name, cfg, _, sel in STUDENTS:
+            if name not in names:
+                continue
+            extra = list(common) if cfg != "scratch.yaml" else []
+            if sel is not None:
+                extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
+            jobs += [(name, (CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra)) for seed in a.seeds]
+        return jobs
+
+    # the scratch students need no teacher: they run beside it, on the core the teacher leaves idle
+    print("[1/3] teacher (and the scratch students beside it)", flush=True)
+    first = student_jobs(["scratch"], {})
+    done = run_many([(CONFIGS / "teacher.yaml", out / "teacher"), *(j for _, j in first)], a.jobs, SHOW)
+    teacher, results = done[0], {name: [] for name, *_ in STUDENTS}
+    results["scratch"] = done[1:]
     rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
 
     print("[2/3] selections", flush=True)
@@ -64,20 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     selections = dict(zip(names, run_many([(CONFIGS / SELECTIONS[n], out / n, *common) for n in names], a.jobs, SHOW)))
 
     print("[3/3] students", flush=True)
-    jobs, index = [], []
-    for name, cfg, _, sel in STUDENTS:
-        extra = list(common) if cfg != "scratch.yaml" else []
-        if sel is not None:
-            extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
-        for seed in a.seeds:
-            jobs.append((CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra))
-            index.append(name)
     # the longest runs first, so the last minutes are not spent on one run while a core idles
-    order = sorted(range(len(jobs)), key=lambda i: [s[0] for s in STUDENTS].index(index[i]), reverse=True)
-    results = dict(zip(order, run_many([jobs[i] for i in order], a.jobs, SHOW)))
+    rest = student_jobs([s[0] for s in STUDENTS if s[0] != "scratch"], selections)[::-1]
+    for (name, _), metrics in zip(rest, run_many([j for _, j in rest], a.jobs, SHOW)):
+        results[name].insert(0, metrics)  # ``rest`` is in reverse seed order
 
     for name, _, data, sel in STUDENTS:
-        ms = [results[i] for i in range(len(jobs)) if index[i] == name]
+        ms = results[name]
         accs = [m["test/acc"] for m in ms]
         row = {
             "run": name,
