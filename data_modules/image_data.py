@@ -227,7 +227,8 @@ class ImageDataModule(pl.LightningDataModule):
         strict: raise on a damaged shard or an undecodable image, instead of skipping and counting it.
         memory_cache: keep the decoded samples of ``train_urls`` (and of ``val_urls``) in memory after the first
             epoch, so later epochs skip the tar parsing and decoding (``ShardStream``); for shard sets that fit
-            in RAM (samples × in_chans × img_size² × 4 bytes per rank). The digits demo's 12,000 kept samples
+            in RAM: shards are dealt afresh every epoch, so each rank (and each DataLoader worker) may come to
+            hold all of them, samples × in_chans × img_size² × 4 bytes. The digits demo's 12,000 kept samples
             take 12 MB.
         data_dir: where embedded data is written on first use.
     """
