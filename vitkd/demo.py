@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from vitkd.io import write_json
-from vitkd.runs import demo_main, run_fit, run_many
+from vitkd.runs import demo_main, run_many
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -28,10 +28,6 @@ STUDENTS = [
 
 
 SHOW = ("test/acc", "precision", "num_kept")
-
-
-def run(config: str, run_dir: Path, *extra: str) -> dict:
-    return run_fit(CONFIGS / config, run_dir, *extra, show=SHOW)
 
 
 def table(rows: list[dict]) -> str:
