@@ -10,8 +10,8 @@ from PIL import Image
 def to_tensor(img: Image.Image | np.ndarray, in_chans: int, img_size: int) -> torch.Tensor:
     """uint8 image (any size, gray or RGB) → float (in_chans, img_size, img_size) in [-1, 1]."""
     if isinstance(img, Image.Image):
-        img = img.convert("L" if in_chans == 1 else "RGB")
-        arr = np.asarray(img)
+        mode = "L" if in_chans == 1 else "RGB"
+        arr = np.asarray(img if img.mode == mode else img.convert(mode))  # convert to the same mode would copy
     else:
         arr = img
     t = torch.from_numpy(np.array(arr, dtype=np.uint8)).float().div_(255.0)  # a copy: PIL arrays are read-only
