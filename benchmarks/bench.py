@@ -210,11 +210,11 @@ def bench_selector(p: dict, teacher_ckpt: Path, device: torch.device, warmup: in
 
 
 # -- distillation step --------------------------------------------------------------------------
-def distill_stage(p: dict, teacher_ckpt: Path, device: torch.device) -> ProbeDistillation:
+def distill_stage(p: dict, teacher_ckpt: Path, device: torch.device, **kwargs) -> ProbeDistillation:
     return ProbeDistillation(
         arch=p["student"], teacher_ckpt=str(teacher_ckpt), teacher_arch=p["teacher"], img_size=p["img_size"], in_chans=p["in_chans"],
         num_classes=p["num_classes"], q_diagonal=0.9, probe_pairs=[tuple(q) for q in p["probe_pairs"]], relation_norm=p["relation_norm"],
-        measure_batch_size=0,
+        measure_batch_size=0, **kwargs,
     ).to(device)
 
 
@@ -243,9 +243,9 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
     out: dict[str, Any] = {"batch": b}
     init: dict = {}
 
-    def fresh() -> tuple[ProbeDistillation, torch.optim.Optimizer]:
+    def fresh(**kwargs) -> tuple[ProbeDistillation, torch.optim.Optimizer]:
         """A stage in train mode with the same student weights as every other variant, and its optimizer."""
-        stage = distill_stage(p, teacher_ckpt, device)
+        stage = distill_stage(p, teacher_ckpt, device, **kwargs)
         if not init:
             init.update(copy.deepcopy(stage.model.state_dict()))
         stage.model.load_state_dict(init)
@@ -263,8 +263,7 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
         return step
 
     for precision, cached, teacher_bf16 in [("fp32", False, False), ("bf16", False, False), ("fp32", False, True), ("fp32", True, False), ("bf16", True, False)]:
-        stage, opt = fresh()
-        stage.hparams.teacher_bf16 = teacher_bf16  # the student at ``precision``, the frozen teacher under bf16 autocast
+        stage, opt = fresh(teacher_bf16=teacher_bf16)  # teacher_bf16: the student at ``precision``, the teacher in bf16
         if cached:
             stage.cache = TeacherCache()
         step = train_step(stage, opt, (x, None, keys) if cached else (x, None), precision)
@@ -461,13 +460,13 @@ def table(res: dict[str, Any]) -> str:
             variants = [k for k in ("fp32", "bf16", "bf16_true", "bf16_true_compiled") if f"vitkd_{k}_b{n}" in s]
             rows.append((f"  batch {n}: " + " / ".join(variants), " / ".join(f"{s[f'vitkd_{k}_b{n}']['images_per_s']:.0f}" for k in variants), f"{s[f'reference_b{n}']['images_per_s']:.0f}", "", ""))
         rows.append((f"distill {name}", f"{d['vitkd_best']['images_per_s']:.0f}", f"{d['reference']['images_per_s']:.0f}", f"{d['speedup_ratio']:.2f}x", d["vitkd_best_config"].split(",")[0] + f", batch {d['batch']}" + (", cache amortised" if "cache" in d["vitkd_best_config"] else "")))
-        rows.append((f"  teacher every step", f"{d['vitkd_teacher_every_step_best']['images_per_s']:.0f}", "", f"{d['speedup_ratio_teacher_every_step']:.2f}x", d["teacher_every_step_best_config"].split(",")[0]))
+        rows.append(("  teacher every step", f"{d['vitkd_teacher_every_step_best']['images_per_s']:.0f}", "", f"{d['speedup_ratio_teacher_every_step']:.2f}x", d["teacher_every_step_best_config"].split(",")[0]))
         every = [k for k in ("vitkd_fp32", "vitkd_bf16", "vitkd_fp32_teacher_bf16", "vitkd_bf16_compiled") if k in d]
         rows.append(("  " + " / ".join(k[6:] for k in every), " / ".join(f"{d[k]['images_per_s']:.0f}" for k in every), "", "", ""))
         c = "bf16" if d["vitkd_bf16_cached_teacher"]["images_per_s"] >= d["vitkd_fp32_cached_teacher"]["images_per_s"] else "fp32"
-        rows.append((f"  cache warm", f"{d[f'vitkd_{c}_cached_teacher']['images_per_s']:.0f}", "", f"{d['speedup_ratio_cached_teacher']:.2f}x", c))
+        rows.append(("  cache warm", f"{d[f'vitkd_{c}_cached_teacher']['images_per_s']:.0f}", "", f"{d['speedup_ratio_cached_teacher']:.2f}x", c))
         f = res["flops"][name]
-        rows.append((f"  % bf16 peak sel/distill", f"{100 * f['selector_vitkd_fraction_of_bf16_peak']:.1f}% / {100 * f['distill_vitkd_fraction_of_bf16_peak']:.1f}%",
+        rows.append(("  % bf16 peak sel/distill", f"{100 * f['selector_vitkd_fraction_of_bf16_peak']:.1f}% / {100 * f['distill_vitkd_fraction_of_bf16_peak']:.1f}%",
                      f"{100 * f['selector_reference_fraction_of_bf16_peak']:.1f}% / {100 * f['distill_reference_fraction_of_bf16_peak']:.1f}%", "", ""))
     sc = res["scale"]
     for n in ("100000", *(f"100000_{k}" for k in SCALE_LEVERS), "1000000"):
