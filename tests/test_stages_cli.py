@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 import webdataset as wds
 import yaml
 
@@ -54,6 +56,12 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
     assert all(s["cls"].decode() == preds[s["__key__"]] for s in samples)
     n_digit = sum(s["src"] == b"digit" for s in samples)
     assert m["precision"] == n_digit / 30 and m["num_kept"] == 30
+    # the precision's bounds and the score's AUROC, recomputed from scores.csv
+    pos = [r["src"] == "digit" for r in rows]
+    assert m["precision_max"] == min(1.0, sum(pos) / 30) and m["precision_random"] == sum(pos) / 120
+    pairs = [(float(a["value"]), float(b["value"])) for a, p in zip(rows, pos) if p for b, q in zip(rows, pos) if not q]
+    auroc = sum((va < vb) + 0.5 * (va == vb) for va, vb in pairs) / len(pairs)  # P(a digit's V is lower than a non-digit's)
+    assert m["value_auroc"] == pytest.approx(auroc, abs=1e-6)
     assert json.loads((tmp_path / "metrics.json").read_text())["num_kept"] == 30
 
 

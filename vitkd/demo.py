@@ -31,12 +31,17 @@ SHOW = ("test/acc", "precision", "num_kept")
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  {'precision':>9}"
+    head = f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  {'precision':>9}  {'(max)':>6}  {'V AUROC':>7}"
     lines = [head, "-" * len(head)]
+
+    def fmt(r: dict, key: str, width: int) -> str:
+        return f"{r[key]:>{width}.3f}" if r.get(key) is not None else f"{'-':>{width}}"
+
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
-        prec = f"{r['precision']:.3f}" if r.get("precision") is not None else "-"
-        lines.append(f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {prec:>9}")
+        lines.append(
+            f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {fmt(r, 'precision', 9)}  {fmt(r, 'precision_max', 6)}  {fmt(r, 'value_auroc', 7)}"
+        )
     return "\n".join(lines)
 
 
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": len(accs),
         }
         if sel is not None:
-            row["precision"] = selections[sel].get("precision")
+            for key in ("precision", "precision_max", "value_auroc"):  # the last two: what bounds the first
+                row[key] = selections[sel].get(key)
             row["num_kept"] = selections[sel]["num_kept"]
         rows.append(row)
 

@@ -39,6 +39,8 @@ COLUMNS = [
     ("images_per_s", "images/s", "int"),
     ("precision", "precision", "f3"),
     ("recall", "recall", "f3"),
+    ("precision_max", "precision max", "f3"),
+    ("value_auroc", "V AUROC", "f3"),
     ("num_kept", "kept", "int"),
     ("epochs", "epochs", "int"),
 ]

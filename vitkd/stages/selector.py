@@ -223,11 +223,14 @@ class AttentionProbeSelector(Stage):
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
 
-    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter]:
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter, float | None]:
         """``scores.csv``; the same pass over the parts counts samples scored and kept per source, kept per
-        teacher-predicted class, and the damaged data skipped, for ``metrics.json``."""
+        teacher-predicted class, and the damaged data skipped, and measures how well V ranks the positive
+        sources first (AUROC), for ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
+        pos = set(self.hparams.positive_sources)
+        values, positive = [], []  # 5 bytes a sample: 5 MB for a 1M pool
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
@@ -236,10 +239,12 @@ class AttentionProbeSelector(Stage):
                 kept_src.update(cols["src"][mask].tolist())
                 kept_pred.update(cols["pred"][mask].tolist())
                 skipped.update(self._parts.skipped(i))
+                values.append(cols["value"].astype(np.float32))
+                positive.append(np.isin(cols["src"], list(pos)))
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
-        return scored, kept_src, skipped, kept_pred
+        return scored, kept_src, skipped, kept_pred, _value_auroc(values, positive)
 
     def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
         """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
@@ -264,7 +269,8 @@ class AttentionProbeSelector(Stage):
         return len(written)
 
     def _metrics(
-        self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter, kept_pred: Counter
+        self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter, kept_pred: Counter,
+        auroc: float | None,
     ) -> dict[str, Any]:
         num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
@@ -280,8 +286,15 @@ class AttentionProbeSelector(Stage):
         }
         pos = set(self.hparams.positive_sources)
         if pos and any(scored.keys() - {""}):
+            n_pos = sum(v for s, v in scored.items() if s in pos)
             out["precision"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, num_kept)
-            out["recall"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, sum(v for s, v in scored.items() if s in pos))
+            out["recall"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, n_pos)
+            # the best precision any selection of this size could reach: keeping more than the pool's
+            # positives forces the rest in
+            out["precision_max"] = min(1.0, n_pos / max(1, num_kept))
+            out["precision_random"] = n_pos / max(1, sum(scored.values()))  # what a random subset gets on average
+            if auroc is not None:
+                out["value_auroc"] = auroc
             out["scored_by_source"] = dict(scored)
             out["kept_by_source"] = dict(kept_src)
         return out
@@ -292,6 +305,18 @@ class AttentionProbeSelector(Stage):
             hook = getattr(cb, "on_selection_end", None)
             if hook is not None:
                 hook(trainer, self, run_dir, datamodule=datamodule)
+
+
+def _value_auroc(values: list[np.ndarray], positive: list[np.ndarray]) -> float | None:
+    """AUROC of −V for telling the positive sources from the rest over the whole pool: 1.0 when V ranks every
+    positive sample first, 0.5 for chance. It judges the score, whichever samples the strategy kept; None
+    when the pool has no ``src`` tags or only one kind."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate(positive) if positive else np.empty(0, bool)
+    if y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, -np.concatenate(values).astype(np.float64)))
 
 
 class ScoreParts:
