@@ -476,7 +476,8 @@ def table(res: dict[str, Any]) -> str:
     if "stream" in res:
         st = res["stream"]
         for k in ("plain", "memory_cache"):
-            rows.append((f"shard stream, {st['samples']:,} samples, {k}", " / ".join(f"{v:.0f}" for v in st[k]["images_per_s_per_epoch"]), "", "", "epochs 1 / 2 / 3"))
+            rows.append((f"shard stream, {st['samples']:,} samples, {k}", " / ".join(f"{v:.0f}" for v in st[k]["images_per_s_per_epoch"]), "", "",
+                         "epochs " + " / ".join(str(e + 1) for e in range(len(st[k]["images_per_s_per_epoch"])))))
     if "memory_ratio_1m_over_100k" in sc:
         rows.append(("  1M / 100k", "", "", "", f"memory {sc['memory_ratio_1m_over_100k']:.2f}x, time {sc['time_ratio_1m_over_100k']:.1f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
