@@ -11,7 +11,7 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from tests.conftest import fit
 from vitkd.errors import VitkdInputError
-from vitkd.stages.selector import AttentionProbeSelector
+from vitkd.stages.selector import AttentionProbeSelector, score_auroc
 
 
 class FakeParts:
@@ -125,3 +125,16 @@ def test_selection_reports_kept_per_class(tiny_teacher, tiny_pool, tmp_path):
         if balance == "true":
             scored = Counter(int(r["pred"]) for r in rows)
             assert all(kept.get(c, 0) >= min(3, scored.get(c, 0)) for c in range(10))
+
+
+def test_score_auroc_against_each_source():
+    # digits at V 0 and 1; a letter at 2, noise at 0.5, an untagged sample at 3
+    names = {"digit": 0, "letter": 1, "noise": 2, "": 3}
+    src = np.array([0, 0, 1, 2, 3], dtype=np.int16)
+    value = np.array([0.0, 1.0, 2.0, 0.5, 3.0], dtype=np.float32)
+    out = score_auroc({"value": value, "vn": -value}, src, names, ["digit"])
+    # pairs (digit, other) with the digit lower: letter 2/2, noise 1/2, all (letter, noise, untagged) 5/6
+    assert out["value"] == {"all": pytest.approx(5 / 6), "letter": 1.0, "noise": 0.5}
+    assert out["vn"] == {"all": pytest.approx(1 / 6), "letter": 0.0, "noise": 0.5}  # the reversed score ranks them last
+    assert score_auroc({"value": value}, np.zeros(5, np.int16), {"digit": 0}, ["digit"]) == {}  # nothing to tell apart
+    assert score_auroc({"value": value}, np.zeros(5, np.int16), {"": 0}, ["digit"]) == {}  # no tags

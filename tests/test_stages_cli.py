@@ -61,7 +61,9 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
     assert m["precision_max"] == min(1.0, sum(pos) / 30) and m["precision_random"] == sum(pos) / 120
     pairs = [(float(a["value"]), float(b["value"])) for a, p in zip(rows, pos) if p for b, q in zip(rows, pos) if not q]
     auroc = sum((va < vb) + 0.5 * (va == vb) for va, vb in pairs) / len(pairs)  # P(a digit's V is lower than a non-digit's)
-    assert m["value_auroc"] == pytest.approx(auroc, abs=1e-6)
+    assert m["value_auroc"] == pytest.approx(auroc, abs=1e-6) == m["score_auroc"]["value"]["all"]
+    assert set(m["score_auroc"]) == {"va_blk0", "va_blk1", "vn", "value"}
+    assert set(m["score_auroc"]["vn"]) == {"all"} | {r["src"] for r in rows} - {"digit"}
     assert json.loads((tmp_path / "metrics.json").read_text())["num_kept"] == 30
 
 

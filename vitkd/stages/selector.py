@@ -223,14 +223,14 @@ class AttentionProbeSelector(Stage):
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
 
-    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter, float | None]:
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter, dict]:
         """``scores.csv``; the same pass over the parts counts samples scored and kept per source, kept per
-        teacher-predicted class, and the damaged data skipped, and measures how well V ranks the positive
-        sources first (AUROC), for ``metrics.json``."""
+        teacher-predicted class, and the damaged data skipped, and measures how well each score ranks the
+        positive sources first (``score_auroc``), for ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
-        pos = set(self.hparams.positive_sources)
-        values, positive = [], []  # 5 bytes a sample: 5 MB for a 1M pool
+        columns: dict[str, list[np.ndarray]] = {c: [] for c in (*va, "vn", "value")}  # float32: 4 bytes a score
+        codes, names = [], {}  # src as small ints: 2 bytes a sample
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
@@ -239,12 +239,16 @@ class AttentionProbeSelector(Stage):
                 kept_src.update(cols["src"][mask].tolist())
                 kept_pred.update(cols["pred"][mask].tolist())
                 skipped.update(self._parts.skipped(i))
-                values.append(cols["value"].astype(np.float32))
-                positive.append(np.isin(cols["src"], list(pos)))
+                for c in columns:
+                    if c in cols:
+                        columns[c].append(cols[c].astype(np.float32))
+                codes.append(np.array([names.setdefault(str(x), len(names)) for x in cols["src"].tolist()], dtype=np.int16))
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
-        return scored, kept_src, skipped, kept_pred, _value_auroc(values, positive)
+        src = np.concatenate(codes) if codes else np.empty(0, np.int16)
+        auroc = score_auroc({c: np.concatenate(v) for c, v in columns.items() if v}, src, names, self.hparams.positive_sources)
+        return scored, kept_src, skipped, kept_pred, auroc
 
     def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
         """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
@@ -270,7 +274,7 @@ class AttentionProbeSelector(Stage):
 
     def _metrics(
         self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter, kept_pred: Counter,
-        auroc: float | None,
+        auroc: dict[str, dict[str, float]],
     ) -> dict[str, Any]:
         num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
@@ -293,8 +297,9 @@ class AttentionProbeSelector(Stage):
             # positives forces the rest in
             out["precision_max"] = min(1.0, n_pos / max(1, num_kept))
             out["precision_random"] = n_pos / max(1, sum(scored.values()))  # what a random subset gets on average
-            if auroc is not None:
-                out["value_auroc"] = auroc
+            if auroc:
+                out["value_auroc"] = auroc["value"]["all"]
+                out["score_auroc"] = auroc
             out["scored_by_source"] = dict(scored)
             out["kept_by_source"] = dict(kept_src)
         return out
@@ -307,16 +312,25 @@ class AttentionProbeSelector(Stage):
                 hook(trainer, self, run_dir, datamodule=datamodule)
 
 
-def _value_auroc(values: list[np.ndarray], positive: list[np.ndarray]) -> float | None:
-    """AUROC of −V for telling the positive sources from the rest over the whole pool: 1.0 when V ranks every
-    positive sample first, 0.5 for chance. It judges the score, whichever samples the strategy kept; None
-    when the pool has no ``src`` tags or only one kind."""
+def score_auroc(columns: dict[str, np.ndarray], src: np.ndarray, names: dict[str, int], positive_sources: list[str]) -> dict[str, dict[str, float]]:
+    """How well each score column (each ``va_blk*``, ``vn``, ``value``; low = kept) tells the positive
+    sources from the rest: AUROC of −score against all other samples (``all``) and against each other
+    source alone. 1.0 when the score ranks every positive sample first, 0.5 for chance; it judges the score
+    whichever samples the strategy kept. Empty when the pool has no ``src`` tags or no positive or no
+    other sample. (scikit-learn's ``roc_auc_score``: ties count one half.)"""
     from sklearn.metrics import roc_auc_score
 
-    y = np.concatenate(positive) if positive else np.empty(0, bool)
-    if y.all() or not y.any():
-        return None
-    return float(roc_auc_score(y, -np.concatenate(values).astype(np.float64)))
+    pos = np.isin(src, [names[s] for s in positive_sources if s in names])
+    if not names.keys() - {""} or pos.all() or not pos.any():
+        return {}
+    groups = {"all": ~pos, **{s: src == c for s, c in sorted(names.items()) if s not in positive_sources and s}}
+    out = {}
+    for col, v in columns.items():
+        out[col] = {}
+        for g, neg in groups.items():
+            m = pos | neg
+            out[col][g] = float(roc_auc_score(pos[m], -v[m].astype(np.float64)))
+    return out
 
 
 class ScoreParts:
