@@ -67,6 +67,20 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["num_kept"] == 30
 
 
+def test_random_strategy_keeps_a_seeded_subset(tiny_teacher, tiny_pool, tmp_path):
+    """The random-wild baseline: num_keep samples drawn by the seed, whatever their V."""
+    runs = {name: select(tiny_teacher, tiny_pool, 30, tmp_path / name, "--model.init_args.strategy", "random", "--model.init_args.seed", seed)
+            for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))}
+    kept = {name: {r["key"] for r in csv.DictReader(open(tmp_path / name / "scores.csv")) if r["selected"] == "1"} for name in runs}
+    assert len(kept["a"]) == 30 and kept["a"] == kept["b"] != kept["c"]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
+    lowest = {r["key"] for r in sorted(rows, key=lambda r: float(r["value"]))[:30]}
+    assert kept["a"] != lowest  # not the value strategy's choice
+    m = runs["a"]
+    assert m["strategy"] == "random" and m["precision"] == sum(r["src"] == "digit" for r in rows if r["key"] in kept["a"]) / 30
+    assert "value_auroc" not in m and set(m["score_auroc"]) == {"va_blk0", "va_blk1", "vn", "value"}  # V scored, not used
+
+
 def test_student_on_selected_shards(tiny_teacher, tiny_pool, tmp_path):
     sel = select(tiny_teacher, tiny_pool, 60, tmp_path / "sel")
     m = fit(

@@ -298,8 +298,9 @@ class AttentionProbeSelector(Stage):
             out["precision_max"] = min(1.0, n_pos / max(1, num_kept))
             out["precision_random"] = n_pos / max(1, sum(scored.values()))  # what a random subset gets on average
             if auroc:
-                out["value_auroc"] = auroc["value"]["all"]
                 out["score_auroc"] = auroc
+                if self.hparams.strategy == "value":  # a random subset does not rank by V
+                    out["value_auroc"] = auroc["value"]["all"]
             out["scored_by_source"] = dict(scored)
             out["kept_by_source"] = dict(kept_src)
         return out
