@@ -178,7 +178,7 @@ class ShardStream(IterableDataset):
 
 class ShardBatches(IterableDataset):
     """Scoring batches for the selector, one shard at a time: each shard is read whole by one worker and cut
-    into batches of dicts (``image``, ``key``, ``src``, ``url``, ``last``). ``last`` marks a shard's final
+    into batches of dicts (``image``, ``key``, ``src``, ``cls`` (-1 where a sample has none), ``url``, ``last``). ``last`` marks a shard's final
     batch (possibly empty), so a consumer knows when a shard is finished and can save its scores. Batches
     never mix shards, so a sample's batch (and its score) does not depend on the number of ranks."""
 
@@ -194,7 +194,8 @@ class ShardBatches(IterableDataset):
                 image = shards.decode_or_skip(sample, skips)
                 if image is None:
                     continue
-                pending.append((to_tensor(image, self.in_chans, self.img_size), sample["__key__"], shards.read_str(sample) or ""))
+                cls = shards.read_int(sample)
+                pending.append((to_tensor(image, self.in_chans, self.img_size), sample["__key__"], shards.read_str(sample) or "", -1 if cls is None else cls))
                 if len(pending) == self.batch_size:
                     yield self._batch(pending, url)
                     pending = []
@@ -203,7 +204,7 @@ class ShardBatches(IterableDataset):
 
     def _batch(self, items: list, url: str) -> dict:
         image = torch.stack([i[0] for i in items]) if items else torch.zeros(0, self.in_chans, self.img_size, self.img_size)
-        return {"image": image, "key": [i[1] for i in items], "src": [i[2] for i in items], "url": url, "last": False}
+        return {"image": image, "key": [i[1] for i in items], "src": [i[2] for i in items], "cls": [i[3] for i in items], "url": url, "last": False}
 
 
 class ImageDataModule(pl.LightningDataModule):

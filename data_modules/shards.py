@@ -1,7 +1,8 @@
 """Shard format shared by every wild set, selection and packer (webdataset tar files).
 
 Each sample: ``__key__``; the image as ``png`` or ``jpg``; optional ``cls`` (int label, ASCII); optional
-``src`` (source tag, ASCII; never read by the selector, used only to measure selection precision).
+``src`` (source tag, ASCII). In a wild set the selector never chooses by ``src`` or ``cls``: they only
+measure a selection (precision by source; how often the teacher's pseudo-label equals ``cls``).
 """
 from __future__ import annotations
 

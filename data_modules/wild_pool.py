@@ -4,7 +4,8 @@ Sources (``src`` tag): ``digit`` and ``letter`` glyphs rendered from matplotlib'
 random affine, stroke and noise; ``natural`` crops of the photographs shipped with scikit-image and
 scikit-learn; ``noise``. Every image passes through the same acquisition as scikit-learn's digits
 (a 32×32 binary bitmap counted in 4×4 blocks, giving 8×8 images with 17 grey levels), so only the
-content differs from the original data, as EMNIST differs from MNIST.
+content differs from the original data, as EMNIST differs from MNIST. Digits carry their digit in ``cls``
+(as EMNIST's do), which measures the teacher's pseudo-labels; the selector never chooses by it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_modules.shards import encode_png, shard_url, write_shards
 
-POOL_VERSION = 2  # bump when the rendering changes, so cached pools are rebuilt
+POOL_VERSION = 3  # bump when the rendering or the sample fields change, so cached pools are rebuilt (3: digits carry cls)
 DEFAULT_MIX = {"digit": 0.4, "letter": 0.3, "natural": 0.2, "noise": 0.1}
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 _FONTS = sorted(
@@ -113,15 +114,20 @@ def generate_pool(out_dir: str | Path, size: int = 20000, seed: int = 0, shard_s
 
     def samples():
         for i, src in enumerate(sources):
+            label = None
             if src == "digit":
-                bitmap = render_glyph(str(rng.integers(10)), rng)
+                label = int(rng.integers(10))
+                bitmap = render_glyph(str(label), rng)
             elif src == "letter":
                 bitmap = render_glyph(_LETTERS[rng.integers(len(_LETTERS))], rng)
             elif src == "natural":
                 bitmap = render_natural(naturals, rng)
             else:
                 bitmap = render_noise(rng)
-            yield {"__key__": f"wild{i:07d}", "png": encode_png(acquire(bitmap)), "src": src}
+            sample = {"__key__": f"wild{i:07d}", "png": encode_png(acquire(bitmap)), "src": src}
+            if label is not None:  # the digit drawn: measures the teacher's pseudo-labels, never used to select
+                sample["cls"] = str(label)
+            yield sample
 
     shards = write_shards(samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size, meta={"sources": counts, "seed": seed})
     return shard_url(out_dir, len(shards), "wild")

@@ -31,7 +31,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory) -> str:
-    """A handmade wild pool: 3 shards of 40 samples with src tags."""
+    """A handmade wild pool: 3 shards of 40 samples with src tags; the digits (every third) carry a cls label."""
     from data_modules.shards import encode_png, write_shards
 
     out = tmp_path_factory.mktemp("pool")
@@ -40,7 +40,10 @@ def tiny_pool(tmp_path_factory) -> str:
     def samples():
         for i in range(120):
             img = (rng.random((8, 8)) * 255).astype(np.uint8)
-            yield {"__key__": f"s{i:04d}", "png": encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
+            sample = {"__key__": f"s{i:04d}", "png": encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
+            if i % 3 == 0:
+                sample["cls"] = str(i % 10)
+            yield sample
 
     write_shards(samples(), out, pattern="wild-%06d.tar", maxcount=40)
     return str(out / "wild-{000000..000002}.tar")

@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": len(accs),
         }
         if sel is not None:
-            for key in ("precision", "precision_max", "value_auroc"):  # the last two: what bounds the first
+            # precision_max and value_auroc: what bounds the precision; pseudo_label_acc: how often the teacher's
+            # label of a kept digit is its digit
+            for key in ("precision", "precision_max", "value_auroc", "pseudo_label_acc"):
                 row[key] = selections[sel].get(key)
             row["num_kept"] = selections[sel]["num_kept"]
         rows.append(row)

@@ -41,6 +41,7 @@ COLUMNS = [
     ("recall", "recall", "f3"),
     ("precision_max", "precision max", "f3"),
     ("value_auroc", "V AUROC", "f3"),
+    ("pseudo_label_acc", "pseudo-label acc", "f3"),
     ("num_kept", "kept", "int"),
     ("epochs", "epochs", "int"),
 ]

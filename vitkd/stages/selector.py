@@ -120,7 +120,7 @@ class AttentionProbeSelector(Stage):
     def predict_step(self, batch, batch_idx):
         if len(batch["key"]):
             cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in self._score(batch["image"]).items()}
-            cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]))
+            cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]), label=np.array(batch["cls"], dtype=np.int64))
             self._pending.setdefault(batch["url"], []).append(cols)
         if batch["last"]:
             chunks = self._pending.pop(batch["url"], [])
@@ -223,18 +223,22 @@ class AttentionProbeSelector(Stage):
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
 
-    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter, dict]:
+    def _write_scores(self, path: Path, kept: dict[int, np.ndarray]) -> tuple[Counter, Counter, Counter, Counter, dict, Counter]:
         """``scores.csv``; the same pass over the parts counts samples scored and kept per source, kept per
-        teacher-predicted class, and the damaged data skipped, and measures how well each score ranks the
-        positive sources first (``score_auroc``), for ``metrics.json``."""
+        teacher-predicted class, the damaged data skipped, and the samples carrying ``cls`` the teacher reads
+        right, and measures how well each score ranks the positive sources first (``score_auroc``), for
+        ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
+        labelled = Counter()  # samples carrying ``cls``, and those the teacher reads right, all and kept
         columns: dict[str, list[np.ndarray]] = {c: [] for c in (*va, "vn", "value")}  # float32: 4 bytes a score
         codes, names = [], {}  # src as small ints: 2 bytes a sample
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["key", *va, "vn", "value", "pred", "selected", "src"])
+            w.writerow(["key", *va, "vn", "value", "pred", "selected", "src", "cls"])
             for i, cols, mask in self._rows(kept):
+                has, right = cols["label"] >= 0, cols["label"] == cols["pred"]
+                labelled.update(scored=int(has.sum()), scored_right=int((has & right).sum()), kept=int((has & mask).sum()), kept_right=int((has & right & mask).sum()))
                 scored.update(cols["src"].tolist())
                 kept_src.update(cols["src"][mask].tolist())
                 kept_pred.update(cols["pred"][mask].tolist())
@@ -245,10 +249,11 @@ class AttentionProbeSelector(Stage):
                 codes.append(np.array([names.setdefault(str(x), len(names)) for x in cols["src"].tolist()], dtype=np.int16))
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
-                    w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j]])
+                    label = int(cols["label"][j])
+                    w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j], label if label >= 0 else ""])
         src = np.concatenate(codes) if codes else np.empty(0, np.int16)
         auroc = score_auroc({c: np.concatenate(v) for c, v in columns.items() if v}, src, names, self.hparams.positive_sources)
-        return scored, kept_src, skipped, kept_pred, auroc
+        return scored, kept_src, skipped, kept_pred, auroc, labelled
 
     def _write_selected(self, out_dir: Path, kept: dict[int, np.ndarray]) -> int:
         """Second pass over the shards holding kept samples: their image bytes, the pseudo-label in ``cls``."""
@@ -274,7 +279,7 @@ class AttentionProbeSelector(Stage):
 
     def _metrics(
         self, kept: dict[int, np.ndarray], run_dir: Path, n_sel: int, scored: Counter, kept_src: Counter, skipped: Counter, kept_pred: Counter,
-        auroc: dict[str, dict[str, float]],
+        auroc: dict[str, dict[str, float]], labelled: Counter,
     ) -> dict[str, Any]:
         num_kept = sum(len(v) for v in kept.values())
         out: dict[str, Any] = {
@@ -288,6 +293,11 @@ class AttentionProbeSelector(Stage):
             "damaged_shards": skipped.get("damaged_shards", 0),
             "corrupt_images": skipped.get("corrupt_images", 0),
         }
+        if labelled["scored"]:  # wild samples that carry ``cls``: how often the teacher's pseudo-label is right
+            out["labelled_scored"], out["labelled_kept"] = labelled["scored"], labelled["kept"]
+            out["teacher_acc_labelled"] = labelled["scored_right"] / labelled["scored"]
+            if labelled["kept"]:
+                out["pseudo_label_acc"] = labelled["kept_right"] / labelled["kept"]
         pos = set(self.hparams.positive_sources)
         if pos and any(scored.keys() - {""}):
             n_pos = sum(v for s, v in scored.items() if s in pos)
@@ -376,6 +386,8 @@ class ScoreParts:
             cols = {k: z[k] for k in z.files if k not in ("url", "skipped")}
         if "key" not in cols:  # a shard with no readable sample
             cols = {"key": np.empty(0, str), "src": np.empty(0, str), "value": np.empty(0), "vn": np.empty(0), "pred": np.empty(0, np.int64)}
+        if "label" not in cols:  # parts scored before labels were kept: no sample counts as labelled
+            cols["label"] = np.full(len(cols["key"]), -1, dtype=np.int64)
         self._sizes[i] = len(cols["key"])
         return cols
 
