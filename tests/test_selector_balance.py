@@ -11,7 +11,7 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from tests.conftest import fit
 from vitkd.errors import VitkdInputError
-from vitkd.stages.selector import AttentionProbeSelector, score_auroc
+from vitkd.stages.selector import AttentionProbeSelector, ScoreParts, score_auroc
 
 
 class FakeParts:
@@ -138,3 +138,15 @@ def test_score_auroc_against_each_source():
     assert out["vn"] == {"all": pytest.approx(1 / 6), "letter": 0.0, "noise": 0.5}  # the reversed score ranks them last
     assert score_auroc({"value": value}, np.zeros(5, np.int16), {"digit": 0}, ["digit"]) == {}  # nothing to tell apart
     assert score_auroc({"value": value}, np.zeros(5, np.int16), {"": 0}, ["digit"]) == {}  # no tags
+
+
+def test_parts_scored_before_labels_load_as_unlabelled(tmp_path):
+    """A selection resumed over parts written before ``cls`` was kept counts their samples as unlabelled."""
+    parts = ScoreParts(tmp_path, ["a.tar", "b.tar"], {"probe_blocks": [0]})
+    parts.prepare()
+    old = {"key": np.array(["k0", "k1"]), "src": np.array(["digit", "noise"]), "value": np.array([0.1, 0.2]),
+           "vn": np.array([0.1, 0.2]), "pred": np.array([3, 4])}
+    parts.save("a.tar", [old], {})
+    parts.save("b.tar", [{**old, "key": np.array(["k2", "k3"]), "label": np.array([3, -1])}], {})
+    assert parts.load(0)["label"].tolist() == [-1, -1]
+    assert parts.load(1)["label"].tolist() == [3, -1]
