@@ -31,7 +31,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory) -> str:
-    """A handmade wild pool: 3 shards of 40 samples with src tags; the digits (every third) carry a cls label."""
+    """A handmade wild pool: 3 shards of 40 samples with src tags; the digits (every third) and some noise carry cls."""
     from data_modules.shards import encode_png, write_shards
 
     out = tmp_path_factory.mktemp("pool")
@@ -42,7 +42,9 @@ def tiny_pool(tmp_path_factory) -> str:
             img = (rng.random((8, 8)) * 255).astype(np.uint8)
             sample = {"__key__": f"s{i:04d}", "png": encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
             if i % 3 == 0:
-                sample["cls"] = str(i % 10)
+                sample["cls"] = str(i % 10) if i else "12"  # 12: beyond the 10 classes, not counted as labelled
+            elif i % 9 == 1:  # another source's labels, not counted either
+                sample["cls"] = "5"
             yield sample
 
     write_shards(samples(), out, pattern="wild-%06d.tar", maxcount=40)

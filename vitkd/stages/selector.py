@@ -237,7 +237,10 @@ class AttentionProbeSelector(Stage):
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src", "cls"])
             for i, cols, mask in self._rows(kept):
-                has, right = cols["label"] >= 0, cols["label"] == cols["pred"]
+                # only samples of the positive sources: their cls is one of the teacher's classes (a wild set's own
+                # labels, e.g. EMNIST's letters or ImageNet's classes, are another label space)
+                has = (cols["label"] >= 0) & (cols["label"] < self.hparams.num_classes) & np.isin(cols["src"], list(self.hparams.positive_sources))
+                right = cols["label"] == cols["pred"]
                 labelled.update(scored=int(has.sum()), scored_right=int((has & right).sum()), kept=int((has & mask).sum()), kept_right=int((has & right & mask).sum()))
                 scored.update(cols["src"].tolist())
                 kept_src.update(cols["src"][mask].tolist())
@@ -293,7 +296,7 @@ class AttentionProbeSelector(Stage):
             "damaged_shards": skipped.get("damaged_shards", 0),
             "corrupt_images": skipped.get("corrupt_images", 0),
         }
-        if labelled["scored"]:  # wild samples that carry ``cls``: how often the teacher's pseudo-label is right
+        if labelled["scored"]:  # positive-source samples that carry ``cls``: how often the teacher's pseudo-label is right
             out["labelled_scored"], out["labelled_kept"] = labelled["scored"], labelled["kept"]
             out["teacher_acc_labelled"] = labelled["scored_right"] / labelled["scored"]
             if labelled["kept"]:
