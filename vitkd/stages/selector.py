@@ -232,7 +232,7 @@ class AttentionProbeSelector(Stage):
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
         labelled = Counter()  # samples carrying ``cls``, and those the teacher reads right, all and kept
         columns: dict[str, list[np.ndarray]] = {c: [] for c in (*va, "vn", "value")}  # float32: 4 bytes a score
-        codes, names = [], {}  # src as small ints: 2 bytes a sample
+        codes, names = [], {}  # src as ints: 4 bytes a sample
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["key", *va, "vn", "value", "pred", "selected", "src", "cls"])
@@ -249,12 +249,13 @@ class AttentionProbeSelector(Stage):
                 for c in columns:
                     if c in cols:
                         columns[c].append(cols[c].astype(np.float32))
-                codes.append(np.array([names.setdefault(str(x), len(names)) for x in cols["src"].tolist()], dtype=np.int16))
+                tags, inverse = np.unique(cols["src"], return_inverse=True)  # one lookup per tag, not per sample
+                codes.append(np.array([names.setdefault(str(t), len(names)) for t in tags], dtype=np.int32)[inverse])
                 floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
                 for j in range(len(mask)):
                     label = int(cols["label"][j])
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j], label if label >= 0 else ""])
-        src = np.concatenate(codes) if codes else np.empty(0, np.int16)
+        src = np.concatenate(codes) if codes else np.empty(0, np.int32)
         auroc = score_auroc({c: np.concatenate(v) for c, v in columns.items() if v}, src, names, self.hparams.positive_sources)
         return scored, kept_src, skipped, kept_pred, auroc, labelled
 
@@ -335,7 +336,7 @@ def score_auroc(columns: dict[str, np.ndarray], src: np.ndarray, names: dict[str
     from sklearn.metrics import roc_auc_score
 
     pos = np.isin(src, [names[s] for s in positive_sources if s in names])
-    if not names.keys() - {""} or pos.all() or not pos.any():
+    if pos.all() or not pos.any():
         return {}
     groups = {"all": ~pos, **{s: src == c for s, c in sorted(names.items()) if s not in positive_sources and s}}
     out = {}
