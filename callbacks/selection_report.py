@@ -9,8 +9,9 @@ once ``run_dir/scores.csv`` and ``run_dir/selected/`` are written. It writes ``r
 * ``embedding.png`` — a 2-D t-SNE (or PCA) of the teacher's softmax outputs for kept, rejected and original
   training samples, as ``attention-probe.txt`` Fig. 3 (a subsample: ``per_group`` of each; wild images
   from the first ``max_scan`` samples of the pool, original ones from the datamodule when given);
-* ``selection.json`` — counts, keep rate and share of the kept set per source, precision and recall
-  against the selector's ``positive_sources``, mean scores kept vs rejected.
+* ``selection.json`` — counts, keep rate and share of the kept set per source; precision, recall,
+  ``precision_max`` and ``precision_random`` against the selector's ``positive_sources`` (none when it names
+  none), as in ``metrics.json``; mean scores kept vs rejected.
 
 The figures are also sent to W&B/TensorBoard when those loggers are on (rank 0 only).
 """
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from callbacks._images import figure_to_array, log_image, save_png
 from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_dir, write_json
+from vitkd.selection_metrics import source_precision
 
 SCORE_PREFIXES = ("va_blk", "vn", "value")
 
@@ -56,31 +58,30 @@ def score_columns(df) -> list[str]:
 
 
 def source_summary(df, positive_sources: list[str]) -> dict[str, Any]:
-    """Per-source counts, keep rate and share of the kept set; precision/recall against ``positive_sources``."""
+    """Per-source counts, keep rate and share of the kept set; precision, recall and their bounds against
+    ``positive_sources`` (``vitkd.selection_metrics.source_precision``, the figures of ``metrics.json``)."""
     kept = df["selected"].to_numpy() == 1
     out: dict[str, Any] = {"num_scored": int(len(df)), "num_kept": int(kept.sum())}
     src = df["src"].astype(str).to_numpy() if "src" in df else np.array([""] * len(df))
     if not (src != "").any():
         return out
     names, inverse = np.unique(src, return_inverse=True)
-    scored = np.bincount(inverse, minlength=len(names))
-    kept_n = np.bincount(inverse[kept], minlength=len(names))
+    scored = dict(zip(names.tolist(), np.bincount(inverse, minlength=len(names)).tolist()))
+    kept_n = dict(zip(names.tolist(), np.bincount(inverse[kept], minlength=len(names)).tolist()))
     pos = set(positive_sources)
     out["positive_sources"] = sorted(pos)
     out["by_source"] = {
-        str(s): {
-            "scored": int(scored[i]),
-            "kept": int(kept_n[i]),
-            "keep_rate": float(kept_n[i] / max(1, scored[i])),
-            "share_of_kept": float(kept_n[i] / max(1, kept.sum())),
-            "positive": str(s) in pos,
+        s: {
+            "scored": scored[s],
+            "kept": kept_n[s],
+            "keep_rate": kept_n[s] / max(1, scored[s]),
+            "share_of_kept": kept_n[s] / max(1, out["num_kept"]),
+            "positive": s in pos,
         }
-        for i, s in enumerate(names)
+        for s in names.tolist()
     }
-    pos_kept = sum(v["kept"] for v in out["by_source"].values() if v["positive"])
-    pos_all = sum(v["scored"] for v in out["by_source"].values() if v["positive"])
-    out["precision"] = pos_kept / max(1, out["num_kept"])
-    out["recall"] = pos_kept / max(1, pos_all)
+    figures = source_precision(scored, kept_n, positive_sources)
+    out.update({k: v for k, v in figures.items() if k not in ("scored_by_source", "kept_by_source")})  # by_source has them
     return out
 
 
@@ -136,7 +137,11 @@ def plot_sources(summary: dict[str, Any]) -> np.ndarray:
         ax.set_ylim(0, 1.08)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"precision {summary['precision']:.3f} (positive: {', '.join(summary['positive_sources']) or 'none'}), recall {summary['recall']:.3f}", fontsize=9)
+    if "precision" in summary:
+        title = f"precision {summary['precision']:.3f} of at most {summary['precision_max']:.3f} (positive: {', '.join(summary['positive_sources'])}), recall {summary['recall']:.3f}"
+    else:
+        title = "no positive source named: precision not measured"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return figure_to_array(fig)
 

@@ -131,13 +131,33 @@ def test_selection_report_from_a_selection(tiny_teacher, tiny_pool, tmp_path):
         scored = sum(r["src"] == src for r in rows)
         kept = sum(r["src"] == src and r["selected"] == "1" for r in rows)
         assert written["by_source"][src]["scored"] == scored and written["by_source"][src]["kept"] == kept
-    assert written["num_kept"] == 30 and written["precision"] == pytest.approx(metrics["precision"])
+    assert written["num_kept"] == 30
+    for key in ("precision", "recall", "precision_max", "precision_random"):  # the figures of metrics.json, one computation
+        assert written[key] == metrics[key], key
+    assert 0 < written["precision"] <= written["precision_max"] <= 1
     kept_values = [float(r["value"]) for r in rows if r["selected"] == "1"]
     assert written["scores"]["value"]["kept_mean"] == pytest.approx(np.mean(kept_values), rel=1e-5)
     assert written["embedding"]["points"] == {"kept": 20, "rejected": 20, "original": 20}
     for name in ("scores", "sources", "embedding"):
         img = _png(tmp_path / "report" / f"{name}.png")
         assert img.shape[0] > 250 and img.shape[1] > 400 and img.std() > 10
+
+
+def test_selection_report_names_no_precision_without_positive_sources(tmp_path):
+    """Tagged pool, no positive source named (the paper configs): per-source counts, but no precision of 0."""
+    with open(tmp_path / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "vn", "value", "pred", "selected", "src"])
+        for i in range(40):
+            w.writerow([f"k{i}", 0.1, 0.1 * i, 0, int(i < 10), "a" if i % 4 else "b"])
+    for positives, expect in (([], None), (["b"], 3 / 10)):
+        module = SimpleNamespace(hparams={"positive_sources": positives})
+        summary = SelectionReport(per_group=0).on_selection_end(SimpleNamespace(loggers=[], global_step=0), module, tmp_path)
+        assert summary["by_source"]["b"] == {"scored": 10, "kept": 3, "keep_rate": 0.3, "share_of_kept": 0.3, "positive": expect is not None}
+        assert summary.get("precision") == expect
+        if expect is not None:
+            assert summary["recall"] == 0.3 and summary["precision_max"] == 1.0 and summary["precision_random"] == 0.25
+        assert (tmp_path / "report" / "sources.png").is_file()
 
 
 def test_selection_report_without_source_tags(tmp_path):

@@ -11,7 +11,8 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from tests.conftest import fit
 from vitkd.errors import VitkdInputError
-from vitkd.stages.selector import AttentionProbeSelector, ScoreParts, score_auroc
+from vitkd.selection_metrics import score_auroc
+from vitkd.stages.selector import AttentionProbeSelector, ScoreParts
 
 
 class FakeParts:

@@ -30,6 +30,7 @@ from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_path, write_json
 from vitkd.models import AttentionProbe
 from vitkd.scoring import attention_value, confidence_value, selection_value
+from vitkd.selection_metrics import score_auroc, source_precision
 from vitkd.stages.base import Stage
 
 
@@ -302,15 +303,9 @@ class AttentionProbeSelector(Stage):
             out["teacher_acc_labelled"] = labelled["scored_right"] / labelled["scored"]
             if labelled["kept"]:
                 out["pseudo_label_acc"] = labelled["kept_right"] / labelled["kept"]
-        pos = set(self.hparams.positive_sources)
-        if pos and any(scored.keys() - {""}):
-            n_pos = sum(v for s, v in scored.items() if s in pos)
-            out["precision"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, num_kept)
-            out["recall"] = sum(v for s, v in kept_src.items() if s in pos) / max(1, n_pos)
-            # the best precision any selection of this size could reach: keeping more than the pool's
-            # positives forces the rest in
-            out["precision_max"] = min(1.0, n_pos / max(1, num_kept))
-            out["precision_random"] = n_pos / max(1, sum(scored.values()))  # what a random subset gets on average
+        figures = source_precision(scored, kept_src, self.hparams.positive_sources)
+        if figures:
+            out.update(figures)
             if auroc:
                 out["score_auroc"] = auroc
                 if self.hparams.strategy == "value":  # a random subset does not rank by V
@@ -325,27 +320,6 @@ class AttentionProbeSelector(Stage):
             hook = getattr(cb, "on_selection_end", None)
             if hook is not None:
                 hook(trainer, self, run_dir, datamodule=datamodule)
-
-
-def score_auroc(columns: dict[str, np.ndarray], src: np.ndarray, names: dict[str, int], positive_sources: list[str]) -> dict[str, dict[str, float]]:
-    """How well each score column (each ``va_blk*``, ``vn``, ``value``; low = kept) tells the positive
-    sources from the rest: AUROC of −score against all other samples (``all``) and against each other
-    source alone. 1.0 when the score ranks every positive sample first, 0.5 for chance; it judges the score
-    whichever samples the strategy kept. Empty when the pool has no ``src`` tags or no positive or no
-    other sample. (scikit-learn's ``roc_auc_score``: ties count one half.)"""
-    from sklearn.metrics import roc_auc_score
-
-    pos = np.isin(src, [names[s] for s in positive_sources if s in names])
-    if pos.all() or not pos.any():
-        return {}
-    groups = {"all": ~pos, **{s: src == c for s, c in sorted(names.items()) if s not in positive_sources and s}}
-    out = {}
-    for col, v in columns.items():
-        out[col] = {}
-        for g, neg in groups.items():
-            m = pos | neg
-            out[col][g] = float(roc_auc_score(pos[m], -v[m].astype(np.float64)))
-    return out
 
 
 class ScoreParts:
