@@ -70,3 +70,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["--urls", urls, "--positive", "pos", "--num_keep", "500", "--img_size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--num_keep 500" in err and "240" in err
+    assert main(["--urls", urls, "--positive", "pos", "--num_keep", "5", "--max_samples", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max_samples 0" in err

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
     try:
+        if a.max_samples < 2 or a.img_size < 1:
+            raise VitkdInputError(f"--max_samples {a.max_samples} / --img_size {a.img_size}: need at least 2 samples and 1 pixel a side")
         x, tags = read_pool(a.urls, a.img_size, a.max_samples)
         for k in a.num_keep:
             if not 0 < k <= len(tags):
