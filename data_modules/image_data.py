@@ -256,6 +256,15 @@ class ImageDataModule(pl.LightningDataModule):
         data_dir: str = "data",
     ):
         super().__init__()
+        for name, value in (("img_size", img_size), ("in_chans", in_chans), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise VitkdInputError(f"--data.init_args.{name} {value} must be a positive integer")
+        for name, value in (("train_urls", train_urls), ("val_urls", val_urls), ("test_urls", test_urls), ("wild_urls", wild_urls)):
+            if value is not None and not str(value).strip():
+                raise VitkdInputError(
+                    f"--data.init_args.{name} is empty: pass shard URLs like 'dir/shard-{{000000..000009}}.tar', or leave it unset"
+                    + (" for the embedded pool" if name == "wild_urls" else "")
+                )
         self.save_hyperparameters()
         self.img_size, self.in_chans = img_size, in_chans
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers

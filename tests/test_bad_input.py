@@ -68,3 +68,82 @@ def test_missing_shard_path(tiny_teacher, tmp_path):
                             "--model.init_args.probe_blocks", "[0]", "--model.init_args.lambda_a", "[0.05]",
                             "--data.init_args.wild_urls", str(tmp_path / "none-{000000..000001}.tar"), "--run_dir", str(tmp_path / "run")))
     assert "none-000000.tar does not exist" in line
+
+
+def _digest(folder) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_finished_run_is_not_replaced_unless_asked(tiny_teacher, tmp_path):
+    import shutil
+
+    run = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher.parent.parent, run)
+    before = _digest(run)
+    args = ("--config", "experiments/digits/teacher.yaml", "--model.init_args.arch", "test_vit_patch4_16", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--run_dir", str(run))
+    with pytest.raises(VitkdInputError, match=r"--run_dir .*teacher already holds a run \(metrics.json\): pass a new --run_dir, --ckpt_path .*last.ckpt to resume training, or --overwrite true"):
+        fit(*args)
+    assert _digest(run) == before, "a refused run writes nothing"
+    (run / "metrics.json").unlink()  # a run killed before it finished: its checkpoints still count
+    with pytest.raises(VitkdInputError, match=r"already holds a run \(checkpoints/best.ckpt\)"):
+        fit(*args)
+    # a SLURM requeue reruns the same command: Lightning resumes it from its hpc checkpoint, so it is let through
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from vitkd.fit import earlier_results
+
+    (run / "hpc_ckpt_1.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    assert earlier_results(run) == "checkpoints/best.ckpt", "outside SLURM an hpc checkpoint is not a resume"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+        assert earlier_results(run) is None
+    (run / "notes.txt").write_text("mine")
+    m = fit(*args, "--overwrite", "true")
+    assert not (run / "hpc_ckpt_1.ckpt").exists()
+    assert m["epochs"] == 1 and (run / "checkpoints" / "best.ckpt").read_bytes() != (tiny_teacher.parent / "best.ckpt").read_bytes()
+    assert (run / "notes.txt").read_text() == "mine", "--overwrite removes vitkd's outputs only"
+
+
+def test_resume_checkpoint_of_another_stage_or_model(tiny_teacher, tmp_path):
+    with pytest.raises(VitkdInputError, match=r"--ckpt_path .*best.ckpt is a Classifier checkpoint, not ProbeDistillation: .*--model.teacher_ckpt"):
+        fit("--config", "experiments/digits/kd_original.yaml", "--model.init_args.arch", "test_vit_patch4_16",
+            "--model.init_args.teacher_ckpt", str(tiny_teacher), "--ckpt_path", str(tiny_teacher), "--run_dir", str(tmp_path / "a"))
+    with pytest.raises(VitkdInputError, match=r"does not fit this model \(model\.\S+: \(\d+.*; it was saved for arch 'test_vit_patch4_16': pass --model.init_args.arch test_vit_patch4_16"):
+        fit("--config", "experiments/digits/teacher.yaml", "--ckpt_path", str(tiny_teacher), "--run_dir", str(tmp_path / "b"))
+    assert not (tmp_path / "a" / "config.yaml").exists() and not (tmp_path / "b" / "config.yaml").exists()
+
+
+def test_bad_values_name_the_input(tiny_teacher, tiny_pool, tmp_path):
+    import torch
+
+    teacher = ("--config", "experiments/digits/teacher.yaml", "--model.init_args.arch", "test_vit_patch4_16", "--trainer.max_epochs", "1")
+    select = ("--config", "experiments/digits/select.yaml", "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "5")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    plain = tmp_path / "plain_sd.pt"
+    torch.save({k.removeprefix("model."): v for k, v in torch.load(tiny_teacher, weights_only=False)["state_dict"].items()}, plain)
+    cases = [
+        ((*teacher, "--run_dir", str(afile)), r"--run_dir .*afile is a file: pass a folder"),
+        ((*teacher, "--torch_threads", "-1", "--run_dir", str(tmp_path / "r1")), r"--torch_threads -1 must be a positive integer"),
+        ((*teacher, "--data.init_args.img_size", "0", "--run_dir", str(tmp_path / "r2")), r"--data.init_args.img_size 0 must be a positive integer"),
+        ((*teacher, "--ckpt_path", str(tiny_teacher.parent), "--run_dir", str(tmp_path / "r3")), r"--ckpt_path .*checkpoints is a folder: pass the checkpoint file in it"),
+        (("--config", str(binary), "--run_dir", str(tmp_path / "r4")), r"--config .*bin.yaml is not a UTF-8 YAML file"),
+        ((*select, "--model.init_args.teacher_ckpt", str(tiny_teacher), "--data.init_args.wild_urls", "", "--run_dir", str(tmp_path / "r5")),
+         r"--data.init_args.wild_urls is empty: .*or leave it unset for the embedded pool"),
+        ((*select, "--model.init_args.teacher_ckpt", str(tiny_teacher.parent.parent), "--data.init_args.wild_urls", tiny_pool, "--run_dir", str(tmp_path / "r6")),
+         r"teacher checkpoint .* is a folder: pass the checkpoint file in it"),
+        ((*select, "--model.init_args.teacher_ckpt", str(plain), "--model.init_args.teacher_arch", "digits_teacher_patch4_16",
+          "--data.init_args.wild_urls", tiny_pool, "--run_dir", str(tmp_path / "r7")),
+         r"teacher checkpoint .*plain_sd.pt does not fit arch 'digits_teacher_patch4_16' \(\S+: \(.*pass the arch"),
+    ]
+    for args, message in cases:
+        with pytest.raises(VitkdInputError, match=message) as err:
+            fit(*args)
+        assert "\n" not in str(err.value)
+    assert afile.read_text() == "keep me"
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 8)), "nothing written for a refused run"

@@ -142,14 +142,30 @@ def test_selection_resumes_without_rescoring(tiny_teacher, tmp_path):
     parts = sorted((tmp_path / "run" / "score_parts").glob("part-*.npz"))
     before = {p.name: p.stat().st_mtime_ns for p in parts}
     scores = (tmp_path / "run" / "scores.csv").read_text()
-    parts[2].unlink()  # as if the run had been killed while scoring the third shard
-    again = fit(*_select_args(tiny_teacher, urls, tmp_path / "run", keep=10))
+    run = tmp_path / "run"
+    # a finished selection is not replaced by a rerun, whatever it asks for
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(VitkdInputError, match="already holds a run \\(metrics.json\\).*--overwrite true"):
+        fit(*_select_args(tiny_teacher, urls, run, keep=5))
+    assert (run / "scores.csv").read_text() == scores and (run / "config.yaml").read_text() == config
+    parts[2].unlink()  # as if the run had been killed while scoring the third shard (before metrics.json)
+    (run / "metrics.json").unlink()
+    again = fit(*_select_args(tiny_teacher, urls, run, keep=10))
     assert again["shards_scored_this_run"] == 1
     assert {p.name: p.stat().st_mtime_ns for p in parts if p.name != parts[2].name} == {k: v for k, v in before.items() if k != parts[2].name}
-    assert (tmp_path / "run" / "scores.csv").read_text() == scores
-    # a different teacher setting must not silently mix with the saved scores
+    assert (run / "scores.csv").read_text() == scores
+    # a different teacher setting must not silently mix with the saved scores, and the refused run writes nothing
+    (run / "metrics.json").unlink()
+    config = (run / "config.yaml").read_text()
     with pytest.raises(VitkdInputError, match="holds scores computed differently \\(lambda_n changed\\)"):
-        fit(*_select_args(tiny_teacher, urls, tmp_path / "run", keep=10), "--model.init_args.lambda_n", "0.5")
+        fit(*_select_args(tiny_teacher, urls, run, keep=10), "--model.init_args.lambda_n", "0.5")
+    assert (run / "config.yaml").read_text() == config
+    # --overwrite rescores everything with the new setting
+    fresh = fit(*_select_args(tiny_teacher, urls, run, keep=10), "--model.init_args.lambda_n", "0.5", "--overwrite", "true")
+    assert fresh["shards_scored_this_run"] == 4 and "lambda_n: 0.5" in (run / "config.yaml").read_text()
+    # ... and keeps scores computed the same way: another num_keep only re-selects
+    fewer = fit(*_select_args(tiny_teacher, urls, run, keep=5), "--model.init_args.lambda_n", "0.5", "--overwrite", "true")
+    assert fewer["shards_scored_this_run"] == 0 and fewer["num_kept"] == 5
 
 
 def _damaged_pool(out: Path) -> str:

@@ -12,3 +12,21 @@ def test_table_shows_selection_bounds():
     assert head.split()[-4:] == ["precision", "(max)", "V", "AUROC"] and set(rule) == {"-"}
     assert teacher.split()[-3:] == ["-", "-", "-"] and "98.33 ± 0.00" in teacher
     assert ap.split()[-3:] == ["0.461", "0.667", "0.637"] and "95.74 ± 2.12" in ap
+
+
+def test_a_demo_runs_again_over_its_own_runs(tiny_teacher, tiny_pool, tmp_path):
+    """Running a demo twice replaces its earlier runs (a plain rerun into a finished run_dir is refused, and the
+    selector refuses scores of another teacher): the second selection scores with the new teacher."""
+    import json
+    import os
+
+    from vitkd.runs import run_fit
+
+    args = ("--model.init_args.teacher_ckpt", str(tiny_teacher), "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "10",
+            "--data.init_args.wild_urls", tiny_pool, "--wandb.enabled", "false")
+    first = run_fit("experiments/digits/select.yaml", tmp_path / "sel", *args)
+    os.utime(tiny_teacher)  # as if the demo's teacher had been trained again: the saved scores no longer fit
+    second = run_fit("experiments/digits/select.yaml", tmp_path / "sel", *args)
+    assert first["shards_scored_this_run"] == second["shards_scored_this_run"] == 3
+    fingerprint = json.loads((tmp_path / "sel" / "score_parts" / "fingerprint.json").read_text())
+    assert fingerprint["teacher_mtime"] == int(tiny_teacher.stat().st_mtime)

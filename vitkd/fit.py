@@ -20,7 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from vitkd.errors import VitkdInputError
 from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.io import write_json, write_text
-from vitkd.logging import WandbOptions, build_loggers, finish_loggers
+from vitkd.logging import WandbOptions, build_loggers, finish_loggers, slurm_requeued
 from vitkd.stages import Stage
 
 
@@ -30,6 +30,10 @@ class VitkdCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from.")
         parser.add_argument("--run_name", type=str | None, default=None, help="Name of the run in loggers (default: run_dir's name).")
         parser.add_argument("--torch_threads", type=int | None, default=None, help="torch intra-op threads (default: torch's choice).")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Replace the results of an earlier run in --run_dir (otherwise such a run_dir is refused, so nothing is lost).",
+        )
         parser.add_class_arguments(WandbOptions, "wandb")
         for key in ("num_classes", "img_size", "in_chans"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -40,10 +44,25 @@ class VitkdCLI(LightningCLI):
             stage = str(cfg.model.class_path).rsplit(".", 1)[-1].lower()
             cfg.run_dir = f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(cfg.run_dir)
-        if cfg.torch_threads:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise VitkdInputError(f"--run_dir {self.run_dir} is a file: pass a folder (it is created if missing)")
+        if cfg.torch_threads is not None:
+            if cfg.torch_threads < 1:
+                raise VitkdInputError(f"--torch_threads {cfg.torch_threads} must be a positive integer: pass N >= 1 or leave it unset")
             torch.set_num_threads(cfg.torch_threads)
-        if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-            raise VitkdInputError(f"--ckpt_path {cfg.ckpt_path} does not exist: pass a checkpoint from a run's checkpoints/ folder")
+        if cfg.ckpt_path:
+            ckpt = Path(cfg.ckpt_path)
+            if ckpt.is_dir():
+                raise VitkdInputError(f"--ckpt_path {ckpt} is a folder: pass the checkpoint file in it, e.g. {ckpt / 'last.ckpt'}")
+            if not ckpt.is_file():
+                raise VitkdInputError(f"--ckpt_path {ckpt} does not exist: pass a checkpoint from a run's checkpoints/ folder")
+        if not cfg.overwrite and not cfg.ckpt_path:
+            earlier = earlier_results(self.run_dir)
+            if earlier:
+                raise VitkdInputError(
+                    f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, "
+                    f"--ckpt_path {self.run_dir / 'checkpoints' / 'last.ckpt'} to resume training, or --overwrite true to replace it"
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init
@@ -65,6 +84,50 @@ class VitkdCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+# what vitkd writes in a run directory; --overwrite removes these and nothing else
+RUN_OUTPUTS = (
+    "checkpoints", "metrics.json", "metrics.csv", "hparams.yaml", "config.yaml", "score_parts", "scores.csv", "selected", "report",
+    "probe_maps", "wandb", "wandb_id.txt", "hpc_ckpt_*.ckpt",
+)
+
+
+def earlier_results(run_dir: Path) -> str | None:
+    """What in ``run_dir`` shows an earlier run that a new one would replace: a finished run's
+    ``metrics.json``, or a training run's checkpoints. Not a SLURM requeue (it resumes from Lightning's hpc
+    checkpoint), nor an unfinished selection's ``score_parts`` (rerunning the same selection resumes it, and
+    the selector refuses scores computed differently)."""
+    if slurm_requeued(run_dir):  # Lightning resumes it from its hpc checkpoint
+        return None
+    if (run_dir / "metrics.json").is_file():
+        return "metrics.json"
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+    return f"checkpoints/{ckpts[0].name}" if ckpts else None
+
+
+def remove_earlier_results(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """``--overwrite``: remove what an earlier run wrote in ``run_dir`` (only vitkd's own outputs, less
+    ``keep``: what the stage reuses, e.g. a selection's scores computed the same way)."""
+    import shutil
+
+    for path in (p for name in RUN_OUTPUTS if name not in keep for p in run_dir.glob(name)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_config_files(args: ArgsType) -> None:
+    """A ``--config`` that is not UTF-8 text, named in one line (the parser would raise a decode error)."""
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=") if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise VitkdInputError(f"--config {path} is not a UTF-8 YAML file: pass a YAML config such as experiments/digits/teacher.yaml") from None
+
+
 def _one_line(err: BaseException) -> str:
     """jsonargparse nests the real reason several lines deep; keep the line that names the key."""
     lines = [ln.strip(" -") for ln in str(err).splitlines() if ln.strip(" -")]
@@ -78,6 +141,7 @@ def _one_line(err: BaseException) -> str:
 def cli_main(args: ArgsType = None) -> dict[str, Any]:
     """Parse a config, run its stage, write the run directory; returns the figures of ``metrics.json``."""
     VitkdInputError.last = None
+    _check_config_files(args)
     try:
         cli = VitkdCLI(
             Stage,
@@ -96,7 +160,12 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
             raise original from None
         raise
     run_dir, trainer = cli.run_dir, cli.trainer
+    # before anything is written: a resume that does not fit, or a selection whose saved scores were
+    # computed differently, is refused with the run directory as it was
+    cli.model.check_run_dir(trainer, cli.datamodule, run_dir, cli.config.ckpt_path, cli.config.overwrite)
     if trainer.is_global_zero:
+        if cli.config.overwrite:
+            remove_earlier_results(run_dir, keep=cli.model.reused_outputs)
         write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
     metrics = cli.model.execute(trainer, cli.datamodule, ckpt_path=cli.config.ckpt_path)
     metrics["run_dir"] = str(run_dir)

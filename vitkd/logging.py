@@ -164,6 +164,12 @@ class RunWandbLogger(WandbLogger):
         return run
 
 
+def slurm_requeued(run_dir: Path) -> bool:
+    """A SLURM job requeued after Lightning saved ``hpc_ckpt_*.ckpt`` in its run directory: it resumes from
+    that checkpoint without ``--ckpt_path``."""
+    return SLURMEnvironment.detect() and any(Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+
+
 def build_loggers(
     run_dir: Path,
     run_name: str,
@@ -181,7 +187,7 @@ def build_loggers(
     ``resume``: the run resumes from a checkpoint, so ``metrics.csv`` is continued (also on a SLURM requeue,
     detected by Lightning's ``hpc_ckpt_*.ckpt`` in the run directory).
     """
-    resume = resume or (SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")))
+    resume = resume or slurm_requeued(run_dir)
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="", resume=resume)]
     loggers.extend(extra)
     if wandb is None or not wandb.enabled:

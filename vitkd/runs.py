@@ -16,7 +16,8 @@ from vitkd.errors import VitkdInputError
 def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] = ()) -> dict:
     """One run in its own process; returns its ``metrics.json``. The log goes to ``run_dir/fit.log``;
     one line with the time and the ``show`` figures is printed."""
-    args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    # a demo owns its output folder: running it again replaces its earlier runs (--overwrite)
+    args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), "--overwrite", "true", "--trainer.enable_progress_bar", "false", *extra]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(run_dir / "fit.log", "w") as log:

@@ -12,6 +12,8 @@ from vitkd.models import create_model
 
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise VitkdInputError(f"teacher checkpoint {path} is a folder: pass the checkpoint file in it, e.g. {path / 'checkpoints' / 'best.ckpt'}")
     if not path.is_file():
         raise VitkdInputError(
             f"teacher checkpoint {path} does not exist: train one (python -m vitkd.fit --config experiments/digits/teacher.yaml) or pass --model.teacher_ckpt PATH"
@@ -41,6 +43,13 @@ def load_teacher(path: str | Path, arch: str | None = None, **model_kwargs) -> t
     kwargs.update(hp.get("model_kwargs") or {})
     kwargs.update(model_kwargs)
     model = create_model(arch, **kwargs)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and hasattr(value, "shape") and tuple(own[key].shape) != tuple(value.shape):
+            raise VitkdInputError(
+                f"teacher checkpoint {path} does not fit arch {arch!r} ({key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here): "
+                "pass the arch (--model.init_args.teacher_arch) and sizes it was trained with"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VitkdInputError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics.classification import MulticlassAccuracy
 
+from vitkd.errors import VitkdInputError
 from vitkd.models import count_params
 from vitkd.teacher import load_teacher
 
@@ -51,6 +53,35 @@ class Stage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["vitkd_stage"] = type(self).__name__  # a resume checks it continues the same stage
+
+    reused_outputs: tuple[str, ...] = ()  # run-directory entries ``--overwrite`` keeps because the run reuses them
+
+    def check_run_dir(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+        """Called before the run writes anything: a ``ckpt_path`` to resume must be this stage's and fit its
+        model (one line naming the first tensor that does not, instead of a long state-dict error)."""
+        if not ckpt_path:
+            return
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # truncated or not a torch file
+            raise VitkdInputError(f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}): pass a .ckpt from a run's checkpoints/ folder") from err
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise VitkdInputError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint: pass a .ckpt from a run's checkpoints/ folder")
+        stage = ckpt.get("vitkd_stage")
+        if stage is not None and stage != type(self).__name__:
+            raise VitkdInputError(
+                f"--ckpt_path {ckpt_path} is a {stage} checkpoint, not {type(self).__name__}: pass a checkpoint of this stage's run "
+                "(a trained teacher goes in --model.teacher_ckpt)"
+            )
+        own = self.state_dict()
+        for key, value in ckpt["state_dict"].items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                arch = (ckpt.get("hyper_parameters") or {}).get("arch")
+                hint = f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}" if arch else "pass a checkpoint of the same model"
+                raise VitkdInputError(
+                    f"--ckpt_path {ckpt_path} does not fit this model ({key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here); {hint}"
+                )
 
     def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -127,6 +127,18 @@ class AttentionProbeSelector(Stage):
             chunks = self._pending.pop(batch["url"], [])
             self._parts.save(batch["url"], chunks, batch.get("skipped", {}))
 
+    def check_run_dir(self, trainer, datamodule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+        """Before anything is written: saved scores in ``run_dir`` computed differently are refused, unless
+        ``overwrite``, which removes them; scores computed the same way are kept and reused (so a rerun with
+        another ``num_keep`` only re-selects)."""
+        super().check_run_dir(trainer, datamodule, run_dir, ckpt_path, overwrite)
+        if (run_dir / "score_parts" / "fingerprint.json").is_file():
+            parts = ScoreParts(run_dir / "score_parts", datamodule.wild_shards(), self._fingerprint(trainer))
+            if not overwrite:
+                parts.check()
+            elif parts.matches():
+                self.reused_outputs = ("score_parts",)
+
     def execute(self, trainer, datamodule, ckpt_path=None) -> dict[str, Any]:
         run_dir = Path(trainer.default_root_dir)
         urls = datamodule.wild_shards()
@@ -333,17 +345,25 @@ class ScoreParts:
         self._index = {u: i for i, u in enumerate(urls)}
         self._sizes: dict[int, int] = {}
 
+    def matches(self) -> bool:
+        """Scores already in the folder (if any) were computed the same way."""
+        path = self.folder / "fingerprint.json"
+        return not path.exists() or json.loads(path.read_text()) == self.fingerprint
+
+    def check(self) -> None:
+        """Scores already in the folder must have been computed the same way."""
+        if not self.matches():
+            old = json.loads((self.folder / "fingerprint.json").read_text())
+            changed = sorted(k for k in {*old, *self.fingerprint} if old.get(k) != self.fingerprint.get(k))
+            raise VitkdInputError(
+                f"{self.folder} holds scores computed differently ({', '.join(changed)} changed): use a new --run_dir, or --overwrite true to rescore"
+            )
+
     def prepare(self) -> None:
+        self.check()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "fingerprint.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old != self.fingerprint:
-                changed = sorted(k for k in {*old, *self.fingerprint} if old.get(k) != self.fingerprint.get(k))
-                raise VitkdInputError(
-                    f"{self.folder} holds scores computed differently ({', '.join(changed)} changed): use a new --run_dir, or delete that folder to rescore"
-                )
-        else:
+        if not path.exists():
             write_json(path, self.fingerprint)
 
     def path(self, i: int) -> Path:
