@@ -99,6 +99,165 @@ def test_criterion_zero_on_perfect_predictions():
     assert SetCriterion(k, HungarianMatcher())(out, targets)["bbox"].item() > 0.1
 
 
+# Two boxes (cxcywh) and, near each, one prediction; the GIoU of each pair by hand (xyxy, area, union, enclosing):
+#   A = (0.3, 0.3, 0.2, 0.2)  → [0.2, 0.2, 0.4, 0.4]   A' = (0.35, 0.35, 0.2, 0.2) → [0.25, 0.25, 0.45, 0.45]
+#       L1 = 0.05 + 0.05 = 0.1; inter 0.15·0.15 = 0.0225, union 0.04 + 0.04 − 0.0225 = 0.0575, IoU 9/23,
+#       enclosing 0.25·0.25 = 0.0625 → GIoU = 9/23 − 0.005/0.0625 = 9/23 − 0.08, 1 − GIoU = 14/23 + 0.08
+#   B = (0.7, 0.6, 0.2, 0.4)  → [0.6, 0.4, 0.8, 0.8]   B' = (0.75, 0.65, 0.2, 0.3) → [0.65, 0.5, 0.85, 0.8]
+#       L1 = 0.05 + 0.05 + 0 + 0.1 = 0.2; inter 0.15·0.3 = 0.045, union 0.08 + 0.06 − 0.045 = 0.095, IoU 9/19,
+#       enclosing 0.25·0.4 = 0.1 → GIoU = 9/19 − 0.005/0.1 = 9/19 − 0.05, 1 − GIoU = 10/19 + 0.05
+BOX_A, BOX_A_NEAR = [0.3, 0.3, 0.2, 0.2], [0.35, 0.35, 0.2, 0.2]
+BOX_B, BOX_B_NEAR = [0.7, 0.6, 0.2, 0.4], [0.75, 0.65, 0.2, 0.3]
+BOX_FAR = [0.1, 0.9, 0.1, 0.1]  # far from A and B: never matched to either
+HAND_L1 = (0.1, 0.2)
+HAND_ONE_MINUS_GIOU = (14 / 23 + 0.08, 10 / 19 + 0.05)
+
+
+def hand_nll(logits: list[float], label: int) -> float:
+    """−log softmax(logits)[label], written out."""
+    return math.log(sum(math.exp(z) for z in logits)) - logits[label]
+
+
+def hand_kl(t_logits: list[float], s_logits: list[float], tau: float) -> float:
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) = Σ_c p_T(c) (log p_T(c) − log p_S(c)), written out."""
+    pt = [math.exp(z / tau) for z in t_logits]
+    ps = [math.exp(z / tau) for z in s_logits]
+    pt, ps = [v / sum(pt) for v in pt], [v / sum(ps) for v in ps]
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
+
+
+# 2 targets (labels 1 on A, 0 on B; K = 2, no-object = 2), 3 queries: q0 near A, q1 far (unmatched → no-object),
+# q2 near B. Box costs (5·L1 − 2·GIoU ≈ −0.12 and 0.15 for the right pairs, > 2 for any other) fix the matching.
+CRIT_LOGITS = [[0.0, 2.0, 0.0], [1.0, 0.0, -1.0], [1.0, 0.0, 0.5]]
+CRIT_BOXES = [BOX_A_NEAR, BOX_FAR, BOX_B_NEAR]
+CRIT_TARGET = {"labels": [1, 0], "boxes": [BOX_A, BOX_B]}
+
+
+def crit_hand_values(eos_coef: float = 0.1) -> dict[str, float]:
+    """Unweighted ce, bbox, giou of CRIT_* by hand: weighted-mean CE (weights 1, eos_coef, 1), sums / N_b = 2."""
+    nll = [hand_nll(CRIT_LOGITS[0], 1), hand_nll(CRIT_LOGITS[1], 2), hand_nll(CRIT_LOGITS[2], 0)]
+    ce = (1.0 * nll[0] + eos_coef * nll[1] + 1.0 * nll[2]) / (1.0 + eos_coef + 1.0)
+    return {"ce": ce, "bbox": sum(HAND_L1) / 2, "giou": sum(HAND_ONE_MINUS_GIOU) / 2}
+
+
+def test_criterion_hand_values_with_no_object_query():
+    out = {"pred_logits": torch.tensor([CRIT_LOGITS]), "pred_boxes": torch.tensor([CRIT_BOXES])}
+    targets = [{"labels": torch.tensor(CRIT_TARGET["labels"]), "boxes": torch.tensor(CRIT_TARGET["boxes"])}]
+    (rows, cols), = HungarianMatcher()(out, targets)
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 0, 2: 1}  # q1 is left to no-object
+    hand = crit_hand_values()
+    # NLLs: q0 log(e² + 2) − 2 ≈ 0.2395, q1 (no-object) log(e + 1 + 1/e) + 1 ≈ 2.4076, q2 log(e + 1 + √e) − 1 ≈ 0.6803
+    # ce = (0.2395 + 0.1·2.4076 + 0.6803) / 2.1 ≈ 0.5527; bbox = 0.3/2 = 0.15; giou = (0.6887 + 0.5763)/2 ≈ 0.6325
+    terms = SetCriterion(2, HungarianMatcher())(out, targets)  # DETR weights: ce 1, bbox 5, giou 2
+    assert set(terms) == {"ce", "bbox", "giou"}
+    assert terms["ce"].item() == pytest.approx(1.0 * hand["ce"], rel=1e-5)
+    assert terms["bbox"].item() == pytest.approx(5.0 * hand["bbox"], rel=1e-5)
+    assert terms["giou"].item() == pytest.approx(2.0 * hand["giou"], rel=1e-5)
+    # eos_coef only weighs the no-object query: at 1.0 the CE is the plain mean of the three NLLs (≈ 1.1091)
+    plain = SetCriterion(2, HungarianMatcher(), eos_coef=1.0)(out, targets)["ce"].item()
+    assert plain == pytest.approx(crit_hand_values(eos_coef=1.0)["ce"], rel=1e-5)
+    assert abs(plain - hand["ce"]) > 0.1
+
+
+# -- distillation terms (distill.py) ---------------------------------------------------------------------
+# Teacher (K = 2): q0 class 0 on A, q1 a no-object query (best object probability 1/(e³ + 2) ≈ 0.045) placed
+# exactly on the student's far query, q2 class 1 on B. Student: s0 near B, s1 far, s2 near A.
+KD_T_LOGITS = [[2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 3.0, 0.0]]
+KD_T_BOXES = [BOX_A, BOX_FAR, BOX_B]
+KD_S_LOGITS = [[0.5, 1.0, -0.5], [0.0, 0.0, 2.0], [1.0, -1.0, 0.0]]
+KD_S_BOXES = [BOX_B_NEAR, BOX_FAR, BOX_A_NEAR]
+
+
+def test_teacher_set_hand_made():
+    from vitkd.detection.distill import teacher_set
+
+    # image 0: p(q0) = softmax(2, 0, 0) → e²/(e² + 2) ≈ 0.787 class 0;  q1 → 1/(e³ + 2) ≈ 0.045;  q2 → e³/(e³ + 2) ≈ 0.909 class 1
+    # image 1: q0 = (1, 0, 3): 0.114 over all K + 1 classes (0.73 if no-object were left out of the softmax);
+    #          q1 = (0, 1, 0.5): e/(e + 1 + e^0.5) ≈ 0.506 class 1;  q2 = (-1, -1, 4): ≈ 0.007
+    logits = torch.tensor([KD_T_LOGITS, [[1.0, 0.0, 3.0], [0.0, 1.0, 0.5], [-1.0, -1.0, 4.0]]])
+    boxes = torch.tensor([KD_T_BOXES, [BOX_B, BOX_A_NEAR, BOX_FAR]])
+    sets = teacher_set({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.5)
+    assert len(sets) == 2
+    assert sets[0]["labels"].tolist() == [0, 1] and sets[1]["labels"].tolist() == [1]
+    assert torch.equal(sets[0]["boxes"], torch.tensor([BOX_A, BOX_B])) and torch.equal(sets[1]["boxes"], torch.tensor([BOX_A_NEAR]))
+    assert torch.equal(sets[0]["logits"], logits[0, [0, 2]]) and torch.equal(sets[1]["logits"], logits[1, [1]])
+    e = math.e
+    assert sets[0]["scores"].tolist() == pytest.approx([e**2 / (e**2 + 2), e**3 / (e**3 + 2)], rel=1e-6)
+    assert sets[1]["scores"].tolist() == pytest.approx([e / (e + 1 + e**0.5)], rel=1e-6)
+    # a higher threshold keeps only image 0's q2 (0.909); no box passes 0.95
+    high = teacher_set({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.8)
+    assert high[0]["labels"].tolist() == [1] and len(high[1]["labels"]) == 0
+    assert torch.equal(high[0]["boxes"], torch.tensor([BOX_B]))
+    assert all(len(t["labels"]) == 0 for t in teacher_set({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.95))
+
+
+def test_detr_kd_losses_hand_values():
+    from vitkd.detection.distill import detr_kd_losses
+
+    tau = 2.0
+    student = {"pred_logits": torch.tensor([KD_S_LOGITS]), "pred_boxes": torch.tensor([KD_S_BOXES])}
+    teacher = {"pred_logits": torch.tensor([KD_T_LOGITS]), "pred_boxes": torch.tensor([KD_T_BOXES])}
+    kd = detr_kd_losses(student, teacher, HungarianMatcher(), kd_threshold=0.5, temperature=tau)
+    # teacher set at 0.5: q0 (A, class 0) and q2 (B, class 1), N_T = 2; matched: s2 ↔ q0, s0 ↔ q2
+    kl = hand_kl(KD_T_LOGITS[0], KD_S_LOGITS[2], tau) + hand_kl(KD_T_LOGITS[2], KD_S_LOGITS[0], tau)
+    assert kd["kd_cls"].item() == pytest.approx(tau**2 * kl / 2, rel=1e-5)  # (D1) τ² · mean KL ≈ 4·(0.0229 + 0.1339)/2 ≈ 0.3135
+    assert kd["kd_bbox"].item() == pytest.approx((0.1 + 0.2) / 2, rel=1e-5)  # (D2) Σ L1 / N_T
+    assert kd["kd_giou"].item() == pytest.approx((14 / 23 + 0.08 + 10 / 19 + 0.05) / 2, rel=1e-5)  # (D3) Σ (1 − GIoU) / N_T
+    # a one-query student (s2 only) matches q0 alone: KL is averaged over the 1 matched pair, the box terms still / N_T = 2
+    one = {"pred_logits": torch.tensor([KD_S_LOGITS[2:]]), "pred_boxes": torch.tensor([KD_S_BOXES[2:]])}
+    kd1 = detr_kd_losses(one, teacher, HungarianMatcher(), kd_threshold=0.5, temperature=tau)
+    assert kd1["kd_cls"].item() == pytest.approx(tau**2 * hand_kl(KD_T_LOGITS[0], KD_S_LOGITS[2], tau), rel=1e-5)  # ≈ 0.0914
+    assert kd1["kd_bbox"].item() == pytest.approx(0.1 / 2, rel=1e-5)
+    assert kd1["kd_giou"].item() == pytest.approx((14 / 23 + 0.08) / 2, rel=1e-5)
+    # a student that copies the teacher's confident queries has all three terms 0
+    same = {"pred_logits": torch.tensor([KD_T_LOGITS]), "pred_boxes": torch.tensor([KD_T_BOXES])}
+    assert all(v.item() == pytest.approx(0.0, abs=1e-6) for v in detr_kd_losses(same, teacher, HungarianMatcher(), 0.5, tau).values())
+
+
+def test_probe_loss_hand_values():
+    from vitkd.detection.distill import probe_loss
+
+    # (D4) N · mean over images and patches of (P_S/ΣP_S − P_T/ΣP_T)², N = 4 patches (2x2 grid)
+    student = torch.tensor([[[2.0, 0.0], [1.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    teacher = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 3.0]]])
+    # image 0: (0.5, 0, 0.25, 0.25) − (0.25,) * 4 → squares 0.0625 + 0.0625 = 0.125
+    # image 1: (0.25,) * 4 − (0, 0, 0, 1)          → squares 3·0.0625 + 0.5625 = 0.75
+    # 4 · (0.125 + 0.75) / 8 = 0.4375
+    assert probe_loss(student, teacher).item() == pytest.approx(0.4375, rel=1e-6)
+    assert probe_loss(3 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)  # scale-free: each map renormalised
+    with pytest.raises(ValueError, match="differ in shape"):
+        probe_loss(student[:, :1], teacher)
+
+
+def test_distill_stage_with_teacher_labels_uses_the_teacher_set(monkeypatch):
+    """label_source=teacher: the set loss is against the teacher's queries scoring ≥ pseudo_threshold, not the
+    given labels. A stub teacher whose confident set is CRIT_TARGET and a stub student giving CRIT_* predictions
+    must reproduce the hand values of test_criterion_hand_values_with_no_object_query."""
+    import vitkd.detection.stages as stages
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits, boxes):
+            super().__init__()
+            self.out = {"pred_logits": torch.tensor([logits]), "pred_boxes": torch.tensor([boxes])}
+
+        def forward(self, x):
+            return {k: v.clone() for k, v in self.out.items()}
+
+    # teacher: q0 class 1 on A (≈ 0.787), q1 below 0.5 (e³/(21e³ + 1) ≈ 0.048), q2 class 0 on B (≈ 0.909) → labels [1, 0], boxes [A, B]
+    teacher = Fixed([[0.0, 2.0, 0.0], [3.0, 0.0, 3.0 + math.log(20)], [3.0, 0.0, 0.0]], [BOX_A, BOX_FAR, BOX_B])
+    monkeypatch.setattr(stages, "load_detr", lambda *a, **k: (teacher, {"arch": "stub"}))
+    stage = stages.DetrDistillation("unused.ckpt", arch="detr_test", num_classes=2, label_source="teacher",
+                                    pseudo_threshold=0.5, kd_cls_weight=0.0, kd_bbox_weight=0.0, kd_giou_weight=0.0)
+    stage.model = Fixed(CRIT_LOGITS, CRIT_BOXES)
+    wrong = [{"labels": torch.tensor([0]), "boxes": torch.tensor([BOX_FAR])}]  # the given labels must be ignored
+    terms = stage.losses(torch.zeros(1, 3, 64, 64), wrong)
+    hand = crit_hand_values()
+    assert set(terms) == {"ce", "bbox", "giou"}
+    assert terms["ce"].item() == pytest.approx(hand["ce"], rel=1e-5)
+    assert terms["bbox"].item() == pytest.approx(5.0 * hand["bbox"], rel=1e-5)
+    assert terms["giou"].item() == pytest.approx(2.0 * hand["giou"], rel=1e-5)
+
+
 # -- evaluation ---------------------------------------------------------------------------------------
 def small_coco() -> dict:
     images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in (1, 2)]
