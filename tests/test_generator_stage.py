@@ -142,3 +142,54 @@ def test_sample_grid_reaches_wandb_offline(tiny_teacher, tmp_path, monkeypatch):
     assert (tmp_path / "samples" / "epoch000.png").is_file()
     media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/generator/samples_*.png"))
     assert media, "the sample grid is stored in the offline W&B run"
+
+
+def _blocks_and_logits(vit, x):
+    """Each block's output tokens and the logits of a timm ViT, run block by block (not through the stage's taps)."""
+    h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    outs = []
+    for blk in vit.blocks:
+        h = blk(h)
+        outs.append(h)
+    return outs, vit.head(vit.norm(h)[:, 0])
+
+
+def _cls_row_token_norm(f):
+    """CLS row of the relation with each channel L2-normalised over the tokens (relation_norm="token")."""
+    f = f / f.norm(dim=1, keepdim=True)
+    return (f[:, :1, :] * f[:, 1:, :]).sum(dim=-1)  # (B, N)
+
+
+def test_student_terms_match_the_total_loss_by_hand(tiny_teacher):
+    """L_total = λKD·L_KD + λCE·L_CE + λpatch·L_patch, each term recomputed from the networks' outputs:
+    L_KD = T²·KL(softmax(t/T) ‖ softmax(s/T)) (batch mean), L_CE = CE(s, argmax t), L_patch = mean over the
+    (teacher block, student block) pairs of the MSE of the CLS relation rows (channels normalised over tokens).
+    Pairs (0, 1), (1, 1): a mix-up of teacher and student block indices changes L_patch. Both heads are scaled
+    up so the logits are O(1) (the tiny teacher's are ~0.05) and L_KD depends on T: a fixed T shows."""
+    stage = _fresh_stage(tiny_teacher, kd_weight=0.7, ce_weight=0.3, patch_weight=0.8, temperature=2.0,
+                         patch_pairs=[(0, 1), (1, 1)], relation_norm="token")
+    with torch.no_grad():
+        for head in (stage.teacher.head, stage.model.head):
+            head.weight.mul_(40.0)
+            head.bias.mul_(40.0)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    terms = stage.student_terms(x)
+    assert set(terms) == {"kd", "ce", "patch"}
+
+    with torch.no_grad():
+        t_blocks, t = _blocks_and_logits(stage.teacher, x)
+        s_blocks, s = _blocks_and_logits(stage.model, x)
+        T = 2.0
+        p_t = torch.softmax(t / T, dim=1)
+        kd = T * T * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, dim=1))).sum(dim=1).mean()
+        y = t.argmax(dim=1)
+        ce = -torch.log_softmax(s, dim=1)[torch.arange(4), y].mean()
+        pair_mse = [((_cls_row_token_norm(s_blocks[sb]) - _cls_row_token_norm(t_blocks[tb])) ** 2).mean() for tb, sb in [(0, 1), (1, 1)]]
+        patch = (pair_mse[0] + pair_mse[1]) / 2
+    assert kd > 1e-2 and ce > 1e-2 and patch > 1e-6  # nonzero, so a term multiplied by 0 cannot pass
+    assert not torch.isclose(pair_mse[0], pair_mse[1], rtol=1e-2)  # the two pairs tell apart
+    assert terms["kd"].item() == pytest.approx(0.7 * kd.item(), rel=1e-4)
+    assert terms["ce"].item() == pytest.approx(0.3 * ce.item(), rel=1e-4)
+    assert terms["patch"].item() == pytest.approx(0.8 * patch.item(), rel=1e-4)
+    # the terms carry the student's gradient (the step minimises their sum)
+    assert terms["kd"].requires_grad and terms["ce"].requires_grad and terms["patch"].requires_grad

@@ -7,6 +7,7 @@ import torch
 from vitkd.errors import VitkdInputError
 from vitkd.generators import DAFLGenerator, TransformerGenerator, photometric_view
 from vitkd.generators.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
+from vitkd.losses import probe_relation_loss
 from vitkd.losses.generator import (
     adversarial_loss,
     attention_consistency_loss,
@@ -142,3 +143,18 @@ def test_attention_terms_reach_the_generator(tiny_teacher):
     attention_peak_loss([rows[0], rows[1]]).backward()
     assert g.to_tokens.weight.grad is not None and g.to_tokens.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_probe_relation_loss_averages_two_different_pairs_by_hand():
+    """L_patch (the generator stage's student term) over two layer pairs whose hand values differ: the mean of
+    the per-pair MSEs of the CLS relation rows, not the first pair's, the last pair's or their sum."""
+    # one sample, CLS + 2 patches; channel norm: each token's features scaled to unit length
+    s1 = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]])  # CLS row [1/√2, 0]
+    s2 = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [2.0, 0.0]]])  # CLS row [0, 1]
+    t = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])  # width 3; CLS row [1, 0]
+    pair1 = ((1 / math.sqrt(2) - 1) ** 2 + 0.0**2) / 2  # ≈ 0.0429
+    pair2 = ((0.0 - 1) ** 2 + (1.0 - 0) ** 2) / 2  # = 1
+    assert probe_relation_loss([s1], [t], "channel").item() == pytest.approx(pair1, abs=1e-6)
+    assert probe_relation_loss([s2], [t], "channel").item() == pytest.approx(pair2, abs=1e-6)
+    assert probe_relation_loss([s1, s2], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)  # ≈ 0.5214
+    assert probe_relation_loss([s2, s1], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)
