@@ -17,6 +17,9 @@ def test_kd_loss_by_hand():
     # T² scaling: at T=2 the logits are halved, then the KL is multiplied by 4
     s2, t2 = s * 2, t * 2
     assert kd_loss(s2, t2, temperature=2.0).item() == pytest.approx(4 * expected, abs=1e-6)
+    # a batch of two different rows: the mean over the batch (a second row whose student equals its teacher adds 0)
+    both = kd_loss(torch.cat([s, t]), torch.cat([t, t]), temperature=1.0).item()
+    assert both == pytest.approx(expected / 2, abs=1e-6)
 
 
 def test_noisy_adaptation_matrix_and_ce_by_hand():
@@ -61,6 +64,8 @@ def test_cls_relation_and_probe_loss_by_hand():
     want = ((rf - rg) ** 2).mean().item()
     assert probe_relation_loss([f, f], [g, g], "channel").item() == pytest.approx(want, abs=1e-6)
     assert want == pytest.approx(((1 / math.sqrt(2) - 1) ** 2) / 2, abs=1e-6)
+    # two different pairs: the mean of the two (the second pair, f against itself, is 0)
+    assert probe_relation_loss([f, f], [g, f], "channel").item() == pytest.approx(want / 2, abs=1e-6)
 
 
 def test_attention_value_by_hand():
@@ -69,6 +74,8 @@ def test_attention_value_by_hand():
     assert attention_value(uniform).item() == pytest.approx(1.0, abs=1e-6)
     assert attention_value(peaked).item() == pytest.approx(0.5, abs=1e-6)  # 1 / (1 · √4)
     assert attention_value(peaked.reshape(1, 2, 2)).item() == pytest.approx(0.5, abs=1e-6)
+    # per sample in a batch, not a batch mean
+    assert torch.allclose(attention_value(torch.cat([uniform, peaked])), torch.tensor([1.0, 0.5]), atol=1e-6)
 
 
 def test_confidence_and_selection_value_by_hand():
@@ -78,3 +85,7 @@ def test_confidence_and_selection_value_by_hand():
     va = [torch.tensor([0.5, 1.0]), torch.tensor([0.6, 0.9])]
     v = selection_value(va, vn, [0.05, 0.05], 0.9)
     assert torch.allclose(v, 0.9 * vn + 0.05 * (va[0] + va[1]), atol=1e-6)
+    # one λ_a per probed block (Eq. 6), by hand: sample 0 = 0.1·0.5 + 0.4·0.6 + 0.5·(−ln 0.8)
+    v = selection_value(va, vn, [0.1, 0.4], 0.5)
+    assert v[0].item() == pytest.approx(0.1 * 0.5 + 0.4 * 0.6 - 0.5 * math.log(0.8), abs=1e-6)
+    assert v[1].item() == pytest.approx(0.1 * 1.0 + 0.4 * 0.9 - 0.5 * math.log(0.5), abs=1e-6)

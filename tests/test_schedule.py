@@ -1,4 +1,5 @@
 """The warm-up + cosine schedule, including streams whose length Lightning cannot know."""
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -19,3 +20,31 @@ def test_schedule_never_starts_at_zero_lr(estimated, interval):
         lrs.append(cfg["optimizer"].param_groups[0]["lr"])
         sched["scheduler"].step()
     assert all(lr > 0 for lr in lrs), lrs
+
+
+def test_warmup_cosine_by_hand():
+    from vitkd.stages.base import warmup_cosine
+
+    f = warmup_cosine(total=10, warmup=4)
+    # warm-up: (step + 1) / (warmup + 1), never 0
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    # cosine over the 6 steps after warm-up: 1 at its start, 0.5 halfway, 0 at the end and beyond
+    assert f(4) == pytest.approx(1.0) and f(7) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(12) == pytest.approx(0.0)
+    assert f(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
+
+
+def test_schedule_keeps_a_constant_group_at_its_lr():
+    """The student's Q group (``q_lr``, constant) beside the scheduled model group."""
+    stage = Classifier(arch="test_vit_patch4_16")
+    a, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [q], "lr": 5e-4}])
+    stage._trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=4)  # 5 steps an epoch, 1 epoch warm-up
+    cfg = stage.cosine_schedule(opt, warmup_epochs=1, constant_groups=(1,))
+    lrs = []
+    for _ in range(20):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        cfg["lr_scheduler"]["scheduler"].step()
+    assert cfg["lr_scheduler"]["interval"] == "step"
+    assert [lr[0] for lr in lrs[:5]] == pytest.approx([1e-3 * (s + 1) / 6 for s in range(5)])
+    assert lrs[5][0] == pytest.approx(1e-3) and lrs[19][0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    assert all(lr[1] == 5e-4 for lr in lrs), "Q's group stays at q_lr"

@@ -132,6 +132,30 @@ def test_kd_original_and_scratch_baselines(tiny_teacher, tmp_path):
     assert "test/acc" in m
 
 
+@pytest.mark.parametrize("label_source", ["data", "teacher"])
+def test_label_source_sets_the_ce_target(tiny_teacher, label_source):
+    """KD on the original data takes the batch's labels as the CE target (Eq. 9 with ŷ = y); the data-free
+    students take the teacher's argmax. Q off, α = β = 0: the loss is the plain CE, computed here by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitkd.stages import ProbeDistillation
+
+    torch.manual_seed(0)
+    stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), label_source=label_source,
+                              noisy_adaptation=False, alpha=0.0, beta=0.0, probe_pairs=[(0, 0)])
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        t_pred = stage.teacher(x).argmax(dim=1)
+        s_logits = stage.model(x).float()
+    y = (t_pred + 1) % 10  # never the teacher's label
+    want = F.cross_entropy(s_logits, y if label_source == "data" else t_pred)
+    other = F.cross_entropy(s_logits, t_pred if label_source == "data" else y)
+    got = stage.losses(x, y)
+    assert set(got) == {"ce"} and got["ce"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(want.item() - other.item()) > 1e-3, "the two targets give different losses"
+
+
 def test_resume_from_checkpoint(tiny_teacher, tmp_path):
     m = fit(
         "--config", "experiments/digits/teacher.yaml",
@@ -141,3 +165,7 @@ def test_resume_from_checkpoint(tiny_teacher, tmp_path):
         "--run_dir", str(tmp_path),
     )
     assert m["epochs"] == 2
+    # the checkpoint's epoch is not trained again: only the second epoch's 2 batches ran here (4 if it started afresh)
+    assert m["train_batches_per_rank"] == [2]
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss")]
+    assert steps and min(steps) >= 4, "the log continues after the checkpoint's 4 steps"
