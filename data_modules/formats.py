@@ -261,7 +261,8 @@ def _cifar_files(src: Path, folder: str, names: list[str], fmt: str) -> dict[str
                     if m.isfile() and parts[-1] in names and (len(parts) < 2 or parts[-2] == folder):
                         out[parts[-1]] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise VitkdInputError(f"cannot read {src} as a tar archive ({err}): pass cifar-*-python.tar.gz or the extracted {folder} folder") from None
+            reason = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
+            raise VitkdInputError(f"cannot read {src} as a tar archive ({reason}): pass cifar-*-python.tar.gz or the extracted {folder} folder") from None
         return out
     if not src.is_dir():
         raise VitkdInputError(f"{fmt} source {src} does not exist: pass the {folder} folder or its .tar.gz archive")

@@ -30,3 +30,15 @@ def test_a_demo_runs_again_over_its_own_runs(tiny_teacher, tiny_pool, tmp_path):
     assert first["shards_scored_this_run"] == second["shards_scored_this_run"] == 3
     fingerprint = json.loads((tmp_path / "sel" / "score_parts" / "fingerprint.json").read_text())
     assert fingerprint["teacher_mtime"] == int(tiny_teacher.stat().st_mtime)
+
+
+def test_demo_options_are_checked_before_any_run(tmp_path, capsys):
+    import pytest
+
+    from vitkd.demo import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--jobs", "0", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0 and "--jobs" in err and "positive integer, got 0" in err
+    assert not (tmp_path / "demo").exists()

@@ -64,12 +64,20 @@ def test_separability_counts_by_hand():
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     urls = _pool(tmp_path, separable=True)
-    assert main(["--urls", urls, "--positive", "digit", "--num_keep", "10"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--positive digit" in err and "neg, pos" in err
-    assert main(["--urls", urls, "--positive", "pos", "--num_keep", "500", "--img_size", "8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--num_keep 500" in err and "240" in err
-    assert main(["--urls", urls, "--positive", "pos", "--num_keep", "5", "--max_samples", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--max_samples 0" in err
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--positive", "digit", "--num_keep", "10"], ["--positive digit", "neg, pos"]),
+        (["--positive", "pos", "--num_keep", "500", "--img_size", "8"], ["--num_keep 500 is larger than the pool's 240"]),
+        (["--positive", "pos", "--num_keep", "5", "--max_samples", "1"], ["--max_samples 1"]),
+        (["--positive", "pos", "--num_keep", "5", "--out", str(tmp_path / "afile" / "x.json")], ["cannot write --out", "afile"]),
+    ]
+    for args, words in cases:
+        assert main(["--urls", urls, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and all(w in err for w in words), err
+    # usage errors: the same one-line form, from the parser
+    for args, words in ((["--positive", "pos", "--num_keep", "0"], ["--num_keep", "positive integer, got 0"]), (["--num_keep", "5"], ["--positive"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--urls", urls, *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("vitkd: error:") and err.count("\n") == 0 and all(w in err for w in words), err

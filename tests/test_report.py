@@ -78,3 +78,18 @@ def test_report_without_runs_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vitkd: error: no metrics.json under")
+
+
+def test_report_bad_metrics_and_out_are_one_line_errors(tmp_path, capsys):
+    _run(tmp_path / "runs" / "good", {"test/acc": 0.9, "params": 10}, "Classifier", [(0, 1.0, 0.5)])
+    (tmp_path / "afile").write_text("keep")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "afile is a file" in err[0]
+    assert (tmp_path / "afile").read_text() == "keep"
+    for name, text, words in (("half", '{"test/acc": 0.9,', "is not valid JSON"), ("list", "[1, 2]", "is not a JSON object of figures")):
+        _run(tmp_path / name / "r", {}, "Classifier", [(0, 1.0, 0.5)])
+        (tmp_path / name / "r" / "metrics.json").write_text(text)
+        assert main([str(tmp_path / name), "--out", str(tmp_path / f"out-{name}")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vitkd: error:") and f"{name}/r/metrics.json" in err[0] and words in err[0], err

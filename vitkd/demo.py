@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+from vitkd.errors import OneLineParser, positive_int
 from vitkd.io import write_json
 from vitkd.runs import demo_main, run_many
 
@@ -46,10 +47,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = OneLineParser(prog="python -m vitkd.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (default: 2, one per core here)")
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
     a = p.parse_args(argv)
     out = Path(a.out)
     t0 = time.time()

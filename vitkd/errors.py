@@ -1,6 +1,8 @@
 """One exception type for bad user input: its message is one line naming the input and the fix."""
 from __future__ import annotations
 
+import argparse
+
 
 class VitkdInputError(ValueError):
     """Raised for bad input (paths, config values, data). ``str(err)`` is a single actionable line.
@@ -12,6 +14,8 @@ class VitkdInputError(ValueError):
     last: VitkdInputError | None = None
 
     def __init__(self, message: str):
+        # one line whatever a quoted library message holds (e.g. tarfile lists one failure per line)
+        message = "; ".join(ln.strip() for ln in str(message).splitlines() if ln.strip())
         super().__init__(message)
         VitkdInputError.last = self
 
@@ -26,3 +30,21 @@ class VitkdInputError(ValueError):
         if cls.last is not None and str(cls.last) in str(err):
             return cls.last
         return None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for vitkd's command lines: a usage error is one ``vitkd: error:`` line, like every other."""
+
+    def error(self, message: str):
+        self.exit(2, f"vitkd: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (the parser names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_modules.formats import FORMATS, EMNIST_SPLITS, NATIVE_SIZE, Reader, fit_size, open_reader
 from data_modules.shards import encode_png, shard_url
-from vitkd.errors import VitkdInputError
+from vitkd.errors import OneLineParser, VitkdInputError
 from vitkd.io import atomic_path, write_json
 
 PLAN_FILE = ".pack-plan.json"  # the options of the pack in progress, compared when it resumes
@@ -228,13 +228,8 @@ def pack(
     return meta
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # the same one-line form as every other vitkd error
-        self.exit(2, f"vitkd: error: {message} (see python -m vitkd.pack --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m vitkd.pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m vitkd.pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fmt", metavar="FORMAT", choices=FORMATS, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("src", metavar="SRC", help="the data set as downloaded: folder, or archive (.tar.gz for CIFAR; .tar/.zip for flat)")
     p.add_argument("out", metavar="OUT", help="output folder for the shards and meta.json")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkd.errors import VitkdInputError
+from vitkd.errors import OneLineParser, VitkdInputError, positive_int
 from vitkd.io import write_json
 from vitkd.selection_metrics import score_auroc
 
@@ -83,22 +83,24 @@ def separability(tags: np.ndarray, scores: np.ndarray, positive_sources: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitkd.pool_separability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m vitkd.pool_separability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--urls", required=True, help="the pool's shards, e.g. 'pool/wild-{000000..000009}.tar'")
     p.add_argument("--positive", nargs="+", required=True, help="src tags counted as in-distribution (as the selector's positive_sources)")
-    p.add_argument("--num_keep", type=int, nargs="+", required=True, help="kept-set sizes to report the precision at")
-    p.add_argument("--img_size", type=int, default=16, help="pixels per side fed to the classifier (default 16)")
-    p.add_argument("--max_samples", type=int, default=100_000, help="read at most this many samples, from the start (default 100,000)")
+    p.add_argument("--num_keep", type=positive_int, nargs="+", required=True, help="kept-set sizes to report the precision at")
+    p.add_argument("--img_size", type=positive_int, default=16, help="pixels per side fed to the classifier (default 16)")
+    p.add_argument("--max_samples", type=positive_int, default=100_000, help="read at most this many samples, from the start (default 100,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
     try:
-        if a.max_samples < 2 or a.img_size < 1:
-            raise VitkdInputError(f"--max_samples {a.max_samples} / --img_size {a.img_size}: need at least 2 samples and 1 pixel a side")
+        if a.max_samples < 2:
+            raise VitkdInputError(f"--max_samples {a.max_samples}: the classifier needs at least 2 samples")
+        if a.out is not None and (a.out.is_dir() or any(p.exists() and not p.is_dir() for p in a.out.parents)):
+            raise VitkdInputError(f"cannot write --out {a.out}: pass a file path whose folders are folders")
         x, tags = read_pool(a.urls, a.img_size, a.max_samples)
         for k in a.num_keep:
-            if not 0 < k <= len(tags):
-                raise VitkdInputError(f"--num_keep {k} is not between 1 and the pool's {len(tags)} samples read: lower it")
+            if k > len(tags):
+                raise VitkdInputError(f"--num_keep {k} is larger than the pool's {len(tags)} samples read: lower it")
         positive = np.isin(tags, a.positive)
         if positive.all() or not positive.any():
             found = ", ".join(sorted(set(tags.tolist()))) or "none"

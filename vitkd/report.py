@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitkd.errors import VitkdInputError
+from vitkd.errors import OneLineParser, VitkdInputError
 from vitkd.io import atomic_path, write_text
 
 SEED_DIR = re.compile(r"seed\d+")
@@ -81,6 +81,17 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return sorted(found)
 
 
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's ``metrics.json``; one line naming the file when it is not a JSON object of figures."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise VitkdInputError(f"{path} is not valid JSON ({err}): rerun that run, or leave its folder out") from None
+    if not isinstance(metrics, dict):
+        raise VitkdInputError(f"{path} is not a JSON object of figures: pass run directories written by `python -m vitkd.fit`")
+    return metrics
+
+
 def common_parent(paths: list[Path]) -> Path:
     parts = [p.resolve().parts for p in paths]
     common = []
@@ -117,7 +128,7 @@ def collect(dirs: list[Path]) -> list[Row]:
     for key, members in groups.items():
         rel = key.resolve().relative_to(base) if key.resolve().is_relative_to(base) else key
         name = str(rel) if str(rel) != "." else key.name
-        metrics = [json.loads((m / "metrics.json").read_text()) for m in members]
+        metrics = [read_metrics(m / "metrics.json") for m in members]
         row = Row(name=name, runs=members, metrics=metrics, stage=_stage(members[0]))
         for k, _, _ in COLUMNS:
             vals = [float(m[k]) for m in metrics if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
@@ -276,6 +287,8 @@ def report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     """Write the comparison of the runs under ``dirs`` into ``out``; returns the written files by name."""
     rows = collect(dirs)
     out = out if out is not None else common_parent([d for d in dirs if d.is_dir()]) / "comparison"
+    if out.exists() and not out.is_dir():
+        raise VitkdInputError(f"--out {out} is a file: pass a folder (it is created if missing)")
     written = {}
     listed = ", ".join(f"`{d}`" for d in dirs if d.is_dir())
     md = f"# Run comparison\n\nRuns under {listed}; mean ± std over `seedN` runs.\n\n" + markdown_table(rows)
@@ -294,7 +307,7 @@ def report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitkd.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m vitkd.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or folders of them (searched recursively)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <common parent of RUN_DIRs>/comparison)")
     a = p.parse_args(argv)

@@ -25,6 +25,7 @@ from vitkd.efficient.gtp import GTPViT
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.efficient.tome import ToMeViT
+from vitkd.errors import OneLineParser, positive_int
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
 from vitkd.teacher import load_teacher
@@ -52,7 +53,7 @@ def cost(model: torch.nn.Module, bs: int) -> dict:
 
 
 def fit_run(config: Path, run_dir: Path, *overrides: str) -> dict:
-    return cli_main(["--config", str(config), *QUIET, *overrides, "--run_dir", str(run_dir)])
+    return cli_main(["--config", str(config), *QUIET, *overrides, "--run_dir", str(run_dir), "--overwrite", "true"])  # the demo owns its runs
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -81,19 +82,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m vitkd.efficient.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo-efficient")
-    ap.add_argument("--student_epochs", type=int, default=40)
-    ap.add_argument("--student_seeds", type=int, default=2)
-    ap.add_argument("--idle_epochs", type=int, default=3)
-    ap.add_argument("--throughput_batch", type=int, default=256)
+    ap.add_argument("--student_epochs", type=positive_int, default=40)
+    ap.add_argument("--student_seeds", type=positive_int, default=2)
+    ap.add_argument("--idle_epochs", type=positive_int, default=3)
+    ap.add_argument("--throughput_batch", type=positive_int, default=256)
     args = ap.parse_args(argv)
     out = Path(args.out)
     t_start = time.time()
     torch.manual_seed(0)
     if not TEACHER.is_file():
         print(f"[demo-efficient] no teacher at {TEACHER}: training it (about 3 minutes)", flush=True)
-        cli_main(["--config", "experiments/digits/teacher.yaml", *QUIET, "--run_dir", str(TEACHER.parent.parent)])
+        cli_main(["--config", "experiments/digits/teacher.yaml", *QUIET, "--run_dir", str(TEACHER.parent.parent), "--overwrite", "true"])
     teacher, _ = load_teacher(TEACHER)
     loader = DigitsDataModule(img_size=16).test_dataloader()
     bs = args.throughput_batch

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from vitkd.fit import cli_main
+from vitkd.errors import OneLineParser, positive_int
 from vitkd.io import write_json
 
 CONFIGS = Path("experiments/generator")
@@ -31,7 +32,7 @@ STUDENTS = [
 
 def run(args: list[str]) -> dict:
     t0 = time.time()
-    metrics = cli_main([*args, "--trainer.enable_progress_bar", "false"])
+    metrics = cli_main([*args, "--overwrite", "true", "--trainer.enable_progress_bar", "false"])  # the demo owns its runs
     keep = ("test/acc", "best_val/agree")
     print(f"  {args[args.index('--run_dir') + 1]}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in keep if k in metrics})}", flush=True)
     return metrics
@@ -47,11 +48,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = OneLineParser(prog="python -m vitkd.generators.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--out", default="runs/demo-generator")
     p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (teacher, selection, summary)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 measured fastest for these tiny models on a shared 2-core CPU)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 measured fastest for these tiny models on a shared 2-core CPU)")
     a = p.parse_args(argv)
     import torch
 
