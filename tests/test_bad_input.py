@@ -125,6 +125,10 @@ def test_bad_values_name_the_input(tiny_teacher, tiny_pool, tmp_path):
     afile.write_text("keep me")
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_epochs: [1, 2\nmodel: x\n")
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
     plain = tmp_path / "plain_sd.pt"
     torch.save({k.removeprefix("model."): v for k, v in torch.load(tiny_teacher, weights_only=False)["state_dict"].items()}, plain)
     cases = [
@@ -133,6 +137,8 @@ def test_bad_values_name_the_input(tiny_teacher, tiny_pool, tmp_path):
         ((*teacher, "--data.init_args.img_size", "0", "--run_dir", str(tmp_path / "r2")), r"--data.init_args.img_size 0 must be a positive integer"),
         ((*teacher, "--ckpt_path", str(tiny_teacher.parent), "--run_dir", str(tmp_path / "r3")), r"--ckpt_path .*checkpoints is a folder: pass the checkpoint file in it"),
         (("--config", str(binary), "--run_dir", str(tmp_path / "r4")), r"--config .*bin.yaml is not a UTF-8 YAML file"),
+        (("--config", str(broken), "--run_dir", str(tmp_path / "r4")), r"--config .*broken.yaml is not valid YAML \(line 3, column 6: expected ',' or ']'"),
+        (("--config", str(scalar), "--run_dir", str(tmp_path / "r4")), r"--config .*scalar.yaml holds a str, not a mapping of keys"),
         ((*select, "--model.init_args.teacher_ckpt", str(tiny_teacher), "--data.init_args.wild_urls", "", "--run_dir", str(tmp_path / "r5")),
          r"--data.init_args.wild_urls is empty: .*or leave it unset for the embedded pool"),
         ((*select, "--model.init_args.teacher_ckpt", str(tiny_teacher.parent.parent), "--data.init_args.wild_urls", tiny_pool, "--run_dir", str(tmp_path / "r6")),
@@ -147,3 +153,15 @@ def test_bad_values_name_the_input(tiny_teacher, tiny_pool, tmp_path):
         assert "\n" not in str(err.value)
     assert afile.read_text() == "keep me"
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 8)), "nothing written for a refused run"
+
+
+def test_wrong_types_name_the_key_and_the_value(tmp_path):
+    cases = [
+        (("--config", "experiments/digits/select.yaml", "--model.init_args.num_keep", "abc"), "--model.init_args.num_keep: expected int, got abc"),
+        (("--config", "experiments/digits/teacher.yaml", "--data.init_args.batch_size", "1.5"), "--data.init_args.batch_size: expected int, got 1.5"),
+        (("--config", "experiments/digits/teacher.yaml", "--trainer.precision", "8-bogus"), "--trainer.precision: 8-bogus is not an accepted value"),
+    ]
+    for args, words in cases:
+        line = _error_line(_cli(*args, "--run_dir", str(tmp_path / "r")))
+        assert words in line, line
+    assert not (tmp_path / "r").exists()

@@ -117,25 +117,49 @@ def remove_earlier_results(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def _check_config_files(args: ArgsType) -> None:
-    """A ``--config`` that is not UTF-8 text, named in one line (the parser would raise a decode error)."""
+    """A ``--config`` that is not UTF-8 text, not YAML or not a mapping, named in one line with where it breaks
+    (the parser's own messages name neither the file nor the line)."""
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
     for i, arg in enumerate(argv):
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=") if arg.startswith("--config=") else None
         if path and Path(path).is_file():
+            import yaml
+
             try:
-                Path(path).read_text(encoding="utf-8")
+                content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise VitkdInputError(f"--config {path} is not a UTF-8 YAML file: pass a YAML config such as experiments/digits/teacher.yaml") from None
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+                raise VitkdInputError(f"--config {path} is not valid YAML ({where}{getattr(err, 'problem', None) or err}): fix the file") from None
+            if content is not None and not isinstance(content, dict):
+                raise VitkdInputError(f"--config {path} holds a {type(content).__name__}, not a mapping of keys: pass a config such as experiments/digits/teacher.yaml")
 
 
 def _one_line(err: BaseException) -> str:
-    """jsonargparse nests the real reason several lines deep; keep the line that names the key."""
-    lines = [ln.strip(" -") for ln in str(err).splitlines() if ln.strip(" -")]
+    """jsonargparse nests the real reason several lines deep: keep the line that says what is wrong, and
+    name the key it is about (``model.init_args.num_keep``), with the value given when a type did not fit."""
+    import re
+
+    text = str(err)
+    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
+    reason = None
     for marker in ("is not accepted", "not expected", "Unrecognized", "No action", "does not", "Expected"):
-        for ln in lines:
-            if marker in ln and "Union subtypes" not in ln:
-                return ln
-    return lines[0] if lines else type(err).__name__
+        reason = next((ln for ln in lines if marker in ln and "Union subtypes" not in ln), None)
+        if reason is not None:
+            break
+    reason = reason or (lines[0] if lines else type(err).__name__)
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    if not keys or not reason.startswith("Expected"):
+        return reason
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{'.'.join(keys[1:])}" if "class_path" in text else ".".join(keys)
+    given = re.search(r"Given value: (.+)", text)
+    if "Got value" not in reason and sum(ln.startswith("Expected") for ln in lines) > 1 and given:  # a union of types
+        return f"--{key}: {given.group(1)} is not an accepted value"
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
+    reason = re.sub(r"^Expected an? (.+?)\. Got value: (.+)$", r"expected \1, got \2", reason)  # "expected int, got abc"
+    return f"--{key}: {reason}"
 
 
 def cli_main(args: ArgsType = None) -> dict[str, Any]:

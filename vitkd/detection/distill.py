@@ -74,7 +74,8 @@ def probe_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Te
     """Eq. (D4): N · mean((P_S/ΣP_S − P_T/ΣP_T)²) over maps (B, h, w) of the same grid."""
     if student_map.shape != teacher_map.shape:
         raise ValueError(f"probe maps differ in shape {tuple(student_map.shape)} vs {tuple(teacher_map.shape)}")
-    s = student_map.float().flatten(1)
-    t = teacher_map.float().flatten(1)
-    s, t = s / s.sum(1, keepdim=True).clamp(min=1e-12), t / t.sum(1, keepdim=True).clamp(min=1e-12)
-    return s.shape[1] * F.mse_loss(s, t)
+    with torch.autocast(device_type=student_map.device.type, enabled=False):  # as the module says: fp32, autocast off
+        s = student_map.float().flatten(1)
+        t = teacher_map.float().flatten(1)
+        s, t = s / s.sum(1, keepdim=True).clamp(min=1e-12), t / t.sum(1, keepdim=True).clamp(min=1e-12)
+        return s.shape[1] * F.mse_loss(s, t)
