@@ -59,7 +59,7 @@ EMNIST_CLASSES = {
     "byclass": _DIGITS + _UPPER + _LOWER,
     "bymerge": _MERGED,
     "balanced": _MERGED,
-    "letters": [u + l for u, l in zip(_UPPER, _LOWER)],
+    "letters": [upper + lower for upper, lower in zip(_UPPER, _LOWER)],
     "digits": _DIGITS,
     "mnist": _DIGITS,
 }

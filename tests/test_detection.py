@@ -390,7 +390,14 @@ def det_teacher(tmp_path_factory) -> Path:
 
 
 def test_teacher_stage_through_cli(det_teacher):
-    assert det_teacher.is_file()
+    """The teacher run's best checkpoint (its metrics are checked by the fixture) is a DetrTrainer checkpoint
+    chosen on validation, with finite weights a distillation stage can load."""
+    ckpt = torch.load(det_teacher, map_location="cpu", weights_only=False)
+    assert ckpt["vitkd_stage"] == "DetrTrainer"
+    best = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert best["monitor"] == "val/map" and Path(best["best_model_path"]).name == "best.ckpt"
+    state = ckpt["state_dict"]
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_student_scratch_stage_through_cli(tmp_path):

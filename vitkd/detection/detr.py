@@ -153,6 +153,6 @@ def postprocess(outputs: dict, img_size: int) -> list[dict[str, torch.Tensor]]:
     prob = outputs["pred_logits"].float().softmax(-1)[..., :-1]
     scores, labels = prob.max(-1)
     boxes = normalized_to_pixel_xyxy(outputs["pred_boxes"].float(), img_size, img_size)
-    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+    return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
 
 
