@@ -132,7 +132,9 @@ class AttentionProbeSelector(Stage):
         ``overwrite``, which removes them; scores computed the same way are kept and reused (so a rerun with
         another ``num_keep`` only re-selects)."""
         super().check_run_dir(trainer, datamodule, run_dir, ckpt_path, overwrite)
-        if (run_dir / "score_parts" / "fingerprint.json").is_file():
+        # rank 0 alone: it is the one that removes old outputs on --overwrite (another rank reading them then could
+        # race it) and that checks the fingerprint again before scoring
+        if trainer.is_global_zero and (run_dir / "score_parts" / "fingerprint.json").is_file():
             parts = ScoreParts(run_dir / "score_parts", datamodule.wild_shards(), self._fingerprint(trainer))
             if not overwrite:
                 parts.check()
