@@ -48,8 +48,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
     a = p.parse_args(argv)
     out = Path(a.out)

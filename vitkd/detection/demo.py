@@ -55,7 +55,7 @@ def note(rows: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.detection.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/demo-detection")
+    p.add_argument("--out", default="runs/demo-detection", help="output folder (its earlier runs are replaced)")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="student runs at a time (2: one per core here)")
     p.add_argument("--reuse_teacher", action="store_true", help="keep a finished teacher run under --out instead of training it again")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run (e.g. --trainer.max_epochs 2)")

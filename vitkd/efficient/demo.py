@@ -83,7 +83,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m vitkd.efficient.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo-efficient")
+    ap.add_argument("--out", default="runs/demo-efficient", help="output folder (its earlier runs are replaced)")
     ap.add_argument("--student_epochs", type=positive_int, default=40)
     ap.add_argument("--student_seeds", type=positive_int, default=2)
     ap.add_argument("--idle_epochs", type=positive_int, default=3)

@@ -49,9 +49,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.generators.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/demo-generator")
+    p.add_argument("--out", default="runs/demo-generator", help="output folder (its earlier runs are replaced)")
     p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (teacher, selection, summary)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 measured fastest for these tiny models on a shared 2-core CPU)")
     a = p.parse_args(argv)
     import torch
