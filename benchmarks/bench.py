@@ -11,7 +11,6 @@ asserted. Timings: warm-up, then the median of per-iteration wall times, the dev
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as dt
@@ -31,9 +30,15 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.reference import HookedAttention, ReferenceDistiller, reference_model, reference_scores
+from benchmarks.reference import (
+    HookedAttention,
+    ReferenceDistiller,
+    reference_model,
+    reference_scores,
+)
 from vitkd.efficient.measure import flops_per_image
 from vitkd.efficient.vit_parts import unfused
+from vitkd.errors import OneLineParser
 from vitkd.io import write_json
 from vitkd.models import create_model
 from vitkd.stages import AttentionProbeSelector, ProbeDistillation
@@ -494,7 +499,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few iterations, smaller paper-pair batches, selector at 100k only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1, the project's setting for these models)")
     ap.add_argument("--scale", choices=["none", "100k", "1m"], default=None, help="selector-at-scale runs (default 100k; 1m adds the 1M-sample run, ~15 min on one CPU core)")

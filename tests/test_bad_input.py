@@ -100,9 +100,13 @@ def test_finished_run_is_not_replaced_unless_asked(tiny_teacher, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
         assert earlier_results(run) is None
+        (run / "metrics.json").write_text("{}")  # ... but a finished run is never a requeue, hpc checkpoint or not
+        assert earlier_results(run) == "metrics.json"
     (run / "notes.txt").write_text("mine")
+    (run / "samples").mkdir()
+    (run / "samples" / "epoch099.png").write_bytes(b"stale")  # another stage's output: --overwrite removes it too
     m = fit(*args, "--overwrite", "true")
-    assert not (run / "hpc_ckpt_1.ckpt").exists()
+    assert not (run / "hpc_ckpt_1.ckpt").exists() and not (run / "samples").exists()
     assert m["epochs"] == 1 and (run / "checkpoints" / "best.ckpt").read_bytes() != (tiny_teacher.parent / "best.ckpt").read_bytes()
     assert (run / "notes.txt").read_text() == "mine", "--overwrite removes vitkd's outputs only"
 

@@ -145,8 +145,9 @@ def test_selection_resumes_without_rescoring(tiny_teacher, tmp_path):
     run = tmp_path / "run"
     # a finished selection is not replaced by a rerun, whatever it asks for
     config = (run / "config.yaml").read_text()
-    with pytest.raises(VitkdInputError, match="already holds a run \\(metrics.json\\).*--overwrite true"):
+    with pytest.raises(VitkdInputError, match="already holds a run \\(metrics.json\\).*--overwrite true") as refused:
         fit(*_select_args(tiny_teacher, urls, run, keep=5))
+    assert "--ckpt_path" not in str(refused.value), "a selection has no checkpoint to resume from"
     assert (run / "scores.csv").read_text() == scores and (run / "config.yaml").read_text() == config
     parts[2].unlink()  # as if the run had been killed while scoring the third shard (before metrics.json)
     (run / "metrics.json").unlink()

@@ -17,8 +17,8 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from vitkd.errors import VitkdInputError
 from vitkd.checkpoint_io import AtomicCheckpointIO
+from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
 from vitkd.logging import WandbOptions, build_loggers, finish_loggers, slurm_requeued
 from vitkd.stages import Stage
@@ -59,10 +59,9 @@ class VitkdCLI(LightningCLI):
         if not cfg.overwrite and not cfg.ckpt_path:
             earlier = earlier_results(self.run_dir)
             if earlier:
-                raise VitkdInputError(
-                    f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, "
-                    f"--ckpt_path {self.run_dir / 'checkpoints' / 'last.ckpt'} to resume training, or --overwrite true to replace it"
-                )
+                last = self.run_dir / "checkpoints" / "last.ckpt"
+                resume = f"--ckpt_path {last} to resume training, " if last.is_file() else ""  # a selection has no checkpoints
+                raise VitkdInputError(f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, {resume}or --overwrite true to replace it")
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init
@@ -87,7 +86,7 @@ class VitkdCLI(LightningCLI):
 # what vitkd writes in a run directory; --overwrite removes these and nothing else
 RUN_OUTPUTS = (
     "checkpoints", "metrics.json", "metrics.csv", "hparams.yaml", "config.yaml", "score_parts", "scores.csv", "selected", "report",
-    "probe_maps", "wandb", "wandb_id.txt", "hpc_ckpt_*.ckpt",
+    "probe_maps", "samples", "wandb", "wandb_id.txt", "hpc_ckpt_*.ckpt",
 )
 
 
@@ -96,10 +95,10 @@ def earlier_results(run_dir: Path) -> str | None:
     ``metrics.json``, or a training run's checkpoints. Not a SLURM requeue (it resumes from Lightning's hpc
     checkpoint), nor an unfinished selection's ``score_parts`` (rerunning the same selection resumes it, and
     the selector refuses scores computed differently)."""
+    if (run_dir / "metrics.json").is_file():  # finished: a requeue never follows, whatever hpc checkpoints are left
+        return "metrics.json"
     if slurm_requeued(run_dir):  # Lightning resumes it from its hpc checkpoint
         return None
-    if (run_dir / "metrics.json").is_file():
-        return "metrics.json"
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
     return f"checkpoints/{ckpts[0].name}" if ckpts else None
 

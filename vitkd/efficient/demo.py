@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from vitkd.efficient.tome import ToMeViT
 from vitkd.errors import OneLineParser, positive_int
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
+from vitkd.runs import demo_main
 from vitkd.teacher import load_teacher
 
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")
@@ -146,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    demo_main(main)  # a failed run ends the demo with one line

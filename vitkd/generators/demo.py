@@ -17,9 +17,10 @@ import time
 import warnings
 from pathlib import Path
 
-from vitkd.fit import cli_main
 from vitkd.errors import OneLineParser, positive_int
+from vitkd.fit import cli_main
 from vitkd.io import write_json
+from vitkd.runs import demo_main
 
 CONFIGS = Path("experiments/generator")
 STUDENTS = [
@@ -106,4 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    demo_main(main)  # a failed run ends the demo with one line
