@@ -13,11 +13,14 @@ from typing import Callable, Sequence
 from vitkd.errors import VitkdInputError
 
 
+# a demo owns its output folder: running it again replaces its earlier runs
+DEMO_RUN_FLAGS = ("--overwrite", "true")
+
+
 def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] = ()) -> dict:
     """One run in its own process; returns its ``metrics.json``. The log goes to ``run_dir/fit.log``;
     one line with the time and the ``show`` figures is printed."""
-    # a demo owns its output folder: running it again replaces its earlier runs (--overwrite)
-    args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), "--overwrite", "true", "--trainer.enable_progress_bar", "false", *extra]
+    args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), *DEMO_RUN_FLAGS, "--trainer.enable_progress_bar", "false", *extra]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(run_dir / "fit.log", "w") as log:

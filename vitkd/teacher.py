@@ -24,6 +24,17 @@ def read_checkpoint(path: str | Path) -> dict:
         raise VitkdInputError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): pass a Lightning .ckpt or a torch state dict") from err
 
 
+def shape_mismatch(model: nn.Module, state: dict) -> str | None:
+    """The first tensor of ``state`` whose shape differs from ``model``'s, as ``"key: (ckpt shape) in the
+    checkpoint, (model shape) here"``; None when all shared keys fit (a one-line reason instead of
+    ``load_state_dict``'s list of every mismatch)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and hasattr(value, "shape") and tuple(own[key].shape) != tuple(value.shape):
+            return f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here"
+    return None
+
+
 def load_teacher(path: str | Path, arch: str | None = None, **model_kwargs) -> tuple[nn.Module, dict]:
     """Returns (frozen teacher in eval mode, info) where info holds ``arch`` and ``val_acc`` if known.
 
@@ -43,13 +54,9 @@ def load_teacher(path: str | Path, arch: str | None = None, **model_kwargs) -> t
     kwargs.update(hp.get("model_kwargs") or {})
     kwargs.update(model_kwargs)
     model = create_model(arch, **kwargs)
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own and hasattr(value, "shape") and tuple(own[key].shape) != tuple(value.shape):
-            raise VitkdInputError(
-                f"teacher checkpoint {path} does not fit arch {arch!r} ({key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here): "
-                "pass the arch (--model.init_args.teacher_arch) and sizes it was trained with"
-            )
+    mismatch = shape_mismatch(model, state)
+    if mismatch:
+        raise VitkdInputError(f"teacher checkpoint {path} does not fit arch {arch!r} ({mismatch}): pass the arch (--model.init_args.teacher_arch) and sizes it was trained with")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VitkdInputError(

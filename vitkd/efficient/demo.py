@@ -27,7 +27,7 @@ from vitkd.efficient.tome import ToMeViT
 from vitkd.errors import OneLineParser, positive_int
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
-from vitkd.runs import demo_main
+from vitkd.runs import DEMO_RUN_FLAGS, demo_main
 from vitkd.teacher import load_teacher
 
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")
@@ -53,7 +53,7 @@ def cost(model: torch.nn.Module, bs: int) -> dict:
 
 
 def fit_run(config: Path, run_dir: Path, *overrides: str) -> dict:
-    return cli_main(["--config", str(config), *QUIET, *overrides, "--run_dir", str(run_dir), "--overwrite", "true"])  # the demo owns its runs
+    return cli_main(["--config", str(config), *QUIET, *overrides, "--run_dir", str(run_dir), *DEMO_RUN_FLAGS])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if not TEACHER.is_file():
         print(f"[demo-efficient] no teacher at {TEACHER}: training it (about 3 minutes)", flush=True)
-        cli_main(["--config", "experiments/digits/teacher.yaml", *QUIET, "--run_dir", str(TEACHER.parent.parent), "--overwrite", "true"])
+        cli_main(["--config", "experiments/digits/teacher.yaml", *QUIET, "--run_dir", str(TEACHER.parent.parent), *DEMO_RUN_FLAGS])
     teacher, _ = load_teacher(TEACHER)
     loader = DigitsDataModule(img_size=16).test_dataloader()
     bs = args.throughput_batch

@@ -20,7 +20,7 @@ from pathlib import Path
 from vitkd.errors import OneLineParser, positive_int
 from vitkd.fit import cli_main
 from vitkd.io import write_json
-from vitkd.runs import demo_main
+from vitkd.runs import DEMO_RUN_FLAGS, demo_main
 
 CONFIGS = Path("experiments/generator")
 STUDENTS = [
@@ -33,7 +33,7 @@ STUDENTS = [
 
 def run(args: list[str]) -> dict:
     t0 = time.time()
-    metrics = cli_main([*args, "--overwrite", "true", "--trainer.enable_progress_bar", "false"])  # the demo owns its runs
+    metrics = cli_main([*args, *DEMO_RUN_FLAGS, "--trainer.enable_progress_bar", "false"])
     keep = ("test/acc", "best_val/agree")
     print(f"  {args[args.index('--run_dir') + 1]}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in keep if k in metrics})}", flush=True)
     return metrics

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.errors import VitkdInputError
 from vitkd.models import count_params
-from vitkd.teacher import load_teacher
+from vitkd.teacher import load_teacher, shape_mismatch
 
 
 def warmup_cosine(total: float, warmup: float):
@@ -74,14 +74,11 @@ class Stage(pl.LightningModule):
                 f"--ckpt_path {ckpt_path} is a {stage} checkpoint, not {type(self).__name__}: pass a checkpoint of this stage's run "
                 "(a trained teacher goes in --model.teacher_ckpt)"
             )
-        own = self.state_dict()
-        for key, value in ckpt["state_dict"].items():
-            if key in own and tuple(own[key].shape) != tuple(value.shape):
-                arch = (ckpt.get("hyper_parameters") or {}).get("arch")
-                hint = f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}" if arch else "pass a checkpoint of the same model"
-                raise VitkdInputError(
-                    f"--ckpt_path {ckpt_path} does not fit this model ({key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here); {hint}"
-                )
+        mismatch = shape_mismatch(self, ckpt["state_dict"])
+        if mismatch:
+            arch = (ckpt.get("hyper_parameters") or {}).get("arch")
+            hint = f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}" if arch else "pass a checkpoint of the same model"
+            raise VitkdInputError(f"--ckpt_path {ckpt_path} does not fit this model ({mismatch}); {hint}")
 
     def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)

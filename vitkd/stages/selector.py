@@ -324,8 +324,6 @@ class AttentionProbeSelector(Stage):
                 out["score_auroc"] = auroc
                 if self.hparams.strategy == "value":  # a random subset does not rank by V
                     out["value_auroc"] = auroc["value"]["all"]
-            out["scored_by_source"] = dict(scored)
-            out["kept_by_source"] = dict(kept_src)
         return out
 
     def _report(self, trainer, run_dir: Path, datamodule) -> None:
