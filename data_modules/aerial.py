@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_modules.coco import CocoDataModule
-from vitkd.io import atomic_dir, write_json
+from vitkd.io import atomic_dir, build_once, write_json
 
 VERSION = 1
 CLASSES = ("disk", "square", "triangle", "digit")
@@ -134,8 +134,7 @@ class AerialDataModule(CocoDataModule):
         self.categories = list(range(1, len(CLASSES) + 1))
 
     def prepare_data(self) -> None:
-        if not (self.root / "test.json").is_file():
-            generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size)
+        build_once(self.root, lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size))
 
     def dataset(self, split: str):
         self.prepare_data()

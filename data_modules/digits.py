@@ -10,6 +10,8 @@ from sklearn.model_selection import train_test_split
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
 from data_modules.wild_pool import POOL_VERSION, generate_pool
+from vitkd.errors import OneLineParser, positive_int
+from vitkd.io import build_once
 
 SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
 
@@ -46,8 +48,8 @@ class DigitsDataModule(ImageDataModule):
         return self.data_dir / f"digits-wild-v{POOL_VERSION}-{self.wild_pool_size}-s{self.wild_pool_seed}"
 
     def prepare_data(self) -> None:
-        if self.wild_urls is None and not (self._pool_dir() / "meta.json").exists():
-            generate_pool(self._pool_dir(), self.wild_pool_size, self.wild_pool_seed)
+        if self.wild_urls is None:  # meta.json is written last, inside the renamed directory
+            build_once(self._pool_dir(), lambda: generate_pool(self._pool_dir(), self.wild_pool_size, self.wild_pool_seed))
 
     def embedded_wild_urls(self) -> str:
         meta = self._pool_dir() / "meta.json"
@@ -56,3 +58,20 @@ class DigitsDataModule(ImageDataModule):
         import json
 
         return shard_url(self._pool_dir(), json.loads(meta.read_text())["shards"], "wild")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m data_modules.digits``: write the embedded wild pool now (a run otherwise writes it on first
+    use) and print its shard URL; e.g. before several selections start at once."""
+    p = OneLineParser(prog="python -m data_modules.digits", description=main.__doc__)
+    p.add_argument("--data_dir", default="data", help="folder of the embedded data sets (the data module's data_dir)")
+    p.add_argument("--wild_pool_size", type=positive_int, default=20000)
+    p.add_argument("--wild_pool_seed", type=int, default=0)
+    a = p.parse_args(argv)
+    dm = DigitsDataModule(data_dir=a.data_dir, wild_pool_size=a.wild_pool_size, wild_pool_seed=a.wild_pool_seed)
+    dm.prepare_data()
+    print(dm.embedded_wild_urls())
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from vitkd.errors import OneLineParser, positive_int
 from vitkd.io import write_json
-from vitkd.runs import demo_main, run_many
+from vitkd.runs import demo_main, run_fit, run_graph, run_logged
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -52,39 +54,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
     a = p.parse_args(argv)
+    a.seeds = list(dict.fromkeys(a.seeds))  # a seed named twice is one run
     out = Path(a.out)
     t0 = time.time()
-    teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
-    common = ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
+    common = ["--model.init_args.teacher_ckpt", str(out / "teacher" / "checkpoints" / "best.ckpt")]
 
-    def student_jobs(names: list[str], selections: dict) -> list[tuple]:
-        jobs = []
-        for name, cfg, _, sel in STUDENTS:
-            if name not in names:
-                continue
-            extra = list(common) if cfg != "scratch.yaml" else []
+    def fit(config: str, run_dir: Path, *extra: str) -> Callable:
+        return lambda results: run_fit(CONFIGS / config, run_dir, *extra, show=SHOW)
+
+    def student(config: str, run_dir: Path, seed: int, sel: str | None) -> Callable:
+        def job(results: dict) -> dict:
+            extra = [*common] if config != "scratch.yaml" else []
             if sel is not None:
-                extra += ["--data.init_args.train_urls", selections[sel]["selected_urls"]]
-            jobs += [(name, (CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra)) for seed in a.seeds]
-        return jobs
+                extra += ["--data.init_args.train_urls", results[sel]["selected_urls"]]
+            return run_fit(CONFIGS / config, run_dir, "--seed_everything", str(seed), *extra, show=SHOW)
 
-    # the scratch students need no teacher: they run beside it, on the core the teacher leaves idle
-    print("[1/3] teacher (and the scratch students beside it)", flush=True)
-    first = student_jobs(["scratch"], {})
-    done = run_many([(CONFIGS / "teacher.yaml", out / "teacher"), *(j for _, j in first)], a.jobs, SHOW)
-    teacher, results = done[0], {name: [] for name, *_ in STUDENTS}
-    results["scratch"] = done[1:]
+        return job
+
+    # Jobs and what each waits for; among those ready, the first listed starts first. The teacher is on every
+    # path, so it starts first, with the pool and then the scratch students (which need neither) on the other
+    # core; then the selections; then the long wild-data students, the short ones last to fill the gaps.
+    jobs: dict[str, tuple[tuple[str, ...], Callable]] = {
+        "teacher": ((), fit("teacher.yaml", out / "teacher")),
+        "pool": ((), lambda results: run_logged([sys.executable, "-m", "data_modules.digits"], out / "pool.log", "writing the wild pool")),
+    }
+    for name, cfg in SELECTIONS.items():
+        jobs[name] = (("teacher", "pool"), fit(cfg, out / name, *common))
+    for name, cfg, _, sel in reversed(STUDENTS):
+        after = () if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)
+        for seed in a.seeds:
+            jobs[f"{name}/seed{seed}"] = (after, student(cfg, out / name / f"seed{seed}", seed, sel))
+    print(f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(a.seeds)} seeds; {a.jobs} at a time", flush=True)
+    done = run_graph(jobs, a.jobs)
+    teacher = done["teacher"]
+    selections = {name: done[name] for name in SELECTIONS}
+    results = {name: [done[f"{name}/seed{seed}"] for seed in a.seeds] for name, *_ in STUDENTS}
     rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
-
-    print("[2/3] selections", flush=True)
-    names = list(SELECTIONS)
-    selections = dict(zip(names, run_many([(CONFIGS / SELECTIONS[n], out / n, *common) for n in names], a.jobs, SHOW)))
-
-    print("[3/3] students", flush=True)
-    # the longest runs first, so the last minutes are not spent on one run while a core idles
-    rest = student_jobs([s[0] for s in STUDENTS if s[0] != "scratch"], selections)[::-1]
-    for (name, _), metrics in zip(rest, run_many([j for _, j in rest], a.jobs, SHOW)):
-        results[name].insert(0, metrics)  # ``rest`` is in reverse seed order
 
     for name, _, data, sel in STUDENTS:
         ms = results[name]

@@ -10,7 +10,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: outputs get the usual permissions, not mkstemp's owner-only 0600
@@ -71,3 +73,17 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def build_once(path: str | os.PathLike, build: Callable[[], Any]) -> None:
+    """Run ``build`` (which writes ``path``) unless ``path`` exists. Runs started together on one machine
+    (a demo's parallel jobs, two users' runs) take a lock next to ``path``: the first builds, the others wait
+    and then find it, instead of writing the same files again and renaming them under a reader. filelock: an
+    OS lock, released if its holder dies."""
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(f".{path.name}.lock"))):
+        if not path.exists():
+            build()

@@ -1,4 +1,5 @@
-"""Running configs from the demos: each ``python -m vitkd.fit`` run in its own process, several at a time."""
+"""Running configs from the demos: each ``python -m vitkd.fit`` run in its own process, several at a time,
+those that need another run's output once it is there."""
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from vitkd.errors import VitkdInputError
 
@@ -17,16 +18,21 @@ from vitkd.errors import VitkdInputError
 DEMO_RUN_FLAGS = ("--overwrite", "true")
 
 
+def run_logged(args: Sequence[str], log: Path, what: str) -> None:
+    """A command in its own process, its output in ``log``; a failure raises one line naming ``what`` and the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        done = subprocess.run(list(args), stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise VitkdInputError(f"{what} failed (exit {done.returncode}): see {log}")
+
+
 def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] = ()) -> dict:
     """One run in its own process; returns its ``metrics.json``. The log goes to ``run_dir/fit.log``;
     one line with the time and the ``show`` figures is printed."""
     args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), *DEMO_RUN_FLAGS, "--trainer.enable_progress_bar", "false", *extra]
-    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(run_dir / "fit.log", "w") as log:
-        done = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0:
-        raise VitkdInputError(f"run {run_dir} failed (exit {done.returncode}): see {run_dir / 'fit.log'}")
+    run_logged(args, run_dir / "fit.log", f"run {run_dir}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in show if k in metrics})}", flush=True)
     return metrics
@@ -36,6 +42,31 @@ def run_many(jobs: Sequence[tuple], workers: int, show: Sequence[str] = ()) -> l
     """Independent runs ``(config, run_dir, *extra)``, ``workers`` at a time; metrics in job order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: run_fit(*job, show=show), jobs))
+
+
+def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]], workers: int) -> dict[str, Any]:
+    """Jobs ``name: (after, fn)`` that wait for others: ``fn(results)`` starts once every job named in ``after``
+    has finished (``results`` holds what each finished job returned), ``workers`` at a time; among the jobs
+    ready, the one listed first starts first. A failed job's error is raised once the running ones end.
+    Written by hand: concurrent.futures has no dependencies between tasks, and a workflow engine for one
+    machine's dozen runs would be a dependency heavier than this loop."""
+    unknown = sorted({d for after, _ in jobs.values() for d in after} - set(jobs))
+    if unknown:
+        raise ValueError(f"jobs wait for unknown jobs {unknown}")
+    results: dict[str, Any] = {}
+    pending, running = dict(jobs), {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            for name in [n for n, (after, _) in pending.items() if all(d in results for d in after)]:
+                if len(running) == workers:
+                    break
+                running[pool.submit(pending.pop(name)[1], results)] = name
+            if not running:
+                raise ValueError(f"jobs {sorted(pending)} wait for each other")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                results[running.pop(future)] = future.result()
+    return results
 
 
 def demo_main(main: Callable[[], None]) -> None:

@@ -1,0 +1,81 @@
+"""How the demos run their jobs (vitkd.runs.run_graph) and write an embedded data set once (vitkd.io.build_once)."""
+import threading
+import time
+
+import pytest
+
+from vitkd.io import build_once
+from vitkd.runs import run_graph
+
+
+def _recording_jobs(spec: dict[str, tuple[str, ...]], log: list, pause: float = 0.0) -> dict:
+    def job(name):
+        def fn(results):
+            log.append(("start", name, sorted(results)))
+            time.sleep(pause)
+            log.append(("end", name))
+            return f"out-{name}"
+
+        return fn
+
+    return {name: (after, job(name)) for name, after in spec.items()}
+
+
+def test_a_job_starts_after_what_it_waits_for_and_the_first_listed_ready_job_first():
+    log: list = []
+    # one worker: the order is fixed. c is ready at once but listed after b, which waits for a
+    jobs = _recording_jobs({"a": (), "b": ("a",), "c": (), "d": ("b", "c")}, log)
+    results = run_graph(jobs, workers=1)
+    assert results == {n: f"out-{n}" for n in "abcd"}
+    starts = [(name, seen) for kind, name, *seen in log if kind == "start"]
+    assert starts == [("a", [[]]), ("b", [["a"]]), ("c", [["a", "b"]]), ("d", [["a", "b", "c"]])]
+
+
+def test_two_workers_run_two_ready_jobs_at_once_and_a_waiting_job_after_its_inputs():
+    log: list = []
+    jobs = _recording_jobs({"slow": (), "other": (), "after_slow": ("slow",)}, log, pause=0.2)
+    run_graph(jobs, workers=2)
+    order = [(kind, name) for kind, name, *_ in log]
+    assert order[:2] == [("start", "slow"), ("start", "other")]  # both at once
+    assert order.index(("start", "after_slow")) > order.index(("end", "slow"))
+
+
+def test_a_failed_job_is_raised_and_its_dependants_never_start():
+    started = []
+
+    def boom(results):
+        raise RuntimeError("run x failed")
+
+    jobs = {"x": ((), boom), "y": (("x",), lambda r: started.append("y"))}
+    with pytest.raises(RuntimeError, match="run x failed"):
+        run_graph(jobs, workers=2)
+    assert started == []
+
+
+@pytest.mark.parametrize("spec, message", [({"a": ("nope",)}, "unknown jobs \\['nope'\\]"), ({"a": ("b",), "b": ("a",)}, "wait for each other")])
+def test_jobs_that_can_never_start_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        run_graph({n: (after, lambda r: None) for n, after in spec.items()}, workers=2)
+
+
+def test_build_once_builds_once_when_callers_start_together(tmp_path):
+    """Two callers at once (the demo's parallel selections both asking for the pool): one builds, the other
+    waits for it and then finds it; nothing is built again once it exists."""
+    target, builds = tmp_path / "pool", []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # long enough for the second caller to arrive while the first is building
+        tmp = tmp_path / ".pool.tmp"
+        tmp.mkdir()
+        (tmp / "meta.json").write_text("{}")
+        tmp.rename(target)
+
+    callers = [threading.Thread(target=build_once, args=(target, build)) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert builds == [1] and (target / "meta.json").is_file()
+    build_once(target, build)
+    assert builds == [1]
