@@ -42,3 +42,52 @@ def test_demo_options_are_checked_before_any_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.count("\n") == 0 and "--jobs" in err and "positive integer, got 0" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tmp_path):
+    """The demo's job graph with a stand-in for each run: a student on a selection trains on that selection's
+    shards and starts after it; scratch needs no teacher; the table's mean ± sample std comes from the seeds."""
+    import statistics
+
+    from vitkd.demo import SELECTIONS, STUDENTS, demo_jobs, summary_rows
+    from vitkd.runs import run_graph
+
+    calls, ended = [], set()
+
+    def fake_fit(config, run_dir, *args, show=()):
+        calls.append((run_dir.relative_to(tmp_path).as_posix(), config.name, list(args), set(ended)))
+        name = run_dir.relative_to(tmp_path).as_posix()
+        ended.add(name)
+        if name.startswith("select"):
+            return {"selected_urls": f"{name}/selected/shard-000000.tar", "num_kept": 5, "precision": 0.5, "precision_max": 0.6}
+        seed = int(name.rsplit("seed", 1)[1]) if "seed" in name else 0
+        return {"test/acc": 0.9 + 0.01 * seed + 0.001 * len(name), "params": 7}
+
+    def fake_pool(out):
+        ended.add("pool")
+
+    jobs = demo_jobs(tmp_path, [0, 1, 2], fit=fake_fit, pool=fake_pool)
+    done = run_graph(jobs, workers=1)
+    runs = {name: (cfg, args, before) for name, cfg, args, before in calls}
+    # one at a time, the first listed of the ready jobs: teacher, pool, selections, long students, short ones
+    order = [c[0] for c in calls]
+    assert order[:4] == ["teacher", "select_ap", "select_dfnd", "select_random"] and order[-3:] == ["scratch/seed0", "scratch/seed1", "scratch/seed2"]
+    teacher_arg = ["--model.init_args.teacher_ckpt", str(tmp_path / "teacher" / "checkpoints" / "best.ckpt")]
+    for name, cfg, _, sel in STUDENTS:
+        for seed in (0, 1, 2):
+            got_cfg, args, before = runs[f"{name}/seed{seed}"]
+            assert got_cfg == cfg and args[:2] == ["--seed_everything", str(seed)]
+            assert (args[2:4] == teacher_arg) == (name != "scratch")
+            assert ("teacher" in jobs[f"{name}/seed{seed}"][0]) == (name != "scratch") and set(jobs[f"{name}/seed{seed}"][0]) <= before
+            if sel is not None:
+                assert args[-2:] == ["--data.init_args.train_urls", f"{sel}/selected/shard-000000.tar"] and sel in before
+            else:
+                assert "--data.init_args.train_urls" not in args
+    for sel, cfg in SELECTIONS.items():
+        assert runs[sel][0] == cfg and runs[sel][1] == teacher_arg and {"teacher", "pool"} <= runs[sel][2]
+
+    rows = {r["run"]: r for r in summary_rows(done, [0, 1, 2])}
+    accs = [done[f"dfnd/seed{s}"]["test/acc"] for s in (0, 1, 2)]
+    assert rows["dfnd"]["test_acc_mean"] == statistics.fmean(accs) and rows["dfnd"]["test_acc_std"] == statistics.stdev(accs)
+    assert rows["dfnd"]["precision"] == 0.5 and rows["dfnd"]["num_kept"] == 5 and "precision" not in rows["scratch"]
+    assert list(rows) == ["teacher", "scratch", "kd_original", "dfnd", "random_wild", "attention_probe"]

@@ -48,51 +48,49 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
-    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
-    a = p.parse_args(argv)
-    a.seeds = list(dict.fromkeys(a.seeds))  # a seed named twice is one run
-    out = Path(a.out)
-    t0 = time.time()
+def write_pool(out: Path) -> None:
+    """The embedded wild pool, in its own process (``python -m data_modules.digits``; nothing when it exists)."""
+    run_logged([sys.executable, "-m", "data_modules.digits"], out / "pool.log", "writing the wild pool")
+
+
+def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callable = write_pool) -> dict:
+    """The demo's runs as jobs for ``run_graph``: name → (the jobs it waits for, the job).
+
+    ``fit(config, run_dir, *args, show=...)`` runs one config and returns its metrics; ``pool(out)`` writes the
+    wild pool. Among the jobs ready, the first listed starts first: the teacher is on every path, so it
+    starts first, with the pool and then the scratch students (which need neither) on the other core; then
+    the selections; then the long wild-data students, the short ones last to fill the gaps.
+    """
     common = ["--model.init_args.teacher_ckpt", str(out / "teacher" / "checkpoints" / "best.ckpt")]
 
-    def fit(config: str, run_dir: Path, *extra: str) -> Callable:
-        return lambda results: run_fit(CONFIGS / config, run_dir, *extra, show=SHOW)
-
-    def student(config: str, run_dir: Path, seed: int, sel: str | None) -> Callable:
+    def run(config: str, run_dir: Path, *extra: str, sel: str | None = None) -> Callable:
         def job(results: dict) -> dict:
-            extra = [*common] if config != "scratch.yaml" else []
-            if sel is not None:
-                extra += ["--data.init_args.train_urls", results[sel]["selected_urls"]]
-            return run_fit(CONFIGS / config, run_dir, "--seed_everything", str(seed), *extra, show=SHOW)
+            urls = ["--data.init_args.train_urls", results[sel]["selected_urls"]] if sel else []
+            return fit(CONFIGS / config, run_dir, *extra, *urls, show=SHOW)
 
         return job
 
-    # Jobs and what each waits for; among those ready, the first listed starts first. The teacher is on every
-    # path, so it starts first, with the pool and then the scratch students (which need neither) on the other
-    # core; then the selections; then the long wild-data students, the short ones last to fill the gaps.
     jobs: dict[str, tuple[tuple[str, ...], Callable]] = {
-        "teacher": ((), fit("teacher.yaml", out / "teacher")),
-        "pool": ((), lambda results: run_logged([sys.executable, "-m", "data_modules.digits"], out / "pool.log", "writing the wild pool")),
+        "teacher": ((), run("teacher.yaml", out / "teacher")),
+        "pool": ((), lambda results: pool(out)),
     }
     for name, cfg in SELECTIONS.items():
-        jobs[name] = (("teacher", "pool"), fit(cfg, out / name, *common))
+        jobs[name] = (("teacher", "pool"), run(cfg, out / name, *common))
     for name, cfg, _, sel in reversed(STUDENTS):
         after = () if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)
-        for seed in a.seeds:
-            jobs[f"{name}/seed{seed}"] = (after, student(cfg, out / name / f"seed{seed}", seed, sel))
-    print(f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(a.seeds)} seeds; {a.jobs} at a time", flush=True)
-    done = run_graph(jobs, a.jobs)
-    teacher = done["teacher"]
-    selections = {name: done[name] for name in SELECTIONS}
-    results = {name: [done[f"{name}/seed{seed}"] for seed in a.seeds] for name, *_ in STUDENTS}
-    rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
+        teacher = common if name != "scratch" else []
+        for seed in seeds:
+            jobs[f"{name}/seed{seed}"] = (after, run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *teacher, sel=sel))
+    return jobs
 
+
+def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
+    """The table's rows from the finished jobs' metrics: test accuracy mean ± sample std over the seeds, and
+    for students on a selection what measures and bounds that selection."""
+    teacher = done["teacher"]
+    rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
     for name, _, data, sel in STUDENTS:
-        ms = results[name]
+        ms = [done[f"{name}/seed{seed}"] for seed in seeds]
         accs = [m["test/acc"] for m in ms]
         row = {
             "run": name,
@@ -107,10 +105,23 @@ def main(argv: list[str] | None = None) -> None:
             # precision_max and value_auroc: what bounds the precision; pseudo_label_acc: how often the teacher's
             # label of a kept digit is its digit
             for key in ("precision", "precision_max", "value_auroc", "pseudo_label_acc"):
-                row[key] = selections[sel].get(key)
-            row["num_kept"] = selections[sel]["num_kept"]
+                row[key] = done[sel].get(key)
+            row["num_kept"] = done[sel]["num_kept"]
         rows.append(row)
+    return rows
 
+
+def main(argv: list[str] | None = None) -> None:
+    p = OneLineParser(prog="python -m vitkd.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
+    a = p.parse_args(argv)
+    seeds = list(dict.fromkeys(a.seeds))  # a seed named twice is one run
+    out = Path(a.out)
+    t0 = time.time()
+    print(f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(seeds)} seeds; {a.jobs} at a time", flush=True)
+    rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)
     write_json(out / "summary.json", rows)
     print(table(rows))
     print(f"demo finished in {time.time() - t0:.0f}s with {a.jobs} runs at a time; table in {out / 'summary.json'}")
