@@ -40,16 +40,21 @@ def test_two_workers_run_two_ready_jobs_at_once_and_a_waiting_job_after_its_inpu
     assert order.index(("start", "after_slow")) > order.index(("end", "slow"))
 
 
-def test_a_failed_job_is_raised_and_its_dependants_never_start():
-    started = []
+def test_a_failed_job_is_raised_after_the_running_ones_end_and_nothing_new_starts(capsys):
+    started, ended = [], []
 
     def boom(results):
         raise RuntimeError("run x failed")
 
-    jobs = {"x": ((), boom), "y": (("x",), lambda r: started.append("y"))}
+    def slow(results):
+        time.sleep(0.3)
+        ended.append("slow")
+
+    jobs = {"x": ((), boom), "slow": ((), slow), "y": (("x",), lambda r: started.append("y")), "z": ((), lambda r: started.append("z"))}
     with pytest.raises(RuntimeError, match="run x failed"):
         run_graph(jobs, workers=2)
-    assert started == []
+    assert started == [] and ended == ["slow"]
+    assert "x failed; no new job starts, waiting for ['slow'] to end" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec, message", [({"a": ("nope",)}, "unknown jobs \\['nope'\\]"), ({"a": ("b",), "b": ("a",)}, "wait for each other")])

@@ -50,7 +50,9 @@ def table(rows: list[dict]) -> str:
 
 def write_pool(out: Path) -> None:
     """The embedded wild pool, in its own process (``python -m data_modules.digits``; nothing when it exists)."""
+    t0 = time.time()
     run_logged([sys.executable, "-m", "data_modules.digits"], out / "pool.log", "writing the wild pool")
+    print(f"  wild pool: {time.time() - t0:.0f}s ({out / 'pool.log'})", flush=True)
 
 
 def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callable = write_pool) -> dict:

@@ -65,7 +65,12 @@ def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]],
                 raise ValueError(f"jobs {sorted(pending)} wait for each other")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                results[running.pop(future)] = future.result()
+                name = running.pop(future)
+                if future.exception() is not None:
+                    if running:  # the pool waits for them before the error is raised: say so now
+                        print(f"  {name} failed; no new job starts, waiting for {sorted(running.values())} to end", file=sys.stderr, flush=True)
+                    raise future.exception()
+                results[name] = future.result()
     return results
 
 
