@@ -134,7 +134,7 @@ class AerialDataModule(CocoDataModule):
         self.categories = list(range(1, len(CLASSES) + 1))
 
     def prepare_data(self) -> None:
-        build_once(self.root, lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size))
+        build_once(self.root, lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size), done=self.root / "test.json")
 
     def dataset(self, split: str):
         self.prepare_data()

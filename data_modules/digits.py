@@ -10,8 +10,9 @@ from sklearn.model_selection import train_test_split
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
 from data_modules.wild_pool import POOL_VERSION, generate_pool
-from vitkd.errors import OneLineParser, positive_int
+from vitkd.errors import OneLineParser, VitkdInputError, positive_int
 from vitkd.io import build_once
+from vitkd.runs import demo_main
 
 SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
 
@@ -39,6 +40,9 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, *args, wild_pool_size: int = 20000, wild_pool_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        for name, value, least in (("wild_pool_size", wild_pool_size, 1), ("wild_pool_seed", wild_pool_seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise VitkdInputError(f"--data.init_args.{name} {value!r} must be an integer ≥ {least}")
         self.wild_pool_size, self.wild_pool_seed = wild_pool_size, wild_pool_seed
 
     def original_split(self, split: str):
@@ -48,8 +52,9 @@ class DigitsDataModule(ImageDataModule):
         return self.data_dir / f"digits-wild-v{POOL_VERSION}-{self.wild_pool_size}-s{self.wild_pool_seed}"
 
     def prepare_data(self) -> None:
-        if self.wild_urls is None:  # meta.json is written last, inside the renamed directory
-            build_once(self._pool_dir(), lambda: generate_pool(self._pool_dir(), self.wild_pool_size, self.wild_pool_seed))
+        if self.wild_urls is None:
+            pool = self._pool_dir()
+            build_once(pool, lambda: generate_pool(pool, self.wild_pool_size, self.wild_pool_seed), done=pool / "meta.json")
 
     def embedded_wild_urls(self) -> str:
         meta = self._pool_dir() / "meta.json"
@@ -68,10 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wild_pool_size", type=positive_int, default=20000)
     p.add_argument("--wild_pool_seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.wild_pool_seed < 0:
+        p.error(f"argument --wild_pool_seed: must be ≥ 0, got {a.wild_pool_seed}")
     dm = DigitsDataModule(data_dir=a.data_dir, wild_pool_size=a.wild_pool_size, wild_pool_seed=a.wild_pool_seed)
-    dm.prepare_data()
+    try:
+        dm.prepare_data()
+    except OSError as err:
+        raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
     print(dm.embedded_wild_urls())
 
 
 if __name__ == "__main__":
-    main()
+    demo_main(main)

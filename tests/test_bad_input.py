@@ -169,3 +169,25 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path):
         line = _error_line(_cli(*args, "--run_dir", str(tmp_path / "r")))
         assert words in line, line
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--wild_pool_seed", "-1"], "--wild_pool_seed: must be ≥ 0, got -1"), (["--wild_pool_size", "0"], "--wild_pool_size: must be a positive integer, got 0"),
+     (["--data_dir", "FILE", "--wild_pool_size", "5"], "--data_dir FILE: cannot write the pool there")],
+)
+def test_writing_the_pool_ahead_names_the_bad_option(tmp_path, args, named):
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    args = [str(afile) if a == "FILE" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "data_modules.digits", *args], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and err.count("\n") == 0 and err.startswith("vitkd: error:"), err[-2000:]
+    assert named.replace("FILE", str(afile)) in err
+
+
+def test_digits_module_names_a_bad_pool_seed():
+    from data_modules.digits import DigitsDataModule
+
+    with pytest.raises(VitkdInputError, match="--data.init_args.wild_pool_seed -1 must be an integer ≥ 0"):
+        DigitsDataModule(wild_pool_seed=-1)

@@ -78,16 +78,35 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
             got_cfg, args, before = runs[f"{name}/seed{seed}"]
             assert got_cfg == cfg and args[:2] == ["--seed_everything", str(seed)]
             assert (args[2:4] == teacher_arg) == (name != "scratch")
-            assert ("teacher" in jobs[f"{name}/seed{seed}"][0]) == (name != "scratch") and set(jobs[f"{name}/seed{seed}"][0]) <= before
+            waits = jobs[f"{name}/seed{seed}"][0]
+            assert waits == (() if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)) and set(waits) <= before
             if sel is not None:
                 assert args[-2:] == ["--data.init_args.train_urls", f"{sel}/selected/shard-000000.tar"] and sel in before
             else:
                 assert "--data.init_args.train_urls" not in args
     for sel, cfg in SELECTIONS.items():
-        assert runs[sel][0] == cfg and runs[sel][1] == teacher_arg and {"teacher", "pool"} <= runs[sel][2]
+        assert runs[sel][0] == cfg and runs[sel][1] == teacher_arg and jobs[sel][0] == ("teacher", "pool") and {"teacher", "pool"} <= runs[sel][2]
+    # as the demo runs it, several at a time: every job still finds the results it is handed
+    calls.clear(), ended.clear()
+    assert run_graph(demo_jobs(tmp_path, [0, 1, 2], fit=fake_fit, pool=fake_pool), workers=8).keys() == done.keys()
+    assert all(set(jobs[name][0]) <= before for name, _, _, before in calls)
 
     rows = {r["run"]: r for r in summary_rows(done, [0, 1, 2])}
     accs = [done[f"dfnd/seed{s}"]["test/acc"] for s in (0, 1, 2)]
     assert rows["dfnd"]["test_acc_mean"] == statistics.fmean(accs) and rows["dfnd"]["test_acc_std"] == statistics.stdev(accs)
     assert rows["dfnd"]["precision"] == 0.5 and rows["dfnd"]["num_kept"] == 5 and "precision" not in rows["scratch"]
     assert list(rows) == ["teacher", "scratch", "kd_original", "dfnd", "random_wild", "attention_probe"]
+
+
+def test_the_demo_writes_the_pool_its_selection_config_names(tmp_path, monkeypatch):
+    import vitkd.demo
+    from data_modules.wild_pool import POOL_VERSION
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    data_dir = tmp_path / "data"
+    (configs / "select.yaml").write_text(f"data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n")
+    monkeypatch.setattr(vitkd.demo, "CONFIGS", configs)
+    vitkd.demo.write_pool(tmp_path / "out")
+    pool = f"digits-wild-v{POOL_VERSION}-7-s3"
+    assert (data_dir / pool / "meta.json").is_file() and pool in (tmp_path / "out" / "pool.log").read_text()

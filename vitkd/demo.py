@@ -49,9 +49,14 @@ def table(rows: list[dict]) -> str:
 
 
 def write_pool(out: Path) -> None:
-    """The embedded wild pool, in its own process (``python -m data_modules.digits``; nothing when it exists)."""
+    """The selections' embedded wild pool, in its own process (``python -m data_modules.digits``, with the
+    pool options of ``select.yaml``; nothing when it exists)."""
+    import yaml
+
+    data = (yaml.safe_load((CONFIGS / "select.yaml").read_text()).get("data") or {}).get("init_args") or {}
+    options = [f"--{k}={data[k]}" for k in ("data_dir", "wild_pool_size", "wild_pool_seed") if k in data]
     t0 = time.time()
-    run_logged([sys.executable, "-m", "data_modules.digits"], out / "pool.log", "writing the wild pool")
+    run_logged([sys.executable, "-m", "data_modules.digits", *options], out / "pool.log", "writing the wild pool")
     print(f"  wild pool: {time.time() - t0:.0f}s ({out / 'pool.log'})", flush=True)
 
 

@@ -75,15 +75,17 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def build_once(path: str | os.PathLike, build: Callable[[], Any]) -> None:
-    """Run ``build`` (which writes ``path``) unless ``path`` exists. Runs started together on one machine
-    (a demo's parallel jobs, two users' runs) take a lock next to ``path``: the first builds, the others wait
-    and then find it, instead of writing the same files again and renaming them under a reader. filelock: an
-    OS lock, released if its holder dies."""
+def build_once(path: str | os.PathLike, build: Callable[[], Any], done: str | os.PathLike | None = None) -> None:
+    """Run ``build`` (which writes the directory or file ``path``) unless ``done`` (default: ``path``; e.g.
+    the file a build writes last) exists, so a copy left incomplete is built again. Runs started together
+    (a demo's parallel jobs, two users' runs) take a lock next to ``path``: the first builds, the others
+    wait and then find it, instead of writing the same files again and renaming them under a reader.
+    filelock: an OS lock, released if its holder dies."""
     path = Path(path)
-    if path.exists():
+    done = Path(done) if done is not None else path
+    if done.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(f".{path.name}.lock"))):
-        if not path.exists():
+        if not done.exists():
             build()

@@ -45,14 +45,21 @@ def run_many(jobs: Sequence[tuple], workers: int, show: Sequence[str] = ()) -> l
 
 
 def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]], workers: int) -> dict[str, Any]:
-    """Jobs ``name: (after, fn)`` that wait for others: ``fn(results)`` starts once every job named in ``after``
-    has finished (``results`` holds what each finished job returned), ``workers`` at a time; among the jobs
-    ready, the one listed first starts first. A failed job's error is raised once the running ones end.
+    """Jobs ``name: (after, fn)`` that wait for others: ``fn(inputs)`` starts once every job named in ``after``
+    has finished (``inputs``: what each of those returned, by name), ``workers`` at a time; among the jobs
+    ready, the one listed first starts first. Returns every job's result by name. When a job fails no new
+    job starts, and its error is raised once the running ones end.
     Written by hand: concurrent.futures has no dependencies between tasks, and a workflow engine for one
     machine's dozen runs would be a dependency heavier than this loop."""
     unknown = sorted({d for after, _ in jobs.values() for d in after} - set(jobs))
     if unknown:
         raise ValueError(f"jobs wait for unknown jobs {unknown}")
+    ordered: set[str] = set()  # checked before anything runs: a cycle found after an hour of runs helps no one
+    while len(ordered) < len(jobs):
+        free = {n for n, (after, _) in jobs.items() if n not in ordered and set(after) <= ordered}
+        if not free:
+            raise ValueError(f"jobs {sorted(set(jobs) - ordered)} wait for each other")
+        ordered |= free
     results: dict[str, Any] = {}
     pending, running = dict(jobs), {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -60,17 +67,17 @@ def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]],
             for name in [n for n, (after, _) in pending.items() if all(d in results for d in after)]:
                 if len(running) == workers:
                     break
-                running[pool.submit(pending.pop(name)[1], results)] = name
-            if not running:
-                raise ValueError(f"jobs {sorted(pending)} wait for each other")
+                after, fn = pending.pop(name)
+                running[pool.submit(fn, {d: results[d] for d in after})] = name
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                name = running.pop(future)
-                if future.exception() is not None:
-                    if running:  # the pool waits for them before the error is raised: say so now
-                        print(f"  {name} failed; no new job starts, waiting for {sorted(running.values())} to end", file=sys.stderr, flush=True)
-                    raise future.exception()
-                results[name] = future.result()
+            done = {running.pop(future): future for future in finished}
+            failed = [name for name, future in done.items() if future.exception() is not None]
+            if failed:
+                # the pool waits for the running jobs before the error is raised: say so now
+                still = f", waiting for {sorted(running.values())} to end" if running else ""
+                print(f"  {', '.join(failed)} failed; no new job starts{still}", file=sys.stderr, flush=True)
+                raise done[failed[0]].exception()
+            results.update((name, future.result()) for name, future in done.items())
     return results
 
 
