@@ -10,7 +10,7 @@ from sklearn.model_selection import train_test_split
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
 from data_modules.wild_pool import POOL_VERSION, generate_pool
-from vitkd.errors import OneLineParser, VitkdInputError, positive_int
+from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int
 from vitkd.io import build_once
 from vitkd.runs import demo_main
 
@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m data_modules.digits", description=main.__doc__)
     p.add_argument("--data_dir", default="data", help="folder of the embedded data sets (the data module's data_dir)")
     p.add_argument("--wild_pool_size", type=positive_int, default=20000)
-    p.add_argument("--wild_pool_seed", type=int, default=0)
+    p.add_argument("--wild_pool_seed", type=non_negative_int, default=0)
     a = p.parse_args(argv)
-    if a.wild_pool_seed < 0:
-        p.error(f"argument --wild_pool_seed: must be ≥ 0, got {a.wild_pool_seed}")
     dm = DigitsDataModule(data_dir=a.data_dir, wild_pool_size=a.wild_pool_size, wild_pool_seed=a.wild_pool_seed)
     try:
         dm.prepare_data()

@@ -39,12 +39,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"vitkd: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (the parser names the option in its one-line error)."""
+def _int_at_least(text: str, least: int, kind: str, bound: str) -> int:
+    """argparse type body: ``text`` as an integer ≥ ``least``; ``kind`` names what a non-integer should have
+    been, ``bound`` what a smaller integer must be."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (the parser names the option in its one-line error)."""
+    return _int_at_least(text, 1, "a positive integer", "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0, e.g. a seed (the parser names the option in its one-line error)."""
+    return _int_at_least(text, 0, "an integer ≥ 0", "≥ 0")
