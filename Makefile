@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-detection bench report test test-fast clean
+.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench report test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,11 @@ demo-generator: setup
 # DETR teacher -> lighter DETR student on the embedded aerial set (issue 5).
 demo-detection: setup
 	$(PY) -m vitkd.detection.demo
+
+# Fashion-MNIST (issue 16): $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;
+# then the benchmark's wild pool, built once under data/ (its shard URL is printed).
+data-fashion: setup
+	$(PY) -m data_modules.fashion
 
 # Speed and memory figures, written to benchmarks/results/<machine>-<date>.json (issue 7).
 bench: setup

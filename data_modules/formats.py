@@ -9,6 +9,9 @@ Formats (``open_reader(format, src, ...)``):
 
 * ``mnist``: IDX files ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (test: ``t10k-...``), plain
   or ``.gz``, anywhere under ``src`` (e.g. torchvision's ``MNIST/raw/``).
+* ``fashion-mnist``: Fashion-MNIST (Xiao et al., "Fashion-MNIST: a Novel Image Dataset for Benchmarking
+  Machine Learning Algorithms", arXiv:1708.07747): the same IDX file names as MNIST (e.g. Debian's
+  ``/usr/share/datasets/fashion-mnist``), class names ``FASHION_CLASSES``; default name ``fashion-mnist-{split}``.
 * ``emnist``: ``emnist-{split}-{train|test}-images-idx3-ubyte(.gz)`` for the splits byclass, bymerge,
   balanced, letters, digits, mnist. EMNIST stores every image transposed (column-major) relative to MNIST;
   the reader transposes it back, so packed images are upright like MNIST's. ``letters`` labels are 1..26 in
@@ -46,11 +49,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitkd.errors import VitkdInputError
 
-FORMATS = ("mnist", "emnist", "cifar10", "cifar100", "folder", "flat")
+FORMATS = ("mnist", "fashion-mnist", "emnist", "cifar10", "cifar100", "folder", "flat")
 EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 FIXED_SPLITS = ("train", "test", "all")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-NATIVE_SIZE = {"mnist": 28, "emnist": 28, "cifar10": 32, "cifar100": 32}  # folder/flat: no single size
+NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "emnist": 28, "cifar10": 32, "cifar100": 32}  # folder/flat: no single size
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 
 _DIGITS, _UPPER, _LOWER = list(string.digits), list(string.ascii_uppercase), list(string.ascii_lowercase)
@@ -63,6 +66,7 @@ EMNIST_CLASSES = {
     "digits": _DIGITS,
     "mnist": _DIGITS,
 }
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -147,7 +151,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             head = f.read(4)
             if len(head) < 4 or int.from_bytes(head, "big") != magic:
                 got = f"0x{int.from_bytes(head, 'big'):08x}" if len(head) == 4 else "a truncated header"
-                raise VitkdInputError(f"{path} is not an IDX {kind} file (magic {got}): pass the original, un-renamed MNIST/EMNIST files")
+                raise VitkdInputError(f"{path} is not an IDX {kind} file (magic {got}): pass the original, un-renamed MNIST/Fashion-MNIST/EMNIST files")
             ndim = head[3]
             dims = tuple(int(d) for d in np.frombuffer(f.read(4 * ndim), dtype=">i4"))
             data = None if opener is open else f.read()
@@ -174,7 +178,7 @@ def _emnist_classes(src: Path, emnist_split: str) -> tuple[list[str], int]:
 
 
 def idx_reader(fmt: str, src: Path, split: str = "train", emnist_split: str = "byclass", name: str | None = None) -> ArrayReader:
-    """MNIST or EMNIST IDX files → ArrayReader (EMNIST transposed upright, labels shifted to start at 0)."""
+    """MNIST, Fashion-MNIST or EMNIST IDX files → ArrayReader (EMNIST transposed upright, labels shifted to start at 0)."""
     parts, files = [], []
     if fmt == "emnist":
         if emnist_split not in EMNIST_SPLITS:
@@ -182,7 +186,7 @@ def idx_reader(fmt: str, src: Path, split: str = "train", emnist_split: str = "b
         classes, first = _emnist_classes(src, emnist_split)
         tag = f"emnist-{emnist_split}"
     else:
-        classes, first, tag = _DIGITS, 0, "mnist"
+        classes, first, tag = (FASHION_CLASSES, 0, fmt) if fmt == "fashion-mnist" else (_DIGITS, 0, "mnist")
     for part in _split_parts(split, fmt):
         if fmt == "emnist":
             base = f"emnist-{emnist_split}-{part}"
@@ -379,7 +383,7 @@ def open_reader(fmt: str, src: str | Path, split: str = "train", emnist_split: s
         raise VitkdInputError(f"--split {split!r} may hold only letters, digits, '_' and '-'")
     if not src.exists():
         raise VitkdInputError(f"{fmt} source {src} does not exist: check the SRC path")
-    if fmt in ("mnist", "emnist"):
+    if fmt in ("mnist", "fashion-mnist", "emnist"):
         return idx_reader(fmt, src, split, emnist_split, name)
     if fmt in ("cifar10", "cifar100"):
         return cifar_reader(fmt, src, split, label_set, name)

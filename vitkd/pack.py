@@ -1,6 +1,6 @@
 """``python -m vitkd.pack FORMAT SRC OUT``: pack a data set in its real format into webdataset shards.
 
-FORMAT is one of ``mnist``, ``emnist``, ``cifar10``, ``cifar100``, ``folder`` (ImageNet-style class
+FORMAT is one of ``mnist``, ``fashion-mnist``, ``emnist``, ``cifar10``, ``cifar100``, ``folder`` (ImageNet-style class
 folders) or ``flat`` (unlabeled images in a folder, .tar or .zip, Flickr style); the readers live in
 ``data_modules/formats.py``. Output: ``OUT/{name}-%06d.tar`` shards whose samples hold ``__key__``, ``png``
 (or ``jpg``), ``cls`` (where labels exist) and ``src`` (= ``name``, e.g. ``emnist-byclass-train``), and
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fmt", metavar="FORMAT", choices=FORMATS, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("src", metavar="SRC", help="the data set as downloaded: folder, or archive (.tar.gz for CIFAR; .tar/.zip for flat)")
     p.add_argument("out", metavar="OUT", help="output folder for the shards and meta.json")
-    p.add_argument("--size", type=int, default=None, help="side of the stored square images (default: 28 for MNIST/EMNIST, 32 otherwise; 0 keeps each image's size)")
+    p.add_argument("--size", type=int, default=None, help="side of the stored square images (default: 28 for MNIST/Fashion-MNIST/EMNIST, 32 otherwise; 0 keeps each image's size)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: usable CPUs)")
     p.add_argument("--split", default="train", help="train, test or all (train then test) for the fixed data sets; only a name for folder/flat (default train)")
