@@ -180,7 +180,10 @@ class ShardBatches(IterableDataset):
     """Scoring batches for the selector, one shard at a time: each shard is read whole by one worker and cut
     into batches of dicts (``image``, ``key``, ``src``, ``cls`` (-1 where a sample has none), ``url``, ``last``). ``last`` marks a shard's final
     batch (possibly empty), so a consumer knows when a shard is finished and can save its scores. Batches
-    never mix shards, so a sample's batch (and its score) does not depend on the number of ranks."""
+    never mix shards, so a sample's batch (and its score) does not depend on the number of ranks.
+    A damaged shard or a bad image is skipped as in the training streams (``shards.decode_or_skip``); the last
+    batch carries the shard's own ``skipped`` counts (``damaged_shards``, ``corrupt_images``), the samples
+    ``read`` from it, and the ``causes`` (the shard's damage, the first skipped images')."""
 
     def __init__(self, urls: list[str], in_chans: int, img_size: int, batch_size: int, skips: shards.SkipCounter):
         self.urls, self.in_chans, self.img_size, self.batch_size, self.skips = urls, in_chans, img_size, batch_size, skips
@@ -190,7 +193,9 @@ class ShardBatches(IterableDataset):
         for url in self.urls[worker::workers]:
             skips = shards.SkipCounter(self.skips.strict)  # this shard's own counts, reported with its last batch
             pending: list = []
+            read = 0
             for sample in shards.raw_samples([url], skips=skips, split_by_worker=False):
+                read += 1
                 image = shards.decode_or_skip(sample, skips)
                 if image is None:
                     continue
@@ -200,7 +205,8 @@ class ShardBatches(IterableDataset):
                     yield self._batch(pending, url)
                     pending = []
             self.skips.add(skips)
-            yield {**self._batch(pending, url), "last": True, "skipped": skips.counts()}
+            skipped = {**skips.counts(), "read": read, "causes": skips.causes + skips.image_causes[:3]}
+            yield {**self._batch(pending, url), "last": True, "skipped": skipped}
 
     def _batch(self, items: list, url: str) -> dict:
         image = torch.stack([i[0] for i in items]) if items else torch.zeros(0, self.in_chans, self.img_size, self.img_size)
@@ -224,7 +230,8 @@ class ImageDataModule(pl.LightningDataModule):
             (packed original sets); ``val_urls`` replaces the held-out slice of ``train_urls``.
         wild_urls: shards the selector scores; ``None`` means the data set's embedded wild pool.
         epoch_samples: training samples per epoch over all ranks when training on shards; ``None``: the
-            shards' sample count (from their ``meta.json`` or tar listing) × (1 − ``val_fraction``).
+            shards' sample count (from their ``meta.json`` or tar listing) × (1 − ``val_fraction``). On the
+            original data, a random subset of that many training images each epoch (all of them if fewer).
         strict: raise on a damaged shard or an undecodable image, instead of skipping and counting it.
         memory_cache: keep the decoded samples of ``train_urls`` (and of ``val_urls``) in memory after the first
             epoch, so later epochs skip the tar parsing and decoding (``ShardStream``); for shard sets that fit
@@ -344,7 +351,11 @@ class ImageDataModule(pl.LightningDataModule):
                 memory_cache=self.memory_cache,
             )
             return self._loader(stream, self.batch_size)
-        return self._loader(self._original("train", keys=self.train_keys), self.batch_size, shuffle=True)
+        ds = self._original("train", keys=self.train_keys)
+        if self.epoch_samples is not None:  # a fixed budget per epoch on the original data too: that many drawn without replacement
+            sampler = torch.utils.data.RandomSampler(ds, num_samples=min(self.epoch_samples, len(ds)))
+            return self._loader(ds, self.batch_size, sampler=sampler)
+        return self._loader(ds, self.batch_size, shuffle=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment and self.trainer is not None and self.trainer.training:

@@ -10,6 +10,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -56,20 +57,96 @@ def raw_samples(urls: list[str], skips: "SkipCounter | None" = None, split_by_wo
     """Undecoded samples (dicts of bytes with ``__key__`` and ``__url__``) of ``urls``, in order (a rank's
     share comes from ``shard_order``); split between DataLoader workers unless ``split_by_worker`` is off.
 
-    A damaged (e.g. truncated) shard ends early: the samples read before the damage are kept, the shard is
-    counted in ``skips`` (or raises when ``skips`` is strict or absent).
+    A damaged (truncated, bit-flipped, empty) shard is counted in ``skips`` (or raises when ``skips`` is
+    strict or absent); the samples read before the damage are kept, and for a local file so are those
+    after it that ``recovered_samples`` finds past the damaged bytes.
     """
     if not urls:
         return
-    ds = wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=wds.split_by_worker if split_by_worker else None,
-        empty_check=False,
-        handler=(skips or SkipCounter(strict=True)).shard_error,
-    )
-    yield from ds
+    skips = skips or SkipCounter(strict=True)
+    if split_by_worker:
+        info = torch_worker_info()
+        if info is not None:
+            urls = list(urls)[info.id::info.num_workers]
+    for url in urls:
+        damage: list[Exception] = []
+
+        def handler(exn: Exception) -> bool:
+            damage.append(exn)
+            return skips.shard_error(exn)
+
+        seen: set[str] = set()
+        ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False, handler=handler)
+        for sample in ds:
+            seen.add(sample["__key__"])
+            yield sample
+        local = "://" not in url and not url.startswith("pipe:") and os.path.isfile(url)
+        if local and not damage and not _has_end_marker(url):  # cut at a member boundary: tarfile sees a clean end
+            handler(tarfile.ReadError("truncated: no end-of-archive blocks"))
+        if damage and local:
+            yield from recovered_samples(url, seen)
+
+
+def _has_end_marker(path: str) -> bool:
+    """Whether a tar file ends with the two zero blocks every tar writer puts at the end of an archive."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < 2 * tarfile.BLOCKSIZE:
+            return False
+        f.seek(size - 2 * tarfile.BLOCKSIZE)
+        return not any(f.read(2 * tarfile.BLOCKSIZE))
+
+
+def torch_worker_info():
+    from torch.utils.data import get_worker_info  # torch is imported only when a stream runs in a loader
+
+    return get_worker_info()
+
+
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split of a member name
+
+
+def recovered_samples(path: str, seen: set[str]) -> Iterator[dict]:
+    """The samples of a damaged tar that lie past its damage, not in ``seen``: every 512-byte block is tried
+    as a tar header, and a member is kept when its header checksum holds and its data is all there.
+    Written by hand: tarfile and webdataset stop at the first bad header, losing every sample after it."""
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < tarfile.BLOCKSIZE:
+            return
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        key, group, pos = None, {}, 0
+        while pos + tarfile.BLOCKSIZE <= len(data):
+            try:
+                info = tarfile.TarInfo.frombuf(data[pos:pos + tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+            except tarfile.HeaderError:
+                pos += tarfile.BLOCKSIZE
+                continue
+            start = pos + tarfile.BLOCKSIZE
+            end = start + info.size
+            if end > len(data):  # its data was cut off
+                pos = start
+                continue
+            match = _MEMBER.match(info.name) if info.isreg() else None
+            if match:
+                if match.group(1) != key:
+                    if key is not None and key not in seen and group:
+                        yield {"__key__": key, "__url__": path, **group}
+                    key, group = match.group(1), {}
+                group[match.group(2)] = bytes(data[start:end])
+            pos = start + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if key is not None and key not in seen and group:
+            yield {"__key__": key, "__url__": path, **group}
+    finally:
+        data.close()
+
+
+def _cause(exn: BaseException) -> str:
+    """One line for a shard error: webdataset appends the URL (and more) to the exception's arguments."""
+    first = exn.args[0] if exn.args else ""
+    return f"{type(exn).__name__}: {first}" if first else type(exn).__name__
 
 
 class SkipCounter:
@@ -81,6 +158,8 @@ class SkipCounter:
     def __init__(self, strict: bool = False):
         self.strict = strict
         self._shards, self._images = mp.Value("q", 0), mp.Value("q", 0)
+        self.causes: list[str] = []  # this process's, in order: what damaged each shard
+        self.image_causes: list[str] = []  # and what each skipped image had
 
     def __getstate__(self):  # a pickled copy (spawned process) starts its own counts
         return {"strict": self.strict, "counts": self.counts()}
@@ -95,7 +174,8 @@ class SkipCounter:
             raise VitkdInputError(f"damaged shard ({exn}): repack or remove it, or set --data.init_args.strict false to skip damaged data")
         with self._shards.get_lock():
             self._shards.value += 1
-        warnings.warn(f"skipped the rest of a damaged shard: {exn}")
+        self.causes.append(_cause(exn))
+        warnings.warn(f"skipped the damaged part of a shard: {exn}")
         return True
 
     def image_error(self, sample: dict, exn: Exception) -> None:
@@ -106,6 +186,7 @@ class SkipCounter:
             )
         with self._images.get_lock():
             self._images.value += 1
+        self.image_causes.append(f"sample {sample.get('__key__')!r}: {_cause(exn) if not isinstance(exn, VitkdInputError) else 'no png or jpg entry'}")
 
     def add(self, other: "SkipCounter") -> None:
         for mine, theirs in ((self._shards, other._shards), (self._images, other._images)):
@@ -117,13 +198,24 @@ class SkipCounter:
 
 
 def decode_or_skip(sample: dict, skips: SkipCounter) -> Image.Image | None:
-    """The sample's image, fully decoded; None (counted in ``skips``) when its bytes do not decode."""
+    """The sample's image, fully decoded; None (counted in ``skips``) when it has no image entry (e.g. its
+    member was lost to a damaged tar header), or its bytes are empty, fail a PNG checksum, or do not decode.
+    With a strict ``skips`` these raise."""
+    if not any(ext in sample for ext in IMAGE_EXTS):
+        try:
+            decode_image(sample)  # no png/jpg entry: raises the format error
+        except VitkdInputError as exn:
+            if skips.strict:
+                raise
+            skips.image_error(sample, exn)
+            return None
     try:
         image = decode_image(sample)
+        if "png" in sample:  # PNG carries a CRC per chunk: verify() catches flipped bits that would decode silently
+            image.verify()
+            image = decode_image(sample)
         image.load()
-    except VitkdInputError:
-        raise  # no image entry at all: a format error, not damage
-    except (OSError, SyntaxError, ValueError) as exn:
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, EOFError, DecompressionBombError...
         skips.image_error(sample, exn)
         return None
     return image
@@ -141,10 +233,22 @@ def shard_counts(urls: list[str]) -> dict[str, int] | None:
         meta = metas.setdefault(path.parent, _read_meta(path.parent / "meta.json"))
         n = meta.get(path.name)
         if n is None:
-            with tarfile.open(path) as tar:
-                n = len({m.name.split(".", 1)[0] for m in tar if m.isreg()})
+            n = _count_tar(path)
         counts[u] = int(n)
     return counts
+
+
+def _count_tar(path: Path) -> int:
+    """Samples in a tar by its headers; a damaged tar counts those before the damage."""
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.isreg():
+                    keys.add(m.name.split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return len(keys)
 
 
 def _read_meta(path: Path) -> dict[str, int]:
@@ -197,7 +301,8 @@ def write_shards(
                 name = Path(sink.fname).name
                 counts[name] = counts.get(name, 0) + 1
         info = {**(meta or {}), "num_samples": sum(counts.values()), "shards": len(counts), "shard_counts": counts}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(info, indent=1))
     return sorted(Path(out_dir).glob("*.tar"))
 
 

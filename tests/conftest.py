@@ -49,3 +49,27 @@ def tiny_pool(tmp_path_factory) -> str:
 
     write_shards(samples(), out, pattern="wild-%06d.tar", maxcount=40)
     return str(out / "wild-{000000..000002}.tar")
+
+
+_FAULTS: dict[str, dict] = {}  # fault -> {fault, tries, survived, data lost}, filled by tests/test_faults.py
+
+
+@pytest.fixture
+def fault_log() -> dict:
+    return _FAULTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection table (``fault``, ``tries``, ``survived``, ``data lost``), also written to
+    ``runs/faults/summary.json``, when fault tests ran."""
+    if not _FAULTS:
+        return
+    from vitkd.io import write_json
+
+    rows = sorted(_FAULTS.values(), key=lambda r: r["fault"])
+    width = max(len(r["fault"]) for r in rows)
+    terminalreporter.write_sep("-", "fault injection")
+    terminalreporter.write_line(f"{'fault':<{width}}  tries  survived  data lost")
+    for r in rows:
+        terminalreporter.write_line(f"{r['fault']:<{width}}  {r['tries']:>5}  {r['survived']:>8}  {r['data lost']:>9}")
+    write_json(Path(__file__).resolve().parent.parent / "runs" / "faults" / "summary.json", {"faults": rows})

@@ -57,10 +57,14 @@ def test_shard_sample_without_image(tiny_teacher, tmp_path):
         yield {"__key__": "broken7", "txt": "no image here"}
 
     write_shards(samples(), tmp_path / "pool", pattern="wild-%06d.tar")
-    with pytest.raises(VitkdInputError, match="shard sample 'broken7' in .*wild-000000.tar has no image"):
-        fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(tiny_teacher),
+    args = ("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(tiny_teacher),
             "--model.init_args.probe_blocks", "[0]", "--model.init_args.lambda_a", "[0.05]", "--model.init_args.num_keep", "1",
-            "--data.init_args.wild_urls", str(tmp_path / "pool" / "wild-000000.tar"), "--run_dir", str(tmp_path / "run"))
+            "--data.init_args.wild_urls", str(tmp_path / "pool" / "wild-000000.tar"))
+    with pytest.raises(VitkdInputError, match="shard sample 'broken7' in .*wild-000000.tar has no image"):
+        fit(*args, "--data.init_args.strict", "true", "--run_dir", str(tmp_path / "strict"))
+    # by default it is skipped and counted like an undecodable image, the other sample scored
+    m = fit(*args, "--run_dir", str(tmp_path / "run"))
+    assert m["num_scored"] == 1 and m["corrupt_images"] == 1 and m["skipped_samples"] == 1
 
 
 def test_missing_shard_path(tiny_teacher, tmp_path):

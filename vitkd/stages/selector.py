@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -125,13 +126,16 @@ class AttentionProbeSelector(Stage):
             self._pending.setdefault(batch["url"], []).append(cols)
         if batch["last"]:
             chunks = self._pending.pop(batch["url"], [])
-            self._parts.save(batch["url"], chunks, batch.get("skipped", {}))
+            skipped = batch.get("skipped", {})
+            self._parts.save(batch["url"], chunks, skipped)
+            warn_skipped(batch["url"], skipped, sum(len(c["key"]) for c in chunks), (self._pool_counts or {}).get(batch["url"]))
 
     def check_run_dir(self, trainer, datamodule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Before anything is written: saved scores in ``run_dir`` computed differently are refused, unless
         ``overwrite``, which removes them; scores computed the same way are kept and reused (so a rerun with
         another ``num_keep`` only re-selects)."""
         super().check_run_dir(trainer, datamodule, run_dir, ckpt_path, overwrite)
+        self.check_pool(datamodule.wild_shards())
         # rank 0 alone: it is the one that removes old outputs on --overwrite (another rank reading them then could
         # race it) and that checks the fingerprint again before scoring
         if trainer.is_global_zero and (run_dir / "score_parts" / "fingerprint.json").is_file():
@@ -140,6 +144,24 @@ class AttentionProbeSelector(Stage):
                 parts.check()
             elif parts.matches():
                 self.reused_outputs = ("score_parts",)
+
+    _pool_counts: dict[str, int] | None = None
+
+    def check_pool(self, urls: list[str]) -> None:
+        """Before any sample is scored: the pool's size, from its ``meta.json`` or the tar headers
+        (``shards.shard_counts``; remote shards without a meta.json are counted only when scored), holds
+        ``num_keep`` samples and is not empty."""
+        counts = self._pool_counts = shards.shard_counts(urls)
+        if counts is None:
+            return
+        n, k = sum(counts.values()), self.hparams.num_keep
+        if n == 0:
+            raise VitkdInputError(f"the wild pool {urls[0]}{' ...' if len(urls) > 1 else ''} holds no samples (by its meta.json or tar headers): check --data.init_args.wild_urls")
+        if k > n:
+            raise VitkdInputError(
+                f"num_keep {k} is larger than the wild pool ({n} samples in {len(urls)} shards, counted from their meta.json or tar headers "
+                "before scoring): lower --model.num_keep"
+            )
 
     def execute(self, trainer, datamodule, ckpt_path=None) -> dict[str, Any]:
         run_dir = Path(trainer.default_root_dir)
@@ -245,6 +267,7 @@ class AttentionProbeSelector(Stage):
         ``metrics.json``."""
         va = [f"va_blk{b}" for b in self.hparams.probe_blocks]
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
+        self._skipped_by_shard: dict[str, dict[str, Any]] = {}
         labelled = Counter()  # samples carrying ``cls``, and those the teacher reads right, all and kept
         columns: dict[str, list[np.ndarray]] = {c: [] for c in (*va, "vn", "value")}  # float32: 4 bytes a score
         codes, names = [], {}  # src as ints: 4 bytes a sample
@@ -260,7 +283,7 @@ class AttentionProbeSelector(Stage):
                 scored.update(cols["src"].tolist())
                 kept_src.update(cols["src"][mask].tolist())
                 kept_pred.update(cols["pred"][mask].tolist())
-                skipped.update(self._parts.skipped(i))
+                self._tally_skipped(skipped, i, len(cols["key"]))
                 for c in columns:
                     if c in cols:
                         columns[c].append(cols[c].astype(np.float32))
@@ -311,6 +334,8 @@ class AttentionProbeSelector(Stage):
             "kept_per_class": [kept_pred.get(c, 0) for c in range(self.hparams.num_classes)],
             "damaged_shards": skipped.get("damaged_shards", 0),
             "corrupt_images": skipped.get("corrupt_images", 0),
+            "skipped_samples": skipped.get("skipped_samples", 0),
+            "skipped_by_shard": self._skipped_by_shard,
         }
         if labelled["scored"]:  # positive-source samples that carry ``cls``: how often the teacher's pseudo-label is right
             out["labelled_scored"], out["labelled_kept"] = labelled["scored"], labelled["kept"]
@@ -326,12 +351,41 @@ class AttentionProbeSelector(Stage):
                     out["value_auroc"] = auroc["value"]["all"]
         return out
 
+    def _tally_skipped(self, totals: Counter, i: int, n_scored: int) -> None:
+        """Part ``i``'s damaged data into ``totals`` and ``_skipped_by_shard`` (only shards with something skipped)."""
+        info = self._parts.skipped(i)
+        url = self._parts.urls[i]
+        expected = (self._pool_counts or {}).get(url)
+        lost = skipped_count(info, n_scored, expected)
+        totals.update(damaged_shards=int(info.get("damaged_shards", 0)), corrupt_images=int(info.get("corrupt_images", 0)), skipped_samples=lost)
+        if lost or info.get("damaged_shards") or info.get("corrupt_images"):
+            self._skipped_by_shard[url] = {
+                "scored": n_scored, "skipped": lost, "damaged": bool(info.get("damaged_shards")), "corrupt_images": int(info.get("corrupt_images", 0)),
+                "causes": list(info.get("causes", [])),
+            }
+
     def _report(self, trainer, run_dir: Path, datamodule) -> None:
         """Callbacks with an ``on_selection_end`` hook (e.g. the selection report) run once the outputs exist."""
         for cb in trainer.callbacks:
             hook = getattr(cb, "on_selection_end", None)
             if hook is not None:
                 hook(trainer, self, run_dir, datamodule=datamodule)
+
+
+def skipped_count(info: dict[str, Any], n_scored: int, expected: int | None) -> int:
+    """Samples of a shard not scored: those its meta.json or headers list (``expected``) or that were read,
+    less those scored."""
+    return max(int(expected or 0), int(info.get("read", n_scored)), n_scored) - n_scored
+
+
+def warn_skipped(url: str, info: dict[str, Any], n_scored: int, expected: int | None) -> None:
+    """One line on stderr for a shard with damaged data: the file, the cause, what was scored and skipped."""
+    lost = skipped_count(info, n_scored, expected)
+    if not (lost or info.get("damaged_shards") or info.get("corrupt_images")):
+        return
+    what = "damaged shard" if info.get("damaged_shards") else "shard with bad images"
+    causes = "; ".join(info.get("causes", [])) or "unknown"
+    print(f"vitkd: warning: {what} {url} ({causes}): {n_scored} samples scored, {lost} skipped", file=sys.stderr, flush=True)
 
 
 class ScoreParts:
