@@ -7,6 +7,7 @@ from importlib import import_module
 
 _LAZY = {
     "DigitsDataModule": "data_modules.digits",
+    "FashionMNISTDataModule": "data_modules.fashion",
     "ImageDataModule": "data_modules.image_data",
     "ShardDataModule": "data_modules.shard_data",
 }

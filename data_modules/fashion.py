@@ -29,7 +29,7 @@ import numpy as np
 
 from data_modules.formats import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
 from data_modules.image_data import ImageDataModule
-from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int
+from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int
 from vitkd.runs import demo_main
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -158,18 +158,24 @@ class FashionMNISTDataModule(ImageDataModule):
     Args (besides ``ImageDataModule``'s):
         fashion_dir: folder of the four IDX files (default: ``$FASHION_MNIST_DIR``, then Debian's folder).
         val_limit: use only the first N validation images (e.g. ``SELECT_VAL``), None for all.
+        wild_max, val_per_class: the split sizes (``fashion_splits``); smaller ones only for tests on tiny files.
     """
 
     num_classes = 10
 
-    def __init__(self, *args, fashion_dir: str | None = None, val_limit: int | None = None, img_size: int = 28, **kwargs):
+    def __init__(
+        self, *args, fashion_dir: str | None = None, val_limit: int | None = None, img_size: int = 28, wild_max: int = WILD_MAX,
+        val_per_class: int = VAL_PER_CLASS, **kwargs,
+    ):
         super().__init__(*args, img_size=img_size, **kwargs)
-        if val_limit is not None and (isinstance(val_limit, bool) or val_limit < 1):
-            raise VitkdInputError(f"--data.init_args.val_limit {val_limit!r} must be a positive integer or null")
+        for name, value in (("val_limit", val_limit), ("wild_max", wild_max), ("val_per_class", val_per_class)):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise VitkdInputError(f"--data.init_args.{name} {value!r} must be a positive integer")
         self.fashion_dir, self.val_limit = fashion_dir, val_limit
+        self.split_sizes = {"wild_max": wild_max, "val_per_class": val_per_class}
 
     def original_split(self, split: str):
-        x, y = fashion_splits(str(find_fashion_dir(self.fashion_dir)))[split]
+        x, y = fashion_splits(str(find_fashion_dir(self.fashion_dir)), **self.split_sizes)[split]
         if split == "val" and self.val_limit is not None:
             x, y = x[: self.val_limit], y[: self.val_limit]
         return x, y
@@ -181,19 +187,38 @@ class FashionMNISTDataModule(ImageDataModule):
         raise VitkdInputError("FashionMNISTDataModule has no embedded wild pool: run 'make data-fashion' and pass --data.init_args.wild_urls 'data/fashion-wild-v1/wild-{000000..000020}.tar'")
 
 
+def write_val_shards(out: str | Path, limit: int, wild_max: int = WILD_MAX, val_per_class: int = VAL_PER_CLASS) -> str:
+    """The first ``limit`` validation images as shards (``src`` ``fashion-val``, true ``cls``) in ``out``, for
+    scoring them as the pool is scored (the labelled split vitkd's own selection settings are chosen on);
+    returns their brace URL."""
+    from data_modules.shards import encode_png, shard_url, write_shards
+
+    x, y = fashion_splits(str(find_fashion_dir()), wild_max=wild_max, val_per_class=val_per_class)["val"]
+    samples = ({"__key__": f"val{i:07d}", "png": encode_png(x[i]), "src": "fashion-val", "cls": str(int(y[i]))} for i in range(min(limit, len(x))))
+    return shard_url(out, len(write_shards(samples, out, pattern="wild-%06d.tar", maxcount=1000, meta={"split": "val", "limit": limit})), "wild")
+
+
+def num_test_images() -> int:
+    """Images in the official test split."""
+    return len(load_fashion(str(find_fashion_dir()))["test"][1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m data_modules.fashion`` (``make data-fashion``): find or install Fashion-MNIST, build the
     benchmark's wild pool (``data_modules.fashion_pool``) once under ``--data_dir`` and print its shard URL."""
     p = OneLineParser(prog="python -m data_modules.fashion", description=main.__doc__)
     p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
+    p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")
+    p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
+    p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of every out-of-distribution source's count (smaller only for tests)")
     a = p.parse_args(argv)
     folder = install_fashion()
     print(f"Fashion-MNIST: {folder}", file=sys.stderr, flush=True)
     from data_modules.fashion_pool import fashion_pool_urls  # it imports this module
 
     try:
-        url = fashion_pool_urls(a.data_dir, fashion_dir=folder, seed=a.seed)
+        url = fashion_pool_urls(a.data_dir, fashion_dir=folder, seed=a.seed, split_sizes={"wild_max": a.wild_max, "val_per_class": a.val_per_class}, ood_scale=a.ood_scale)
     except OSError as err:
         raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
     print(url)

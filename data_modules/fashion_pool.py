@@ -42,9 +42,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
-from data_modules.fashion import CLASSES, fashion_splits, find_fashion_dir
+from data_modules.fashion import CLASSES, VAL_PER_CLASS, WILD_MAX, WILD_RATIO, fashion_splits, find_fashion_dir
 from data_modules.shards import encode_png, shard_url, write_shards
 from data_modules.wild_pool import _FONTS, _natural_images
+from vitkd.errors import VitkdInputError
 from vitkd.io import build_once
 
 POOL_VERSION = 1  # bump when a source's rendering or the sample fields change, so built pools are rebuilt
@@ -258,14 +259,22 @@ def generate_fashion_pool(
     return shard_url(out_dir, len(shards), "wild")
 
 
-def pool_dir(data_dir: str | Path = "data", seed: int = 0) -> Path:
+def pool_dir(data_dir: str | Path = "data", seed: int = 0, split_sizes: dict | None = None, ood_scale: float = 1.0) -> Path:
     """Where the pool of ``seed`` is built: ``data_dir/fashion-wild-v{POOL_VERSION}`` (``-s{seed}`` appended
-    for a seed other than the benchmark's 0)."""
-    return Path(data_dir) / (f"fashion-wild-v{POOL_VERSION}" + (f"-s{seed}" if seed else ""))
+    for a seed other than the benchmark's 0, and the sizes for other split sizes or an ``ood_scale``)."""
+    sizes = {k: v for k, v in (split_sizes or {}).items() if v != {"wild_max": WILD_MAX, "val_per_class": VAL_PER_CLASS, "wild_ratio": WILD_RATIO}.get(k)}
+    tail = "".join(f"-{k}{v}" for k, v in sorted(sizes.items())) + (f"-ood{ood_scale:g}" if ood_scale != 1.0 else "")
+    return Path(data_dir) / (f"fashion-wild-v{POOL_VERSION}" + (f"-s{seed}" if seed else "") + tail)
 
 
-def fashion_pool_urls(data_dir: str | Path = "data", fashion_dir: str | Path | None = None, seed: int = 0) -> str:
-    """The brace URL of the pool under ``data_dir``, built first if it is not there (once, under a lock)."""
-    pool = pool_dir(data_dir, seed)
-    build_once(pool, lambda: generate_fashion_pool(pool, fashion_dir, seed), done=pool / "meta.json")
+def fashion_pool_urls(
+    data_dir: str | Path = "data", fashion_dir: str | Path | None = None, seed: int = 0, split_sizes: dict | None = None, ood_scale: float = 1.0
+) -> str:
+    """The brace URL of the pool under ``data_dir``, built first if it is not there (once, under a lock).
+    ``ood_scale`` scales every out-of-distribution source's count (for tests)."""
+    if not ood_scale > 0:
+        raise VitkdInputError(f"--ood_scale {ood_scale} must be positive")
+    pool = pool_dir(data_dir, seed, split_sizes, ood_scale)
+    counts = {s: max(1, round(n * ood_scale)) for s, n in DEFAULT_COUNTS.items() if s != "fashion"} if ood_scale != 1.0 else None
+    build_once(pool, lambda: generate_fashion_pool(pool, fashion_dir, seed, counts=counts, split_sizes=split_sizes), done=pool / "meta.json")
     return shard_url(pool, json.loads((pool / "meta.json").read_text())["shards"], "wild")

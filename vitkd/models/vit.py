@@ -61,3 +61,23 @@ def test_vit_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Tiny model for unit tests: dim 16, depth 2, 2 heads."""
     args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=10)
     return _vit(pretrained, **{**args, **kwargs})
+
+
+def _conv_stem_vit(pretrained: bool, stem_width: int, **kwargs) -> VisionTransformer:
+    from vitkd.models.conv_stem import ConvStemEmbed
+
+    return _vit(pretrained, embed_layer=partial(ConvStemEmbed, stem_width=stem_width), **kwargs)
+
+
+@register_model
+def fashion_teacher_convstem_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Teacher of the Fashion-MNIST benchmark: conv stem to a 7×7 grid, dim 96, depth 6, 3 heads, 28×28, 1 channel."""
+    args = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=6, num_heads=3, num_classes=10)
+    return _conv_stem_vit(pretrained, stem_width=24, **{**args, **kwargs})
+
+
+@register_model
+def fashion_student_convstem_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Student of the Fashion-MNIST benchmark: the teacher's layout at dim 32, depth 4, 2 heads (the paper's 3:1 width ratio)."""
+    args = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    return _conv_stem_vit(pretrained, stem_width=8, **{**args, **kwargs})

@@ -3,7 +3,10 @@
 Streams wild shards, scores every sample with V = Σ λa·V_a + λn·V_n (Eqs. 4–6), keeps the ``num_keep``
 lowest, and writes ``scores.csv`` and the kept samples as ``selected/shard-%06d.tar`` carrying the
 teacher's pseudo-label in ``cls``. ``strategy="random"`` keeps a uniform random subset of the same size
-(the random-wild baseline); λa = [] gives DFND's confidence-only selection. ``class_balance=True`` (off by
+(the random-wild baseline); λa = [] gives DFND's confidence-only selection. ``strategy="fusion"`` (vitkd's own,
+not the paper's) ranks by ``vitkd.scoring.zscore_fusion`` of V_n, V_a, the teacher's stability V_s and its
+energy; ``strategy="oracle"`` keeps the ``positive_sources`` first (by their ``src`` tags, then by V): the upper
+bound of any selection, for benchmarks only. ``class_balance=True`` (off by
 default, not the paper's method) keeps the lowest V per teacher-predicted class, k // C each, then fills up
 with the lowest V overall.
 
@@ -30,9 +33,12 @@ from data_modules import shards
 from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_path, write_json
 from vitkd.models import AttentionProbe
-from vitkd.scoring import attention_value, confidence_value, selection_value
+from vitkd.scoring import STABILITY_VIEWS, attention_value, confidence_value, energy_value, selection_value, stability_value, zscore_fusion
 from vitkd.selection_metrics import score_auroc, source_precision
 from vitkd.stages.base import Stage
+
+
+ORACLE_OFFSET = 1e9  # added to V outside the positive sources: larger than any V, so they rank after every positive
 
 
 class AttentionProbeSelector(Stage):
@@ -45,7 +51,8 @@ class AttentionProbeSelector(Stage):
         probe_head: ``mean`` or ``max`` over heads, or a head index (the authors' code uses head 0).
         lambda_a: weight of each probe block's V_a (same length as ``probe_blocks``).
         lambda_n: weight of the confidence term V_n.
-        strategy: ``value`` (Eq. 6) or ``random`` (uniform subset of the same size, a baseline).
+        strategy: ``value`` (Eq. 6), ``random`` (uniform subset of the same size, a baseline), ``fusion``
+            (z-scored weighted sum of score columns, ``fusion_weights``) or ``oracle`` (positive sources first).
         positive_sources: ``src`` tags counted as in-distribution when measuring selection precision.
         seed: seed of the random strategy.
         shard_size: samples per written ``selected/shard-%06d.tar``.
@@ -56,6 +63,12 @@ class AttentionProbeSelector(Stage):
         class_balance: keep the ``num_keep // num_classes`` lowest-V samples of each teacher-predicted class, then
             fill the remaining places (classes with fewer samples, the remainder) with the lowest V not yet kept
             (``value`` strategy only; off by default): confident-first selection collapses onto a few teacher classes.
+        extra_scores: also score the teacher's stability V_s under ``stability_views`` and its energy
+            (``vitkd.scoring.stability_value``, ``energy_value``; columns ``vs`` and ``energy``); one more
+            teacher forward per view.
+        stability_views: the views of V_s, from ``vitkd.scoring.STABILITY_VIEWS`` (``hflip``, ``shift``).
+        fusion_weights: weight of each z-scored column for ``strategy: fusion``: ``vn``, ``va`` (the mean of
+            the probed blocks' V_a), ``vs``, ``energy``; lower fused value = kept.
     """
 
     def __init__(
@@ -70,12 +83,15 @@ class AttentionProbeSelector(Stage):
         probe_head: str | int = "mean",
         lambda_a: list[float] = [0.05, 0.05],
         lambda_n: float = 0.9,
-        strategy: Literal["value", "random"] = "value",
+        strategy: Literal["value", "random", "fusion", "oracle"] = "value",
         positive_sources: list[str] = ["digit"],
         seed: int = 0,
         shard_size: int = 2000,
         compile: bool = False,
         class_balance: bool = False,
+        extra_scores: bool = False,
+        stability_views: list[str] = ["hflip", "shift"],
+        fusion_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -83,7 +99,20 @@ class AttentionProbeSelector(Stage):
             raise VitkdInputError(f"num_keep {num_keep} must be positive: pass --model.num_keep N")
         if len(lambda_a) != len(probe_blocks):
             raise VitkdInputError(f"lambda_a has {len(lambda_a)} weights for {len(probe_blocks)} probe_blocks: give one weight per block")
-        if class_balance and strategy != "value":
+        unknown = sorted(set(stability_views) - set(STABILITY_VIEWS))
+        if unknown:
+            raise VitkdInputError(f"stability_views {unknown} unknown: use some of {sorted(STABILITY_VIEWS)}")
+        if strategy == "fusion":
+            needs = {"vn", "va", "vs", "energy"} if extra_scores else {"vn", "va"}
+            bad = sorted(set(fusion_weights or {}) - needs)
+            if not fusion_weights or bad or not any(fusion_weights.values()):
+                raise VitkdInputError(
+                    f"strategy fusion needs --model.init_args.fusion_weights with nonzero weights of {sorted(needs)} (got {fusion_weights})"
+                    + ("; vs and energy need extra_scores true" if bad and not extra_scores else "")
+                )
+            if "va" in fusion_weights and fusion_weights["va"] and not probe_blocks:
+                raise VitkdInputError("fusion weight va needs probe_blocks: name the blocks whose V_a enters, or drop va")
+        if class_balance and strategy not in ("value", "fusion"):
             raise VitkdInputError(f"class_balance applies to strategy value only, not {strategy}: drop --model.init_args.class_balance")
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
@@ -117,6 +146,9 @@ class AttentionProbeSelector(Stage):
         va = [attention_value(r) for r in self.probe.rows().values()] if self.probe else []
         cols = {f"va_blk{b}": a for b, a in zip(self.probe.blocks if self.probe else [], va)}
         cols.update(vn=vn, value=selection_value(va, vn, self.hparams.lambda_a, self.hparams.lambda_n), pred=logits.argmax(dim=1))
+        if self.hparams.get("extra_scores"):
+            views = [self.teacher(STABILITY_VIEWS[v](images)) for v in self.hparams.stability_views]
+            cols.update(vs=stability_value(logits, views), energy=energy_value(logits))
         return cols
 
     def predict_step(self, batch, batch_idx):
@@ -193,6 +225,7 @@ class AttentionProbeSelector(Stage):
             "probe_blocks": list(hp.probe_blocks), "probe_head": hp.probe_head, "lambda_a": list(hp.lambda_a), "lambda_n": hp.lambda_n,
             "img_size": hp.img_size, "in_chans": hp.in_chans, "precision": str(trainer.precision),
             **({"compile": True} if hp.get("compile") else {}),  # absent when off: parts scored before the switch existed resume
+            **({"extra_scores": list(hp.stability_views)} if hp.get("extra_scores") else {}),
         }
 
     # -- selection (rank 0) -------------------------------------------------------------------
@@ -201,6 +234,7 @@ class AttentionProbeSelector(Stage):
         n, k = parts.num_scored(), self.hparams.num_keep
         if k > n:
             raise VitkdInputError(f"num_keep {k} is larger than the wild pool ({n} samples scored): lower --model.num_keep")
+        self._stats = self._column_stats() if self.hparams.strategy == "fusion" else {}
         kept = self._choose(n, k)  # part index -> sorted row indices
         tallies = self._write_scores(run_dir / "scores.csv", kept)
         written = self._write_selected(run_dir / "selected", kept)
@@ -227,7 +261,7 @@ class AttentionProbeSelector(Stage):
         best_v, best_id = np.empty(0, np.float64), np.empty(0, np.int64)
         cls_v, cls_id, cls_c = np.empty(0, np.float64), np.empty(0, np.int64), np.empty(0, np.int64)
         for i in range(len(parts.urls)):
-            cols = parts.load(i)
+            cols = self._load(i)
             v = cols["value"].astype(np.float64)
             ids = (np.int64(i) << 32) | np.arange(len(v), dtype=np.int64)
             best_v, best_id = np.concatenate([best_v, v]), np.concatenate([best_id, ids])
@@ -252,10 +286,44 @@ class AttentionProbeSelector(Stage):
             kept[int(i)] = np.sort(chosen[(chosen >> 32) == i] & 0xFFFFFFFF)
         return kept
 
+    def _load(self, i: int) -> dict[str, np.ndarray]:
+        """Part ``i``'s columns, with ``value`` the ranking value of the strategy (V for ``value``; the fused
+        value for ``fusion``; V behind every positive source for ``oracle``)."""
+        cols = self._parts.load(i)
+        if len(cols["key"]) and self.hparams.strategy == "fusion":
+            cols["value"] = zscore_fusion(self._fusion_columns(cols), self.hparams.fusion_weights, self._stats)
+        elif len(cols["key"]) and self.hparams.strategy == "oracle":
+            outside = ~np.isin(cols["src"], list(self.hparams.positive_sources))
+            cols["value"] = cols["value"].astype(np.float64) + ORACLE_OFFSET * outside
+        return cols
+
+    def _fusion_columns(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        va = [cols[f"va_blk{b}"].astype(np.float64) for b in self.hparams.probe_blocks]
+        return {**{c: cols[c] for c in ("vn", "vs", "energy") if c in cols}, **({"va": np.mean(va, axis=0)} if va else {})}
+
+    def _column_stats(self) -> dict[str, tuple[float, float]]:
+        """Mean and standard deviation over the whole pool of each column ``fusion`` weighs (one pass)."""
+        sums: dict[str, np.ndarray] = {}
+        for i in range(len(self._parts.urls)):
+            cols = self._parts.load(i)
+            if not len(cols["key"]):
+                continue
+            for c, v in self._fusion_columns(cols).items():
+                v = v.astype(np.float64)
+                sums[c] = sums.get(c, np.zeros(3)) + np.array([len(v), v.sum(), (v * v).sum()])
+        missing = sorted(set(self.hparams.fusion_weights) - set(sums))
+        if missing:
+            raise VitkdInputError(f"the saved scores have no {missing} column: rescore with --model.init_args.extra_scores true (a new --run_dir or --overwrite true)")
+        out = {}
+        for c, (n, s1, s2) in sums.items():
+            mu = s1 / n
+            out[c] = (float(mu), float(np.sqrt(max(s2 / n - mu * mu, 0.0))))
+        return out
+
     def _rows(self, kept: dict[int, np.ndarray], only_kept: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
         """Each part's columns with its ``selected`` mask, in shard order (only parts with kept rows if asked)."""
         for i in sorted(kept) if only_kept else range(len(self._parts.urls)):
-            cols = self._parts.load(i)
+            cols = self._load(i)
             mask = np.zeros(len(cols["key"]), dtype=bool)
             mask[kept.get(i, np.empty(0, np.int64))] = True
             yield i, cols, mask
@@ -269,11 +337,12 @@ class AttentionProbeSelector(Stage):
         scored, kept_src, skipped, kept_pred = Counter(), Counter(), Counter(), Counter()
         self._skipped_by_shard: dict[str, dict[str, Any]] = {}
         labelled = Counter()  # samples carrying ``cls``, and those the teacher reads right, all and kept
-        columns: dict[str, list[np.ndarray]] = {c: [] for c in (*va, "vn", "value")}  # float32: 4 bytes a score
+        names_f = (*va, "vn", *(("vs", "energy") if self.hparams.get("extra_scores") else ()), "value")
+        columns: dict[str, list[np.ndarray]] = {c: [] for c in names_f}  # float32: 4 bytes a score
         codes, names = [], {}  # src as ints: 4 bytes a sample
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["key", *va, "vn", "value", "pred", "selected", "src", "cls"])
+            w.writerow(["key", *names_f, "pred", "selected", "src", "cls"])
             for i, cols, mask in self._rows(kept):
                 # only samples of the positive sources: their cls is one of the teacher's classes (a wild set's own
                 # labels, e.g. EMNIST's letters or ImageNet's classes, are another label space)
@@ -289,7 +358,7 @@ class AttentionProbeSelector(Stage):
                         columns[c].append(cols[c].astype(np.float32))
                 tags, inverse = np.unique(cols["src"], return_inverse=True)  # one lookup per tag, not per sample
                 codes.append(np.array([names.setdefault(str(t), len(names)) for t in tags], dtype=np.int32)[inverse])
-                floats = [cols.get(c, np.empty(0)) for c in (*va, "vn", "value")]
+                floats = [cols.get(c, np.empty(0)) for c in names_f]
                 for j in range(len(mask)):
                     label = int(cols["label"][j])
                     w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j], label if label >= 0 else ""])
@@ -347,7 +416,7 @@ class AttentionProbeSelector(Stage):
             out.update(figures)
             if auroc:
                 out["score_auroc"] = auroc
-                if self.hparams.strategy == "value":  # a random subset does not rank by V
+                if self.hparams.strategy in ("value", "fusion"):  # a random subset does not rank by V
                     out["value_auroc"] = auroc["value"]["all"]
         return out
 
