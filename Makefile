@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench report test test-fast clean
+.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench report test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,10 +40,15 @@ report: setup
 	$(PY) -m vitkd.report runs/demo/*
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not soak"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not soak"
+
+# Fault injection (docs/reliability.md): the fault tests plus the soak (kills at random points of each stage);
+# prints the table of faults, also written to runs/faults/summary.json.
+faults: setup
+	$(PY) -m pytest -q tests/test_faults.py
 
 clean:
 	rm -rf runs data lightning_logs

@@ -350,12 +350,25 @@ class ImageDataModule(pl.LightningDataModule):
                 self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples(), keys=self.train_keys,
                 memory_cache=self.memory_cache,
             )
+            # a resumed run continues the shard permutations at its next epoch (the stream counts epochs from here)
+            stream.epoch = self._resume_epochs or 0
             return self._loader(stream, self.batch_size)
         ds = self._original("train", keys=self.train_keys)
         if self.epoch_samples is not None:  # a fixed budget per epoch on the original data too: that many drawn without replacement
             sampler = torch.utils.data.RandomSampler(ds, num_samples=min(self.epoch_samples, len(ds)))
             return self._loader(ds, self.batch_size, sampler=sampler)
         return self._loader(ds, self.batch_size, shuffle=True)
+
+    _resume_epochs: int | None = None
+
+    def state_dict(self) -> dict:
+        """In checkpoints: the training epochs begun, so a resumed shard stream permutes its shards as the
+        uninterrupted run's next epoch does (Lightning restores this before it asks for the loaders)."""
+        t = self.trainer
+        return {"train_epochs": int(t.fit_loop.epoch_progress.current.processed)} if t is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_epochs = state_dict.get("train_epochs")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment and self.trainer is not None and self.trainer.training:

@@ -7,6 +7,7 @@ log) and ``metrics.json`` (final figures), each written under a temporary name a
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,12 +17,15 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
-from vitkd.logging import WandbOptions, build_loggers, finish_loggers, slurm_requeued
+from vitkd.logging import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
 from vitkd.stages import Stage
+
+quiet_lightning()
 
 
 class VitkdCLI(LightningCLI):
@@ -50,6 +54,15 @@ class VitkdCLI(LightningCLI):
             if cfg.torch_threads < 1:
                 raise VitkdInputError(f"--torch_threads {cfg.torch_threads} must be a positive integer: pass N >= 1 or leave it unset")
             torch.set_num_threads(cfg.torch_threads)
+        if not cfg.ckpt_path and slurm_requeued(self.run_dir) and not (self.run_dir / "metrics.json").is_file():
+            # a requeue resumes from the last finished epoch, which reproduces the run: Lightning's hpc checkpoint
+            # is taken mid-epoch, where the data order cannot be restored. Before any epoch finished: from the start.
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                cfg.ckpt_path = str(last)
+            else:
+                for stale in self.run_dir.glob("hpc_ckpt_*.ckpt"):
+                    stale.unlink()
         if cfg.ckpt_path:
             ckpt = Path(cfg.ckpt_path)
             if ckpt.is_dir():
@@ -75,12 +88,58 @@ class VitkdCLI(LightningCLI):
             config_files=self.config.get("config"),
             config=self.parser.dump(self.config, skip_none=False) if wandb_on else None,
             resume=bool(self.config.ckpt_path),
+            resume_epoch=checkpoint_epoch(self.config.ckpt_path),
         ))
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+
+def checkpoint_epoch(path: str | None) -> int | None:
+    """The epoch a checkpoint was saved in (None without one, or when it cannot be read: the resume check
+    names that)."""
+    if not path:
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("epoch"))
+    except Exception:
+        return None
+
+
+class RunDirLock:
+    """One run at a time in a run directory: an exclusive OS lock (``flock``) on the folder itself, held
+    until the process ends (the OS drops it when a killed run dies), so no lock file joins the outputs.
+    Written by hand: filelock locks files, and a file would be one more thing in the run directory."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.fd = run_dir, os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise VitkdInputError(f"--run_dir {run_dir} is in use by another vitkd run: wait for it to end, or pass another --run_dir") from None
+
+    def release(self, refused: bool = False) -> None:
+        if self.fd is None:
+            return
+        if refused and self.created and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()  # a refused run leaves nothing, not even its folder
+        os.close(self.fd)
+        self.fd = None
+
+
+class RunStopped(SystemExit):
+    """The run was stopped by SIGTERM; its last checkpoint resumes it."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(143)
+        self.run_dir = run_dir
 
 
 # what vitkd writes in a run directory; --overwrite removes these and nothing else
@@ -183,19 +242,35 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
             raise original from None
         raise
     run_dir, trainer = cli.run_dir, cli.trainer
-    # before anything is written: a resume that does not fit, or a selection whose saved scores were
-    # computed differently, is refused with the run directory as it was
-    cli.model.check_run_dir(trainer, cli.datamodule, run_dir, cli.config.ckpt_path, cli.config.overwrite)
-    if trainer.is_global_zero:
-        if cli.config.overwrite:
-            remove_earlier_results(run_dir, keep=cli.model.reused_outputs)
-        write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-    metrics = cli.model.execute(trainer, cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    metrics["run_dir"] = str(run_dir)
-    if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
-    finish_loggers(trainer.loggers)
-    return metrics
+    lock = RunDirLock(run_dir) if trainer.is_global_zero else None
+    try:
+        # before anything is written: another run that finished while this one started, a resume that does not
+        # fit, or a selection whose saved scores were computed differently, is refused with the run directory as it was
+        earlier = None if cli.config.overwrite or cli.config.ckpt_path or lock is None else earlier_results(run_dir)
+        if earlier:
+            raise VitkdInputError(f"--run_dir {run_dir} already holds a run ({earlier}): pass a new --run_dir, or --overwrite true to replace it")
+        cli.model.check_run_dir(trainer, cli.datamodule, run_dir, cli.config.ckpt_path, cli.config.overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.release(refused=True)
+        raise
+    try:
+        if trainer.is_global_zero:
+            if cli.config.overwrite:
+                remove_earlier_results(run_dir, keep=cli.model.reused_outputs)
+            write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
+        try:
+            metrics = cli.model.execute(trainer, cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        except SIGTERMException:
+            raise RunStopped(run_dir) from None
+        metrics["run_dir"] = str(run_dir)
+        if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", metrics)
+        finish_loggers(trainer.loggers)
+        return metrics
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         print(f"vitkd: error: bad config or argument: {_one_line(err)} (see --help or --print_config)", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        last = stop.run_dir / "checkpoints" / "last.ckpt"
+        resume = f"resume with --ckpt_path {last}" if last.is_file() else "no epoch had finished: rerun the same command"
+        print(f"vitkd: stopped by SIGTERM: {resume}", file=sys.stderr)
+        return 143
     return 0
 
 

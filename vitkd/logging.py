@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import netrc
 import os
 import re
@@ -119,29 +120,65 @@ def _say(msg: str) -> None:
     print(f"vitkd: {msg}", file=sys.stderr, flush=True)
 
 
-class AppendingWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it) and appends under its columns."""
+class DurableWriter(ExperimentWriter):
+    """Lightning's CSV writer, but ``metrics.csv`` and ``hparams.yaml`` are rewritten whole through
+    ``vitkd.io.atomic_path`` (temporary file, fsync, rename) at every save, and an existing ``metrics.csv``
+    is never deleted: a resumed run (``keep_epochs``: the last epoch its checkpoint finished) keeps the rows
+    of the epochs up to it and drops those of the epochs it trains again, so each epoch is logged once."""
 
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
+    def __init__(self, log_dir: str, keep_epochs: int | None = None):
+        self._keep_epochs = keep_epochs
+        self._rows: list[dict[str, Any]] = []
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        if self._keep_epochs is None or not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._rows = [r for r in rows if not r.get("epoch") or float(r["epoch"]) <= self._keep_epochs]
+        self.metrics_keys = sorted({k for r in rows for k in r})
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        from vitkd.io import atomic_path
+
+        self.hparams.update(params)
+        with atomic_path(Path(self.log_dir) / self.NAME_HPARAMS_FILE) as tmp:
+            save_hparams_to_yaml(str(tmp), self.hparams)
+
+    def save(self) -> None:
+        from vitkd.io import atomic_path
+
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        self._rows.extend(self.metrics)
+        self.metrics = []
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(self._rows)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """A ``CSVLogger`` whose resumed run (``--ckpt_path``, or a SLURM requeue) continues ``metrics.csv``."""
+    """A ``CSVLogger`` writing through ``DurableWriter``; a resumed run (``--ckpt_path``, or a SLURM
+    requeue) continues ``metrics.csv`` after ``resume_epoch``, the last epoch its checkpoint finished."""
 
-    def __init__(self, *args: Any, resume: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, resume: bool = False, resume_epoch: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._resume = resume
+        self._resume_epoch = resume_epoch
 
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._experiment is None and self._resume:
+        if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = AppendingWriter(log_dir=self.log_dir)
-        return super().experiment
+            keep = (self._resume_epoch if self._resume_epoch is not None else float("inf")) if self._resume else None
+            self._experiment = DurableWriter(log_dir=self.log_dir, keep_epochs=keep)
+        return self._experiment
 
 
 class RunWandbLogger(WandbLogger):
@@ -164,6 +201,25 @@ class RunWandbLogger(WandbLogger):
         return run
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... install litlogger/litmodels" lines: advertising, nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Hide Lightning's advertising lines, and its warning that a resumed run's checkpoint folder is not
+    empty (resuming from it is the point; vitkd refuses a run_dir holding another run before it starts)."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in log.filters):
+            log.addFilter(_NoAdverts())
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
 def slurm_requeued(run_dir: Path) -> bool:
     """A SLURM job requeued after Lightning saved ``hpc_ckpt_*.ckpt`` in its run directory: it resumes from
     that checkpoint without ``--ckpt_path``."""
@@ -179,16 +235,18 @@ def build_loggers(
     config_files: Sequence[str | os.PathLike] | None = None,
     config: dict[str, Any] | str | None = None,
     resume: bool = False,
+    resume_epoch: int | None = None,
 ) -> list[Logger]:
     """CSVLogger (owns ``run_dir``), then the user's loggers, then W&B when enabled and not disabled.
 
     ``stage``: the stage class name (default ``job_type``); ``config_files``: the ``--config`` files (default
     ``group``); ``config``: the resolved run config (a dict or its YAML text), stored in the W&B run's config;
     ``resume``: the run resumes from a checkpoint, so ``metrics.csv`` is continued (also on a SLURM requeue,
-    detected by Lightning's ``hpc_ckpt_*.ckpt`` in the run directory).
+    detected by Lightning's ``hpc_ckpt_*.ckpt`` in the run directory); ``resume_epoch``: the last epoch the
+    resumed checkpoint finished (later rows of ``metrics.csv`` are dropped: that training is redone).
     """
     resume = resume or slurm_requeued(run_dir)
-    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="", resume=resume)]
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="", resume=resume, resume_epoch=resume_epoch)]
     loggers.extend(extra)
     if wandb is None or not wandb.enabled:
         return loggers

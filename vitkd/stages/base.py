@@ -132,23 +132,26 @@ class Stage(pl.LightningModule):
         return measure(model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5)
 
     def configure_callbacks(self):
-        """Best/last checkpoints; training stages add attention-probe maps (``callbacks.AttentionProbeLogger``)
+        """Best checkpoint on validation and the last epoch's; training stages add their random state to the checkpoints (``callbacks.RngState``), attention-probe maps (``callbacks.AttentionProbeLogger``)
         and throughput (``callbacks.ThroughputMonitor``), scoring stages the selection report
         (``callbacks.SelectionReport``). A callback of the same type in the config's ``trainer.callbacks`` is
         kept instead of the default: that is how to tune or switch one off, e.g.
         ``--trainer.callbacks+=callbacks.AttentionProbeLogger --trainer.callbacks.every_n_epochs 0``."""
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
-        from callbacks import AttentionProbeLogger, SelectionReport, ThroughputMonitor  # callbacks build on vitkd
+        from callbacks import AttentionProbeLogger, RngState, SelectionReport, ThroughputMonitor  # callbacks build on vitkd
 
         defaults = []
         if is_overridden("training_step", self, pl.LightningModule):
-            defaults += [ThroughputMonitor(), AttentionProbeLogger()]  # the clock stops before the maps are drawn
+            defaults += [RngState(), ThroughputMonitor(), AttentionProbeLogger()]  # the clock stops before the maps are drawn
         if is_overridden("predict_step", self, pl.LightningModule):
             defaults.append(SelectionReport())
         present = list(self.trainer.callbacks) if self._trainer is not None else []
         return [
-            ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, save_last=True, enable_version_counter=False),
+            ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, enable_version_counter=False),
+            # last.ckpt after every epoch (Lightning's save_last writes it only in epochs that improve the best),
+            # after best.ckpt, so it holds the epoch's best score too: a resume continues from the epoch that ended last
+            ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
             *[cb for cb in defaults if not any(isinstance(p, type(cb)) for p in present)],
         ]
 

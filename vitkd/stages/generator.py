@@ -212,6 +212,17 @@ class DataFreeGAN(Stage):
 
     def on_train_start(self) -> None:
         self._noise = rank_noise_generator(self.base_seed(), self.global_rank, self.device)
+        if getattr(self, "_noise_state", None) is not None:  # resumed: the noise stream goes on where the checkpoint left it
+            self._noise.set_state(self._noise_state)
+            self._noise_state = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._noise is not None:
+            checkpoint["vitkd_noise_state"] = self._noise.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._noise_state = checkpoint.get("vitkd_noise_state")
 
     def draw_noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, generator=self._noise, device=self.device)
