@@ -188,16 +188,17 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
     return path.exists() and proc.poll() is None
 
 
-def kill_at(args: list[str], run_dir: Path, delay: float, sig: int = signal.SIGKILL, env: dict | None = None) -> tuple[bool, subprocess.Popen]:
-    """Start a run, send ``sig`` ``delay`` s after its first checkpoint; False when it ended before."""
+def kill_at(args: list[str], run_dir: Path, delay: float, sig: int = signal.SIGKILL, env: dict | None = None) -> tuple[bool, subprocess.Popen, str]:
+    """Start a run, send ``sig`` ``delay`` s after its first checkpoint; (False when it ended before, the
+    process, its stderr)."""
     proc = start(args, run_dir, env)
     ok = wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
     time.sleep(delay)
     ok = ok and proc.poll() is None
     if ok:
         proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    return ok, proc
+    _, err = proc.communicate(timeout=120)
+    return ok, proc, err
 
 
 def figures(m: dict, run_dir: Path, key: str) -> dict:
@@ -222,7 +223,7 @@ def epochs_logged_once(run_dir: Path, key: str) -> bool:
 def kill_and_resume(args: list[str], reference: dict, ref_dir: Path, run_dir: Path, delay: float, key: str) -> tuple[bool, bool] | None:
     """SIGKILL a run ``delay`` s after its first checkpoint, resume it from last.ckpt; (same figures, each epoch
     logged once), or None when the run ended before the kill."""
-    killed, _ = kill_at(args, run_dir, delay)
+    killed, _, _ = kill_at(args, run_dir, delay)
     if not killed:
         shutil.rmtree(run_dir)
         return None
@@ -386,10 +387,10 @@ def teacher_reference(tmp_path_factory) -> tuple[dict, Path]:
 def test_sigterm_stops_with_a_checkpoint_that_resumes(teacher_reference, tmp_path, fault_log):
     reference, ref_dir = teacher_reference
     run = tmp_path / "teacher"
-    stopped, proc = kill_at(teacher_args(), run, 0.1, sig=signal.SIGTERM)
+    stopped, proc, err = kill_at(teacher_args(), run, 0.1, sig=signal.SIGTERM)
     assert stopped, "the run ended before the signal"
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vitkd:")]
-    assert proc.returncode == 143 and lines and lines[-1].startswith("vitkd: stopped by SIGTERM: resume with --ckpt_path"), proc.stderr[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("vitkd:")]
+    assert proc.returncode == 143 and lines and lines[-1].startswith("vitkd: stopped by SIGTERM: resume with --ckpt_path"), err[-2000:]
     m = fit(*teacher_args(), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--run_dir", str(run))
     same = figures(m, run, "val/acc") == figures(reference, ref_dir, "val/acc")
     record(fault_log, "SIGTERM during training", survived=same, data_lost=not epochs_logged_once(run, "val/acc"))
@@ -406,9 +407,9 @@ def test_sigusr1_slurm_requeue_resumes_from_the_last_epoch(teacher_reference, tm
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vitkd-faults", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
     env = {**QUIET, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     run = tmp_path / "teacher"
-    signalled, proc = kill_at(teacher_args(), run, 0.1, sig=signal.SIGUSR1, env=env)
+    signalled, proc, err = kill_at(teacher_args(), run, 0.1, sig=signal.SIGUSR1, env=env)
     assert signalled, "the run ended before the signal"
-    assert (bin_dir / "requeued").read_text().split() == ["requeue", "4242"], proc.stderr[-2000:]
+    assert (bin_dir / "requeued").read_text().split() == ["requeue", "4242"], err[-2000:]
     assert list(run.glob("hpc_ckpt_*.ckpt")), "Lightning saved its requeue checkpoint"
     for k, v in slurm.items():  # the requeued job: the same command, no --ckpt_path
         monkeypatch.setenv(k, v)
