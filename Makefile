@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench report test test-fast faults clean
+.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,10 +26,20 @@ demo-generator: setup
 demo-detection: setup
 	$(PY) -m vitkd.detection.demo
 
-# Fashion-MNIST (issue 16): $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;
+# Fashion-MNIST: $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;
 # then the benchmark's wild pool, built once under data/ (its shard URL is printed).
 data-fashion: setup
 	$(PY) -m data_modules.fashion
+
+# The real-data benchmark (docs/fashion-benchmark.md): its teacher once, then selections and students.
+bench-wild-teacher: data-fashion
+	test -f runs/bench-wild/teacher/metrics.json || $(PY) -m vitkd.fit --config experiments/fashion/teacher.yaml --run_dir runs/bench-wild/teacher --trainer.enable_progress_bar false
+
+bench-wild: bench-wild-teacher
+	$(PY) -m vitkd.bench_wild
+
+bench-wild-quick: bench-wild-teacher
+	$(PY) -m vitkd.bench_wild --quick
 
 # Speed and memory figures, written to benchmarks/results/<machine>-<date>.json (issue 7).
 bench: setup

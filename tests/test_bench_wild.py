@@ -12,7 +12,7 @@ import pytest
 from test_pack import write_idx
 
 from data_modules import fashion
-from vitkd.bench_wild import SELECTIONS
+from vitkd.bench_wild import needed_selections
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 30
@@ -45,12 +45,13 @@ def test_quick_bench_end_to_end(tmp_path):
     out = tmp_path / "bench"
     tiny = ["--wild_max", "10", "--val_per_class", "5", "--ood_scale", "0.005", "--val_limit", "20", "--data_dir", str(tmp_path / "data")]
     common = "--trainer.max_epochs 1 --data.init_args.epoch_samples 64 --data.init_args.eval_batch_size 64"
-    done = bench(tmp_path, "--quick", "--out", str(out), *tiny, "--common", common, env_dir=data)
+    # two rows and the one whose scores both reuse (attention_probe): every kind of job, fewer processes
+    done = bench(tmp_path, "--quick", "--out", str(out), *tiny, "--common", common, "--selections", "oracle", "vitkd_fusion", env_dir=data)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     rows = json.loads((out / "summary.json").read_text())
     names = [(r["run"], r.get("kept_size")) for r in rows]
     assert names[:3] == [("teacher", None), ("scratch", None), ("kd_original", None)]
-    assert sorted(n for n in names[3:]) == sorted((s, k) for s in SELECTIONS for k in ("k1", "k2"))
+    assert names[3:] == [(s, k) for s in ("attention_probe", "oracle", "vitkd_fusion") for k in ("k1", "k2")]
     k1 = next(r["num_keep"] for r in rows if r.get("kept_size") == "k1")
     for r in rows:
         assert r["num_test"] == 40 and 0.0 <= r["test_acc_mean"] <= 1.0
@@ -78,6 +79,13 @@ def test_quick_bench_end_to_end(tmp_path):
     err = [ln for ln in sel.stderr.splitlines() if ln.startswith("vitkd: error")]
     assert sel.returncode != 0 and len(err) == 1 and "num_keep" in err[0], sel.stderr[-2000:]
     assert not list((tmp_path / "big").glob("score_parts/part-*.npz"))
+
+
+def test_needed_selections():
+    assert needed_selections(["vitkd_fusion"]) == ["attention_probe", "vitkd_fusion"]
+    assert needed_selections(None)[-1] == "vitkd_fusion"
+    with pytest.raises(Exception, match="unknown"):
+        needed_selections(["best"])
 
 
 def test_missing_data_one_line(tmp_path):

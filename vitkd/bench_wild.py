@@ -8,7 +8,8 @@ training split; and for each selection at k1 (the pool's in-distribution images)
 V_n, V_a, stability and energy, weights chosen on the first 1,000 validation images, never on test). Every
 student has one arch, one loss (``experiments/fashion/student.yaml``: the paper's Eq. 10 for every selection) and
 one budget; checkpoints are chosen on validation. The teacher is trained once and reused (its time is reported
-apart from the benchmark's). ``--quick``: one seed, the first pool shards, the same rows.
+apart from the benchmark's). ``--quick``: one seed, the pool's first shards, a fifth of the students' budget, the
+same rows.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ ORIGINAL = [("scratch", "scratch.yaml", "original (labels)"), ("kd_original", "k
 FUSION_TERMS = ("vn", "va", "vs", "energy")
 SHOW = ("test/acc", "precision", "num_kept")
 QUICK_SHARDS = 5  # --quick scores the pool's first shards only
+QUICK_ARGS = ["--trainer.max_epochs", "2", "--data.init_args.epoch_samples", "10000"]  # --quick: a fifth of the students' budget
 
 
 def fusion_grid() -> list[dict[str, float]]:
@@ -99,20 +101,24 @@ def machine() -> str:
 
 
 def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], common: list[str], teacher_args: list[str], val_shards: Callable[[Path], str],
-               fit: Callable = run_fit) -> dict:
+               fit: Callable = run_fit, teacher_dir: Path | None = None, selections: list[str] | None = None) -> dict:
     """The benchmark's runs as jobs for ``run_graph`` (name → (jobs it waits for, job)). ``pool_urls()``
     returns ``{"urls": brace URL, "k1": in-distribution images}``; ``val_shards(folder)`` writes the labelled
-    validation images the fusion weights are chosen on and returns their URL; ``common`` goes to every run."""
-    teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
+    validation images the fusion weights are chosen on and returns their URL; ``common`` goes to every run.
+    ``teacher_dir``: the teacher's run (default ``out/teacher``), trained there if it holds none;
+    ``selections``: the selection rows to run (default all; a reused row's source runs too)."""
+    teacher_dir = teacher_dir or out / "teacher"
+    chosen = needed_selections(selections)
+    teacher_ckpt = teacher_dir / "checkpoints" / "best.ckpt"
     tea = ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
 
     def teacher(_: dict) -> dict:
-        metrics = out / "teacher" / "metrics.json"
+        metrics = teacher_dir / "metrics.json"
         if teacher_ckpt.is_file() and metrics.is_file():
             print(f"  teacher: reused {teacher_ckpt}", flush=True)
             return {**json.loads(metrics.read_text()), "reused": True}
         t0 = time.time()
-        m = fit(CONFIGS / "teacher.yaml", out / "teacher", *common, *teacher_args, show=("test/acc", "best_val/acc"))
+        m = fit(CONFIGS / "teacher.yaml", teacher_dir, *common, *teacher_args, show=("test/acc", "best_val/acc"))
         return {**m, "reused": False, "train_s": time.time() - t0}
 
     def select(name: str, k: str) -> Callable:
@@ -154,14 +160,15 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
         return job
 
     jobs: dict[str, tuple[tuple[str, ...], Callable]] = {"teacher": ((), teacher), "pool": ((), lambda _: pool_urls())}
-    for name, (_, reuse) in SELECTIONS.items():
+    for name, (_, reuse) in ((n, SELECTIONS[n]) for n in chosen):
         after = ("teacher", "pool", *((f"select/{reuse}/k1",) if reuse else ()), *(("choose_fusion",) if name == "vitkd_fusion" else ()))
         jobs[f"select/{name}/k1"] = (after, select(name, "k1"))
-    jobs["select_val"] = (("teacher",), select_val)
-    jobs["choose_fusion"] = (("select/attention_probe/k1", "select_val", "pool"), choose)
-    for name in SELECTIONS:
+    if "vitkd_fusion" in chosen:
+        jobs["select_val"] = (("teacher",), select_val)
+        jobs["choose_fusion"] = (("select/attention_probe/k1", "select_val", "pool"), choose)
+    for name in chosen:
         jobs[f"select/{name}/k2"] = ((f"select/{name}/k1", "pool", *(("choose_fusion",) if name == "vitkd_fusion" else ())), select(name, "k2"))
-    for name in SELECTIONS:
+    for name in chosen:
         for k in ("k1", "k2"):
             for seed in seeds:
                 run_dir = out / name / k / f"seed{seed}"
@@ -173,11 +180,22 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
     return jobs
 
 
+def needed_selections(selections: list[str] | None) -> list[str]:
+    """The selection rows to run, in ``SELECTIONS`` order, with the rows whose scores they reuse."""
+    if selections is None:
+        return list(SELECTIONS)
+    unknown = sorted(set(selections) - set(SELECTIONS))
+    if unknown:
+        raise VitkdInputError(f"--selections {unknown} unknown: use some of {', '.join(SELECTIONS)}")
+    want = set(selections) | {SELECTIONS[n][1] for n in selections if SELECTIONS[n][1]}
+    return [n for n in SELECTIONS if n in want]
+
+
 def _mean_std(accs: list[float]) -> tuple[float, float]:
     return statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
 
 
-def summary_rows(done: dict, seeds: list[int], num_test: int) -> list[dict]:
+def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[str] | None = None) -> list[dict]:
     """The table's rows: test accuracy mean ± sample std over the seeds; for selections, what measures them."""
     t = done["teacher"]
     rows = [{"run": "teacher", "num_keep": None, "data": "original (labels)", "params": t["params"], "test_acc_mean": t["test/acc"], "test_acc_std": 0.0,
@@ -187,7 +205,7 @@ def summary_rows(done: dict, seeds: list[int], num_test: int) -> list[dict]:
         mean, std = _mean_std(accs)
         rows.append({"run": name, "num_keep": None, "data": data, "params": done[f"{name}/seed{seeds[0]}"]["params"], "test_acc_mean": mean,
                      "test_acc_std": std, "test_accs": accs, "seeds": len(accs), "num_test": num_test})
-    for name in SELECTIONS:
+    for name in selections or SELECTIONS:
         for k in ("k1", "k2"):
             sel = done[f"select/{name}/{k}"]
             accs = [done[f"{name}/{k}/seed{s}"]["test/acc"] for s in seeds]
@@ -212,6 +230,19 @@ def table(rows: list[dict]) -> str:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         kept = str(r["num_keep"]) if r.get("num_keep") is not None else "-"
         lines.append(f"{r['run']:<16} {kept:>6}  {acc:>15}  {fmt(r, 'precision', 9)}  {fmt(r, 'recall', 6)}  {fmt(r, 'precision_max', 6)}  {fmt(r, 'value_auroc', 7)}")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The summary as a Markdown table (what the docs show, generated from the results JSON)."""
+    def f(r: dict, key: str) -> str:
+        return f"{r[key]:.3f}" if r.get(key) is not None else "–"
+
+    lines = ["| run | kept | test acc (%), mean ± std | seeds | precision | recall | precision max | V AUROC |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        kept = f"{r['num_keep']:,} ({r['kept_size']})" if r.get("num_keep") is not None else "–"
+        acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}" if r["seeds"] > 1 else f"{100 * r['test_acc_mean']:.2f}"
+        lines.append(f"| {r['run']} | {kept} | {acc} | {r['seeds']} | {f(r, 'precision')} | {f(r, 'recall')} | {f(r, 'precision_max')} | {f(r, 'value_auroc')} |")
     return "\n".join(lines)
 
 
@@ -262,9 +293,12 @@ def plot(rows: list[dict], out: Path, positive: str = "fashion") -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.bench_wild", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/bench-wild", help="output folder (its earlier runs are replaced; the teacher is kept and reused)")
+    p.add_argument("--out", default=None, help="output folder, its earlier runs replaced (default runs/bench-wild; --quick: runs/bench-wild-quick)")
+    p.add_argument("--teacher_dir", default=None, help="the teacher's run, reused; trained there first if it holds none (default runs/bench-wild/teacher, OUT/teacher with --out)")
+    p.add_argument("--markdown", metavar="SUMMARY", default=None, help="print the Markdown table of a summary.json (or a committed results JSON) and exit")
+    p.add_argument("--selections", nargs="+", default=None, help=f"selection rows to run (default all: {' '.join(SELECTIONS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of each student (default 0 1 2; --quick: 0)")
-    p.add_argument("--quick", action="store_true", help=f"one seed and the pool's first {QUICK_SHARDS} shards")
+    p.add_argument("--quick", action="store_true", help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget ({' '.join(QUICK_ARGS)})")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     p.add_argument("--data_dir", default="data", help="where the wild pool is written (make data-fashion)")
     p.add_argument("--val_limit", type=positive_int, default=1000, help="labelled validation images on which vitkd_fusion's weights are chosen")
@@ -274,8 +308,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
     p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of the pool's out-of-distribution counts (smaller only for tests)")
     a = p.parse_args(argv)
+    if a.markdown:
+        try:
+            data = json.loads(Path(a.markdown).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise VitkdInputError(f"--markdown {a.markdown}: cannot read it as JSON ({err}); pass a bench-wild summary.json") from None
+        print(markdown(data["rows"] if isinstance(data, dict) else data))
+        return
     seeds = list(dict.fromkeys(a.seeds or ([0] if a.quick else [0, 1, 2])))
-    out, common = Path(a.out), shlex.split(a.common)
+    out = Path(a.out or ("runs/bench-wild-quick" if a.quick else "runs/bench-wild"))
+    teacher_dir = Path(a.teacher_dir) if a.teacher_dir else out / "teacher" if a.out else Path("runs/bench-wild/teacher")
+    common = (QUICK_ARGS if a.quick else []) + shlex.split(a.common)  # the user's options come last and win
+    selections = needed_selections(a.selections)
     sizes = ["--wild_max", str(a.wild_max), "--val_per_class", str(a.val_per_class)]
     common += [f"--data.init_args.{k[2:]}" if i % 2 == 0 else k for i, k in enumerate(sizes)]
     find_fashion_dir()  # a missing data set is named before anything runs
@@ -301,14 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     def val(folder: Path) -> str:
         return write_val_shards(folder, a.val_limit, a.wild_max, a.val_per_class)
 
-    done = run_graph(bench_jobs(out, seeds, pool, common, shlex.split(a.teacher_args), val), a.jobs)
+    done = run_graph(bench_jobs(out, seeds, pool, common, shlex.split(a.teacher_args), val, teacher_dir=teacher_dir, selections=selections), a.jobs)
     teacher_s = done["teacher"].get("train_s", 0.0)
-    rows = summary_rows(done, seeds, num_test_images())
+    rows = summary_rows(done, seeds, num_test_images(), selections)
     wall = time.time() - t0 - teacher_s
     meta = {"machine": machine(), "wall_s": wall, "teacher_train_s": teacher_s or None, "teacher_reused": done["teacher"]["reused"], "seeds": seeds,
-            "quick": a.quick, "fusion_choice": done["choose_fusion"]["weights"], "pool": done["pool"]}
+            "quick": a.quick, "fusion_choice": done.get("choose_fusion", {}).get("weights"), "pool": done["pool"], "teacher_dir": str(teacher_dir)}
     write_json(out / "summary.json", rows)
     write_json(out / "run_info.json", meta)
+    # one file to commit under benchmarks/results/: the machine, the date, the rows
+    write_json(out / "results.json", {"benchmark": "bench-wild", "date": time.strftime("%Y-%m-%d"), **meta, "rows": rows})
     print(table(rows))
     print(f"plot: {plot(rows, out)}")
     print(f"bench-wild finished in {wall:.0f}s on {meta['machine']} (teacher {'reused' if meta['teacher_reused'] else f'trained in {teacher_s:.0f}s, not counted'}); "
