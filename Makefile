@@ -29,7 +29,7 @@ demo-detection: setup
 # Fashion-MNIST: $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;
 # then the benchmark's wild pool, built once under data/ (its shard URL is printed).
 data-fashion: setup
-	$(PY) -m data_modules.fashion
+	$(PY) -m data_modules.fashion_pool
 
 # The real-data benchmark (docs/fashion-benchmark.md): its teacher once, then selections and students.
 bench-wild-teacher: data-fashion

@@ -10,9 +10,8 @@ from sklearn.model_selection import train_test_split
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
 from data_modules.wild_pool import POOL_VERSION, generate_pool
-from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int
+from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int, demo_main
 from vitkd.io import build_once
-from vitkd.runs import demo_main
 
 SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
 

@@ -3,7 +3,7 @@
 The four original IDX files (``train-images-idx3-ubyte.gz`` and the other three, as the Fashion-MNIST
 project releases them) are looked for, in this order: ``fashion_dir`` (``--data.init_args.fashion_dir``),
 ``$FASHION_MNIST_DIR``, Debian's ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
-``python -m data_modules.fashion`` (``make data-fashion``) also installs that package where ``apt-get``
+``python -m data_modules.fashion_pool`` (``make data-fashion``) also installs that package where ``apt-get``
 exists and the user is root.
 
 Splits, fixed (``SPLIT_SEED``), so every run sees the same ones:
@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,8 +28,7 @@ import numpy as np
 
 from data_modules.formats import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
 from data_modules.image_data import ImageDataModule
-from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int
-from vitkd.runs import demo_main
+from vitkd.errors import VitkdInputError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -201,28 +199,3 @@ def write_val_shards(out: str | Path, limit: int, wild_max: int = WILD_MAX, val_
 def num_test_images() -> int:
     """Images in the official test split."""
     return len(load_fashion(str(find_fashion_dir()))["test"][1])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m data_modules.fashion`` (``make data-fashion``): find or install Fashion-MNIST, build the
-    benchmark's wild pool (``data_modules.fashion_pool``) once under ``--data_dir`` and print its shard URL."""
-    p = OneLineParser(prog="python -m data_modules.fashion", description=main.__doc__)
-    p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
-    p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")
-    p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
-    p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of every out-of-distribution source's count (smaller only for tests)")
-    a = p.parse_args(argv)
-    folder = install_fashion()
-    print(f"Fashion-MNIST: {folder}", file=sys.stderr, flush=True)
-    from data_modules.fashion_pool import fashion_pool_urls  # it imports this module
-
-    try:
-        url = fashion_pool_urls(a.data_dir, fashion_dir=folder, seed=a.seed, split_sizes={"wild_max": a.wild_max, "val_per_class": a.val_per_class}, ood_scale=a.ood_scale)
-    except OSError as err:
-        raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
-    print(url)
-
-
-if __name__ == "__main__":
-    demo_main(main)

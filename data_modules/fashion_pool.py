@@ -34,6 +34,7 @@ The pool is built once under ``data/fashion-wild-v{POOL_VERSION}`` (``fashion_po
 from __future__ import annotations
 
 import json
+import sys
 import string
 from functools import lru_cache
 from pathlib import Path
@@ -42,10 +43,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
-from data_modules.fashion import CLASSES, VAL_PER_CLASS, WILD_MAX, WILD_RATIO, fashion_splits, find_fashion_dir
+from data_modules.fashion import CLASSES, VAL_PER_CLASS, WILD_MAX, WILD_RATIO, fashion_splits, find_fashion_dir, install_fashion
 from data_modules.shards import encode_png, shard_url, write_shards
 from data_modules.wild_pool import _FONTS, _natural_images
-from vitkd.errors import VitkdInputError
+from vitkd.errors import OneLineParser, VitkdInputError, demo_main, non_negative_int, positive_int
 from vitkd.io import build_once
 
 POOL_VERSION = 1  # bump when a source's rendering or the sample fields change, so built pools are rebuilt
@@ -278,3 +279,26 @@ def fashion_pool_urls(
     counts = {s: max(1, round(n * ood_scale)) for s, n in DEFAULT_COUNTS.items() if s != "fashion"} if ood_scale != 1.0 else None
     build_once(pool, lambda: generate_fashion_pool(pool, fashion_dir, seed, counts=counts, split_sizes=split_sizes), done=pool / "meta.json")
     return shard_url(pool, json.loads((pool / "meta.json").read_text())["shards"], "wild")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m data_modules.fashion_pool`` (``make data-fashion``): find or install Fashion-MNIST, build the
+    benchmark's wild pool (``data_modules.fashion_pool``) once under ``--data_dir`` and print its shard URL."""
+    p = OneLineParser(prog="python -m data_modules.fashion_pool", description=main.__doc__)
+    p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
+    p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")
+    p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
+    p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of every out-of-distribution source's count (smaller only for tests)")
+    a = p.parse_args(argv)
+    folder = install_fashion()
+    print(f"Fashion-MNIST: {folder}", file=sys.stderr, flush=True)
+    try:
+        url = fashion_pool_urls(a.data_dir, fashion_dir=folder, seed=a.seed, split_sizes={"wild_max": a.wild_max, "val_per_class": a.val_per_class}, ood_scale=a.ood_scale)
+    except OSError as err:
+        raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
+    print(url)
+
+
+if __name__ == "__main__":
+    demo_main(main)

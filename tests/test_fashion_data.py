@@ -15,8 +15,7 @@ from test_pack import write_idx
 
 from data_modules import fashion
 from data_modules import fashion_pool as fp
-from vitkd.errors import VitkdInputError
-from vitkd.runs import demo_main
+from vitkd.errors import VitkdInputError, demo_main
 
 PER_CLASS, N_TEST = 20, 10
 TINY = {"wild_max": 10, "wild_ratio": 10, "val_per_class": 2}  # wild: 10 down to 1 per class
@@ -162,7 +161,7 @@ def test_missing_folder_one_line(tmp_path, monkeypatch):
         fashion.install_fashion()  # the env var names the folder: no apt-get, the error
     line = _one_line(str(err.value))
     assert f"FASHION_MNIST_DIR {missing} is not a folder" in line and "set FASHION_MNIST_DIR" in line and "train-images-idx3-ubyte.gz" in line
-    done = subprocess.run([sys.executable, "-m", "data_modules.fashion", "--data_dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env={**ENV, "FASHION_MNIST_DIR": str(missing)})
+    done = subprocess.run([sys.executable, "-m", "data_modules.fashion_pool", "--data_dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env={**ENV, "FASHION_MNIST_DIR": str(missing)})
     assert done.returncode == 1 and done.stdout == ""
     assert _one_line(done.stderr) == f"vitkd: error: {line}"
     assert not (tmp_path / "data").exists()
@@ -173,7 +172,7 @@ def test_partial_folder_one_line(raw, tmp_path, monkeypatch):
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()  # 3 of the 4 files
     monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
     with pytest.raises(SystemExit) as done:
-        demo_main(lambda: fashion.main(["--data_dir", str(tmp_path / "data")]))
+        demo_main(lambda: fp.main(["--data_dir", str(tmp_path / "data")]))
     line = _one_line(str(done.value.code))
     assert line.startswith(f"vitkd: error: FASHION_MNIST_DIR {folder} lacks t10k-labels-idx1-ubyte (plain or .gz)")
     assert "put the four original IDX files" in line

@@ -29,9 +29,9 @@ from typing import Callable
 import numpy as np
 
 from data_modules.fashion import VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
-from vitkd.errors import OneLineParser, VitkdInputError, positive_int
+from vitkd.errors import OneLineParser, VitkdInputError, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import demo_main, run_fit, run_graph, run_logged
+from vitkd.runs import run_fit, run_graph, run_logged
 from vitkd.scoring import zscore_fusion
 
 CONFIGS = Path("experiments/fashion")
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def pool() -> dict:
         t0 = time.time()
-        run_logged([sys.executable, "-m", "data_modules.fashion", "--data_dir", a.data_dir, *sizes, "--ood_scale", str(a.ood_scale)], out / "pool.log", "writing the wild pool")
+        run_logged([sys.executable, "-m", "data_modules.fashion_pool", "--data_dir", a.data_dir, *sizes, "--ood_scale", str(a.ood_scale)], out / "pool.log", "writing the wild pool")
         from data_modules.fashion_pool import pool_dir
 
         meta_path = pool_dir(a.data_dir, 0, {"wild_max": a.wild_max, "val_per_class": a.val_per_class}, a.ood_scale) / "meta.json"

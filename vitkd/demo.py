@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vitkd.errors import OneLineParser, positive_int
+from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import demo_main, run_fit, run_graph, run_logged
+from vitkd.runs import run_fit, run_graph, run_logged
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}

@@ -59,3 +59,13 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer ≥ 0, e.g. a seed (the parser names the option in its one-line error)."""
     return _int_at_least(text, 0, "an integer ≥ 0", "≥ 0")
+
+
+def demo_main(main) -> None:
+    """A command's entry point: a ``VitkdInputError`` (a failed run names its log) ends it with one line."""
+    import sys
+
+    try:
+        main()
+    except VitkdInputError as err:
+        sys.exit(f"vitkd: error: {err}")

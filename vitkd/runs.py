@@ -81,9 +81,3 @@ def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]],
     return results
 
 
-def demo_main(main: Callable[[], None]) -> None:
-    """A demo's entry point: a failed run ends the demo with one line that names its log."""
-    try:
-        main()
-    except VitkdInputError as err:
-        sys.exit(f"vitkd: error: {err}")

@@ -13,9 +13,9 @@ import os
 import time
 from pathlib import Path
 
-from vitkd.errors import OneLineParser, positive_int
+from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import demo_main, run_fit, run_many
+from vitkd.runs import run_fit, run_many
 
 CONFIGS = Path("experiments/detection")
 RUNS = [("teacher", "teacher.yaml"), ("student_scratch", "student_scratch.yaml"), ("student_distilled", "distill.yaml")]

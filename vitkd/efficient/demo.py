@@ -24,10 +24,10 @@ from vitkd.efficient.gtp import GTPViT
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.efficient.tome import ToMeViT
-from vitkd.errors import OneLineParser, positive_int
+from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
-from vitkd.runs import DEMO_RUN_FLAGS, demo_main
+from vitkd.runs import DEMO_RUN_FLAGS
 from vitkd.teacher import load_teacher
 
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")

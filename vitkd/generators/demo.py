@@ -17,10 +17,10 @@ import time
 import warnings
 from pathlib import Path
 
-from vitkd.errors import OneLineParser, positive_int
+from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.fit import cli_main
 from vitkd.io import write_json
-from vitkd.runs import DEMO_RUN_FLAGS, demo_main
+from vitkd.runs import DEMO_RUN_FLAGS
 
 CONFIGS = Path("experiments/generator")
 STUDENTS = [
