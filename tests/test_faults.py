@@ -2,8 +2,8 @@
 one run directory. Each fault is tried, survived or not, and whether data was lost, is recorded in a
 table printed at the end of the session and written to ``runs/faults/summary.json``.
 
-``make test`` runs one try of each fault; ``make faults`` also runs the ``soak`` tests: kills at five or
-more random points of each stage.
+``make test`` runs one try of each fault but the signals; ``make faults`` also runs the ``soak`` tests:
+kills at five or more random points of each stage, two runs started together, SIGTERM and SIGUSR1.
 """
 from __future__ import annotations
 
@@ -398,6 +398,7 @@ def test_soak_two_runs_started_together(tmp_path, fault_log):
 
 
 # -- SIGTERM and the SLURM requeue -------------------------------------------------------------
+@pytest.mark.soak  # a 4-epoch run stopped and resumed: in make faults, kept out of make test's time
 def test_sigterm_stops_with_a_checkpoint_that_resumes(teacher_reference, tmp_path, fault_log):
     reference, ref_dir = teacher_reference
     run = tmp_path / "teacher"
@@ -411,6 +412,7 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(teacher_reference, tmp_pat
     assert same and epochs_logged_once(run, "val/acc")
 
 
+@pytest.mark.soak  # a 4-epoch run stopped and resumed: in make faults, kept out of make test's time
 def test_sigusr1_slurm_requeue_resumes_from_the_last_epoch(teacher_reference, tmp_path, monkeypatch, fault_log):
     reference, ref_dir = teacher_reference
     bin_dir = tmp_path / "bin"
