@@ -33,6 +33,7 @@ class FakeParts:
 def choose(values, preds, k, class_balance, num_classes=10, strategy="value"):
     """``_choose`` on in-memory parts, returned as sorted global positions (parts concatenated in order)."""
     sel = SimpleNamespace(_parts=FakeParts(values, preds), hparams=AttributeDict(strategy=strategy, num_classes=num_classes, class_balance=class_balance, seed=0))
+    sel._load = lambda i: AttentionProbeSelector._load(sel, i)  # the strategy's ranking value over a part (V itself here)
     kept = AttentionProbeSelector._choose(sel, sum(map(len, values)), k)
     offsets = np.cumsum([0] + [len(v) for v in values])
     return sorted(int(offsets[i] + j) for i, rows in kept.items() for j in rows)
