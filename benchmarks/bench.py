@@ -36,7 +36,7 @@ from benchmarks.reference import (
     reference_model,
     reference_scores,
 )
-from vitkd.efficient.measure import flops_per_image
+from vitkd.efficient.measure import cpu_model, flops_per_image
 from vitkd.efficient.vit_parts import unfused
 from vitkd.errors import OneLineParser
 from vitkd.io import write_json
@@ -100,14 +100,6 @@ def autocast(device: torch.device, precision: str):
 
 
 # -- machine ------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -17,10 +17,8 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,11 +26,11 @@ from typing import Callable
 
 import numpy as np
 
-from data_modules.fashion import VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
+from data_modules.fashion import SELECT_VAL, VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
 from vitkd.errors import OneLineParser, VitkdInputError, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import run_fit, run_graph, run_logged
-from vitkd.scoring import zscore_fusion
+from vitkd.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.scoring import fusion_columns, zscore_fusion
 
 CONFIGS = Path("experiments/fashion")
 # run name → (selection config, run whose saved scores it reuses: the same scores, selected another way)
@@ -79,25 +77,18 @@ def score_columns(parts: Path) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             if "key" not in z.files:
                 continue
-            va = [z[f] for f in z.files if f.startswith("va_blk")]
-            for c, v in {"vn": z["vn"], "vs": z["vs"], "energy": z["energy"], **({"va": np.mean(va, axis=0)} if va else {})}.items():
-                cols.setdefault(c, []).append(v.astype(np.float64))
+            for c, v in fusion_columns({f: z[f] for f in z.files}).items():
+                cols.setdefault(c, []).append(v)
     if not cols:
         raise VitkdInputError(f"no saved scores in {parts}: rerun the benchmark (its selections write them)")
     return {c: np.concatenate(v) for c, v in cols.items()}
 
 
 def machine() -> str:
-    """The CPU's model name (``lscpu``'s), with the core count: benchmark figures name the machine."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    """The CPU's model name with the core count: benchmark figures name the machine."""
+    from vitkd.efficient.measure import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], common: list[str], teacher_args: list[str], val_shards: Callable[[Path], str],
@@ -191,10 +182,6 @@ def needed_selections(selections: list[str] | None) -> list[str]:
     return [n for n in SELECTIONS if n in want]
 
 
-def _mean_std(accs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-
-
 def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[str] | None = None) -> list[dict]:
     """The table's rows: test accuracy mean ± sample std over the seeds; for selections, what measures them."""
     t = done["teacher"]
@@ -202,14 +189,14 @@ def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[s
              "seeds": 1, "num_test": num_test, "best_val_acc": t.get("best_val/acc")}]
     for name, _, data in ORIGINAL:
         accs = [done[f"{name}/seed{s}"]["test/acc"] for s in seeds]
-        mean, std = _mean_std(accs)
+        mean, std = mean_std(accs)
         rows.append({"run": name, "num_keep": None, "data": data, "params": done[f"{name}/seed{seeds[0]}"]["params"], "test_acc_mean": mean,
                      "test_acc_std": std, "test_accs": accs, "seeds": len(accs), "num_test": num_test})
     for name in selections or SELECTIONS:
         for k in ("k1", "k2"):
             sel = done[f"select/{name}/{k}"]
             accs = [done[f"{name}/{k}/seed{s}"]["test/acc"] for s in seeds]
-            mean, std = _mean_std(accs)
+            mean, std = mean_std(accs)
             row = {"run": name, "num_keep": sel["num_kept"], "kept_size": k, "data": "wild, selected", "params": done[f"{name}/{k}/seed{seeds[0]}"]["params"],
                    "test_acc_mean": mean, "test_acc_std": std, "test_accs": accs, "seeds": len(accs), "num_test": num_test}
             for key in ("precision", "recall", "precision_max", "precision_random", "value_auroc", "pseudo_label_acc", "kept_by_source", "select_s"):
@@ -222,14 +209,10 @@ def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[s
 def table(rows: list[dict]) -> str:
     head = f"{'run':<16} {'kept':>6}  {'test acc (%)':>15}  {'precision':>9}  {'recall':>6}  {'(max)':>6}  {'V AUROC':>7}"
     lines = [head, "-" * len(head)]
-
-    def fmt(r: dict, key: str, width: int) -> str:
-        return f"{r[key]:>{width}.3f}" if r.get(key) is not None else f"{'-':>{width}}"
-
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         kept = str(r["num_keep"]) if r.get("num_keep") is not None else "-"
-        lines.append(f"{r['run']:<16} {kept:>6}  {acc:>15}  {fmt(r, 'precision', 9)}  {fmt(r, 'recall', 6)}  {fmt(r, 'precision_max', 6)}  {fmt(r, 'value_auroc', 7)}")
+        lines.append(f"{r['run']:<16} {kept:>6}  {acc:>15}  {cell(r, 'precision', 9)}  {cell(r, 'recall', 6)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}")
     return "\n".join(lines)
 
 
@@ -301,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget ({' '.join(QUICK_ARGS)})")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     p.add_argument("--data_dir", default="data", help="where the wild pool is written (make data-fashion)")
-    p.add_argument("--val_limit", type=positive_int, default=1000, help="labelled validation images on which vitkd_fusion's weights are chosen")
+    p.add_argument("--val_limit", type=positive_int, default=SELECT_VAL, help="labelled validation images on which vitkd_fusion's weights are chosen")
     p.add_argument("--common", default="", help="options added to every run (e.g. a shorter budget for a test), one shell-quoted string")
     p.add_argument("--teacher_args", default="", help="options added to the teacher's run when it is trained")
     p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable
 
 from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import run_fit, run_graph, run_logged
+from vitkd.runs import cell, mean_std, run_fit, run_graph, run_logged
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -36,14 +35,10 @@ SHOW = ("test/acc", "precision", "num_kept")
 def table(rows: list[dict]) -> str:
     head = f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  {'precision':>9}  {'(max)':>6}  {'V AUROC':>7}"
     lines = [head, "-" * len(head)]
-
-    def fmt(r: dict, key: str, width: int) -> str:
-        return f"{r[key]:>{width}.3f}" if r.get(key) is not None else f"{'-':>{width}}"
-
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         lines.append(
-            f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {fmt(r, 'precision', 9)}  {fmt(r, 'precision_max', 6)}  {fmt(r, 'value_auroc', 7)}"
+            f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {cell(r, 'precision', 9)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
         )
     return "\n".join(lines)
 
@@ -99,12 +94,13 @@ def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
     for name, _, data, sel in STUDENTS:
         ms = [done[f"{name}/seed{seed}"] for seed in seeds]
         accs = [m["test/acc"] for m in ms]
+        mean, std = mean_std(accs)
         row = {
             "run": name,
             "data": data,
             "params": ms[0]["params"],
-            "test_acc_mean": statistics.fmean(accs),
-            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "test_acc_mean": mean,
+            "test_acc_std": std,
             "test_accs": accs,
             "seeds": len(accs),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,3 +82,12 @@ def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]],
     return results
 
 
+# -- the demos' summary tables ------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(row: Mapping[str, Any], key: str, width: int) -> str:
+    """A table cell: ``row[key]`` to 3 places right-aligned in ``width``, or ``-`` where it is absent."""
+    return f"{row[key]:>{width}.3f}" if row.get(key) is not None else f"{'-':>{width}}"

@@ -63,6 +63,16 @@ def stability_value(teacher_logits: torch.Tensor, view_logits: Sequence[torch.Te
     return torch.stack(kls).mean(dim=0)
 
 
+def fusion_columns(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The columns ``zscore_fusion`` weighs, from a selection's saved score columns: ``vn``, ``vs`` and
+    ``energy`` where present, and ``va``, the mean of the probed blocks' ``va_blk*`` columns (float64)."""
+    out = {c: cols[c].astype(np.float64) for c in ("vn", "vs", "energy") if c in cols}
+    va = [cols[c].astype(np.float64) for c in sorted(cols) if c.startswith("va_blk")]
+    if va:
+        out["va"] = np.mean(va, axis=0)
+    return out
+
+
 def zscore_fusion(columns: dict[str, np.ndarray], weights: dict[str, float], stats: dict[str, tuple[float, float]]) -> np.ndarray:
     """vitkd's fused selection value V_z(x) = Σ_c w_c · (s_c(x) − μ_c) / σ_c over score columns c (``vn``,
     ``va`` = the mean of the probed blocks' V_a, ``vs``, ``energy``), μ_c and σ_c taken over the whole pool.

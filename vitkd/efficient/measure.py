@@ -11,8 +11,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,3 +124,12 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 25
     }
     out.update(throughput(model, input_shape, batch_size, warmup, iters))
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``), else what ``platform`` knows: results name the machine."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -33,7 +33,7 @@ from data_modules import shards
 from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_path, write_json
 from vitkd.models import AttentionProbe
-from vitkd.scoring import STABILITY_VIEWS, attention_value, confidence_value, energy_value, selection_value, stability_value, zscore_fusion
+from vitkd.scoring import STABILITY_VIEWS, attention_value, confidence_value, energy_value, fusion_columns, selection_value, stability_value, zscore_fusion
 from vitkd.selection_metrics import score_auroc, source_precision
 from vitkd.stages.base import Stage
 
@@ -291,15 +291,11 @@ class AttentionProbeSelector(Stage):
         value for ``fusion``; V behind every positive source for ``oracle``)."""
         cols = self._parts.load(i)
         if len(cols["key"]) and self.hparams.strategy == "fusion":
-            cols["value"] = zscore_fusion(self._fusion_columns(cols), self.hparams.fusion_weights, self._stats)
+            cols["value"] = zscore_fusion(fusion_columns(cols), self.hparams.fusion_weights, self._stats)
         elif len(cols["key"]) and self.hparams.strategy == "oracle":
             outside = ~np.isin(cols["src"], list(self.hparams.positive_sources))
             cols["value"] = cols["value"].astype(np.float64) + ORACLE_OFFSET * outside
         return cols
-
-    def _fusion_columns(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        va = [cols[f"va_blk{b}"].astype(np.float64) for b in self.hparams.probe_blocks]
-        return {**{c: cols[c] for c in ("vn", "vs", "energy") if c in cols}, **({"va": np.mean(va, axis=0)} if va else {})}
 
     def _column_stats(self) -> dict[str, tuple[float, float]]:
         """Mean and standard deviation over the whole pool of each column ``fusion`` weighs (one pass)."""
@@ -308,8 +304,7 @@ class AttentionProbeSelector(Stage):
             cols = self._parts.load(i)
             if not len(cols["key"]):
                 continue
-            for c, v in self._fusion_columns(cols).items():
-                v = v.astype(np.float64)
+            for c, v in fusion_columns(cols).items():
                 sums[c] = sums.get(c, np.zeros(3)) + np.array([len(v), v.sum(), (v * v).sum()])
         missing = sorted(set(self.hparams.fusion_weights) - set(sums))
         if missing:
