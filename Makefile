@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report test test-fast faults clean
+.PHONY: setup demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,8 +19,21 @@ demo: setup
 demo-efficient: setup
 	$(PY) -m vitkd.efficient.demo
 
+# Data-free routes (DAFL, transformer GAN, hybrid, fast synthesizer), 3 seeds each, from the digits teacher.
 demo-generator: setup
 	$(PY) -m vitkd.generators.demo
+
+# The same routes from the Fashion-MNIST benchmark's teacher (make bench-wild-teacher first).
+demo-generator-fashion: setup
+	$(PY) -m vitkd.generators.demo --teacher fashion
+
+# DAFL at its reference settings over generator-step budgets, ViT and CNN teachers (results JSON committed).
+generator-sweep: setup
+	$(PY) -m vitkd.generators.sweep
+
+# The transformer-generator designs tried, compared on the labelled validation split.
+generator-variants: setup
+	$(PY) -m vitkd.generators.variants
 
 # DETR teacher -> lighter DETR student on the embedded aerial set (issue 5).
 demo-detection: setup

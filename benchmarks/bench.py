@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.reference import (
     HookedAttention,
+    ReferenceDAFL,
     ReferenceDistiller,
     reference_model,
     reference_scores,
@@ -314,6 +315,53 @@ def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int
     return out
 
 
+def generator_stage_rate(ckpt: Path, teacher_arch: str, extra: list[str], steps: int, batch: int, threads: int) -> dict[str, float]:
+    """The generator stage through the real CLI (``dafl_reference.yaml``) for two epochs of ``steps`` steps;
+    the second epoch's training throughput (``perf/images_per_s``: student images, validation excluded)."""
+    import csv
+
+    from vitkd.fit import cli_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = cli_main(["--config", "experiments/generator/dafl_reference.yaml", "--run_dir", tmp, "--model.init_args.teacher_ckpt", str(ckpt),
+                      "--model.init_args.teacher_arch", teacher_arch, "--model.init_args.batch_size", str(batch), "--model.init_args.steps_per_epoch", str(steps),
+                      "--model.init_args.val_samples", "64", "--model.init_args.grid_samples", "0", "--trainer.max_epochs", "2",
+                      "--torch_threads", str(threads), "--trainer.enable_progress_bar", "false", *extra])
+        with open(Path(tmp) / "metrics.csv", newline="") as f:
+            rates = [float(r["perf/images_per_s"]) for r in csv.DictReader(f) if r.get("perf/images_per_s")]
+    seconds = batch * steps / rates[-1]
+    return {"distilled_images_per_s": rates[-1], "generated_images_per_s": m["generator_steps"] / 2 * batch / seconds, "generator_steps_per_epoch": m["generator_steps"] / 2}
+
+
+def bench_generator(device: torch.device, warmup: int, iters: int, threads: int, quick: bool) -> dict[str, Any]:
+    """Generated-and-distilled images per second of the data-free stage at DAFL's reference settings (digits
+    presets, DAFL generator width 128): the reference-style loop (``ReferenceDAFL``) against vitkd's stage
+    (joint synthesizer) and its fast synthesizer, same models, batch and machine, in this one run."""
+    from vitkd.generators import DAFLGenerator
+
+    p = PRESETS["digits"]
+    batch = 128 if quick else 512
+    kw = dict(img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"])
+    teacher = create_model(p["teacher"], **kw)
+    out: dict[str, Any] = {"batch": batch, "generator": "dafl width 128, final BN", "teacher": p["teacher"], "student": p["student"]}
+    torch.manual_seed(0)
+    ref = ReferenceDAFL(DAFLGenerator(p["img_size"], p["in_chans"], 100, width=128, final_bn=True), teacher, create_model(p["student"], **kw), batch, 100)
+    t = timed(ref.step, device, warmup, iters)
+    out["reference"] = {**rate(t, batch), "generated_images_per_s": batch / t["median_s"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "teacher.pt"
+        torch.save(teacher.state_dict(), ckpt)
+        steps = 4 if quick else 8
+        out["vitkd_joint"] = generator_stage_rate(ckpt, p["teacher"], [], steps, batch, threads)
+        out["vitkd_fast"] = generator_stage_rate(ckpt, p["teacher"], ["--model.init_args.synthesizer", "fast", "--model.init_args.fast_synth_every", "5",
+                                                                    "--model.init_args.fast_inner_steps", "2", "--model.init_args.lr_g", "5e-3"], steps * 5 // 2, batch, threads)
+    ref_rate = out["reference"]["images_per_s"]
+    out["speedup_joint"] = out["vitkd_joint"]["distilled_images_per_s"] / ref_rate
+    out["speedup_fast"] = out["vitkd_fast"]["distilled_images_per_s"] / ref_rate
+    out["fast_over_joint"] = out["vitkd_fast"]["distilled_images_per_s"] / out["vitkd_joint"]["distilled_images_per_s"]
+    return out
+
+
 def bench_flops(p: dict, device: torch.device, sel: dict, dis: dict, peak: float) -> dict[str, Any]:
     shape = (p["in_chans"], p["img_size"], p["img_size"])
     kw = dict(img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"])
@@ -450,7 +498,7 @@ def bench_stream(epochs: int = 3) -> dict[str, Any]:
 # -- report -------------------------------------------------------------------------------------
 def table(res: dict[str, Any]) -> str:
     rows = [("figure", "vitkd img/s", "reference img/s", "ratio", "vitkd config")]
-    for name in res["selector"]:
+    for name in res.get("selector", {}):
         s, d = res["selector"][name], res["distill"][name]
         rows.append((f"selector {name}", f"{s['vitkd_best']['images_per_s']:.0f}", f"{s['reference']['images_per_s']:.0f}", f"{s['speedup_ratio']:.2f}x", s["vitkd_best_config"].split(", inference")[0] + " (equal batch)"))
         for n in s["batches"]:
@@ -465,11 +513,15 @@ def table(res: dict[str, Any]) -> str:
         f = res["flops"][name]
         rows.append(("  % bf16 peak sel/distill", f"{100 * f['selector_vitkd_fraction_of_bf16_peak']:.1f}% / {100 * f['distill_vitkd_fraction_of_bf16_peak']:.1f}%",
                      f"{100 * f['selector_reference_fraction_of_bf16_peak']:.1f}% / {100 * f['distill_reference_fraction_of_bf16_peak']:.1f}%", "", ""))
-    sc = res["scale"]
+    sc = res.get("scale", {})
     for n in ("100000", *(f"100000_{k}" for k in SCALE_LEVERS), "1000000"):
         if n in sc:
             label = f"select {int(n.split('_')[0]):,} wild" + (f" + {n.split('_', 1)[1]}" if "_" in n else "")
             rows.append((label, f"{sc[n]['images_per_s']:.0f}", "", "", f"{sc[n]['wall_s']:.0f} s, peak RSS {sc[n]['peak_rss_mb']:.0f} MB"))
+    if "generator" in res:
+        g = res["generator"]
+        rows.append((f"DAFL step, batch {g['batch']} (distilled)", f"{g['vitkd_joint']['distilled_images_per_s']:.0f}", f"{g['reference']['images_per_s']:.0f}", f"{g['speedup_joint']:.2f}x", "joint synthesizer, fp32"))
+        rows.append(("  fast synthesizer (distilled)", f"{g['vitkd_fast']['distilled_images_per_s']:.0f}", "", f"{g['speedup_fast']:.2f}x", f"fast/joint {g['fast_over_joint']:.2f}x; 2 inner steps every 5 student steps"))
     if "stream" in res:
         st = res["stream"]
         for k in ("plain", "memory_cache"):
@@ -480,7 +532,7 @@ def table(res: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    t = res["targets"]
+    t = res.get("targets", {"not_judged": "this run measured only the generator row"})
     if "not_judged" in t:
         lines.append(f"targets not judged: {t['not_judged']}")
     else:
@@ -497,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--scale", choices=["none", "100k", "1m"], default=None, help="selector-at-scale runs (default 100k; 1m adds the 1M-sample run, ~15 min on one CPU core)")
     ap.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", choices=["all", "generator"], default="all", help="generator: only the data-free generator row (a results file of its own)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
@@ -520,6 +573,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"bench on {res['machine']} ({res['device']}, {threads} threads), load {res['load_average_before']}", flush=True)
     res["peak"] = {"bf16": matmul_peak(device, torch.bfloat16), "fp32": matmul_peak(device, torch.float32, reps=3)}
+    if args.only == "generator":
+        print("data-free generator step ...", flush=True)
+        res["generator"] = bench_generator(device, warmup, iters, threads, args.quick)
+        res["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        path = Path(args.out) / f"{res['machine']}-{res['date']}-generator{'-quick' if args.quick else ''}.json"
+        write_json(path, res)
+        print(table(res))
+        print(f"wrote {path}")
+        return res
     res["selector"], res["distill"], res["flops"] = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, p in presets.items():
@@ -533,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["flops"][name] = bench_flops(p, device, res["selector"][name], res["distill"][name], res["peak"]["bf16"]["flop_per_s"])
     print(f"selector at scale ({scale}) ...", flush=True)
     res["scale"] = bench_scale(scale, threads, levers=not args.quick)
+    print("data-free generator step ...", flush=True)
+    res["generator"] = bench_generator(device, warmup, iters, threads, args.quick)
     res["pack"] = bench_pack()
     res["stream"] = bench_stream()
     head = HEADLINE_PRESET if HEADLINE_PRESET in presets else next(iter(presets))

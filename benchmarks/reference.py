@@ -124,3 +124,42 @@ class ReferenceDistiller:
         self.opt.step()
         self.opt_q.step()
         return loss.item()  # the reference prints the loss every step
+
+
+class ReferenceDAFL:
+    """One step of the authors' DAFL loop (``DAFL-train.py``, ``reference-methods.md`` §2.3), on given models.
+
+    Reference style on purpose: fp32, the teacher's attention unfused and its ``requires_grad`` left on
+    (gradients pile up on the teacher's parameters), L_G + L_KD summed into one backward, both Adam
+    optimisers stepped, and every loss read with ``.item()`` each step (the authors print them).
+    """
+
+    def __init__(self, generator: nn.Module, teacher: nn.Module, student: nn.Module, batch: int, latent: int,
+                 lr_g: float = 0.2, lr_s: float = 2e-3, oh: float = 1.0, ie: float = 5.0, a: float = 0.1):
+        self.generator, self.student = generator.train(), student.train()
+        self.teacher = reference_model(teacher).eval().requires_grad_(True)
+        self.batch, self.latent, self.oh, self.ie, self.a = batch, latent, oh, ie, a
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g)
+        self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s)
+        self.printed: list[tuple[float, ...]] = []
+
+    def step(self) -> None:
+        z = torch.randn(self.batch, self.latent)
+        self.opt_g.zero_grad()
+        self.opt_s.zero_grad()
+        x = self.generator(z)
+        f = self.teacher.forward_features(x)
+        logits, feats = self.teacher.forward_head(f), self.teacher.forward_head(f, pre_logits=True)
+        pred = logits.data.max(1)[1]
+        loss_a = -feats.abs().mean()
+        loss_oh = F.cross_entropy(logits, pred)
+        p = F.softmax(logits, dim=1).mean(dim=0)
+        loss_ie = (p * torch.log10(p)).sum()
+        loss = loss_oh * self.oh + loss_ie * self.ie + loss_a * self.a
+        s = self.student(x.detach())
+        loss_kd = F.kl_div(F.log_softmax(s, dim=1), F.softmax(logits.detach(), dim=1), reduction="sum") / s.shape[0]
+        loss = loss + loss_kd
+        loss.backward()
+        self.opt_g.step()
+        self.opt_s.step()
+        self.printed.append((loss_oh.item(), loss_ie.item(), loss_a.item(), loss_kd.item()))

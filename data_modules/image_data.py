@@ -383,6 +383,11 @@ class ImageDataModule(pl.LightningDataModule):
             return self._loader(self._stream(self.train_urls, part="val", val_fraction=self.val_fraction, memory_cache=self.memory_cache), self.eval_batch_size)
         return self._eval_loader(self._original("val"))
 
+    def labelled_val_dataloader(self) -> DataLoader:
+        """The original labelled validation split, whatever streams train and validation use (the data-free
+        stage chooses between designs on it, never on test)."""
+        return self._eval_loader(self._original("val"))
+
     def test_dataloader(self) -> DataLoader:
         if self.test_urls:
             return self._loader(self._stream(self.test_urls), self.eval_batch_size)

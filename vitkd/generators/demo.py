@@ -1,109 +1,194 @@
-"""``make demo-generator``: DAFL, transformer-GAN and hybrid students (3 seeds each) from the demo's teacher.
+"""``make demo-generator``: the data-free routes from one teacher, 3 seeds each.
 
-Needs the digits teacher of ``make demo`` (``runs/demo/teacher``) and, for the hybrid, its attention-probe
-selection (``runs/demo/select_ap``); trains them if missing. Writes every run under
-``runs/demo-generator/`` and the table as ``runs/demo-generator/summary.json`` (rows ``dafl``,
-``transformer_gan``, ``hybrid`` with ``test_acc_mean`` and ``test_acc_std``), printed beside the
-``kd_original`` and ``attention_probe`` rows of ``runs/demo/summary.json`` when that file exists.
-Checkpoints are chosen on held-out generated images (``val/agree``), never on the test split.
+Rows: ``dafl`` (DAFL's generator and L_G), ``transformer_gan`` (vitkd's transformer-augmented generator,
+L_G = L_adv + λ·L_attention), ``hybrid`` (the transformer GAN with half of each student batch from the
+attention-probe selection; digits only), ``fast`` (Fast-DFKD's meta-synthesizer on DAFL's generator).
+
+``--teacher digits`` (default) uses the demo's digits teacher (``runs/demo/teacher``, trained if missing,
+and its selection ``runs/demo/select_ap`` for the hybrid); ``--teacher fashion`` the Fashion-MNIST
+benchmark's teacher (``runs/bench-wild/teacher``, from ``make bench-wild-teacher``) with the benchmark's
+student preset. Writes every run under ``--out`` and ``summary.json`` (per row: ``test_acc_mean``,
+``test_acc_std``, ``seeds``, generator steps, images generated, wall time), ``generators.png`` (a grid of
+each generator's images beside real ones) and each run's ``samples/epochNNN.png``. Checkpoints are chosen
+on ``val/agree`` (held-out generated images), never on test.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import statistics
 import time
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vitkd.errors import OneLineParser, positive_int, demo_main
-from vitkd.fit import cli_main
-from vitkd.io import write_json
-from vitkd.runs import DEMO_RUN_FLAGS
+from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
+from vitkd.io import atomic_path, write_json
+from vitkd.runs import mean_std, run_fit
 
 CONFIGS = Path("experiments/generator")
-STUDENTS = [
-    # run name, config, data the student trains on
+ROUTES = [
+    # row, config, data the student trains on
     ("dafl", "dafl.yaml", "DAFL generator"),
     ("transformer_gan", "transformer_gan.yaml", "transformer-GAN generator"),
     ("hybrid", "hybrid.yaml", "transformer-GAN + selected wild (1:1)"),
+    ("fast", "fast.yaml", "Fast-DFKD meta-synthesizer (DAFL generator)"),
 ]
+# per teacher: its checkpoint, and the arguments that fit the configs (written for digits) to it
+TEACHERS = {
+    "digits": dict(ckpt="runs/demo/teacher/checkpoints/best.ckpt", args=[]),
+    "fashion": dict(
+        ckpt="runs/bench-wild/teacher/checkpoints/best.ckpt",
+        args=[
+            "--model.init_args.arch", "fashion_student_convstem_28", "--model.init_args.img_size", "28",
+            "--model.init_args.patch_pairs", "[[1, 1], [3, 2], [5, 3]]",
+            "--data.class_path", "data_modules.FashionMNISTDataModule", "--data.init_args.img_size", "28",
+            "--data.init_args.val_limit", "500",
+        ],
+    ),
+}
+SHOW = ("test/acc", "best_val/agree", "labelled_val/acc")
 
 
-def run(args: list[str]) -> dict:
-    t0 = time.time()
-    metrics = cli_main([*args, *DEMO_RUN_FLAGS, "--trainer.enable_progress_bar", "false"])
-    keep = ("test/acc", "best_val/agree")
-    print(f"  {args[args.index('--run_dir') + 1]}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in keep if k in metrics})}", flush=True)
-    return metrics
+def row_summary(name: str, data: str, runs: list[dict], walls: list[float]) -> dict:
+    accs = [m["test/acc"] for m in runs]
+    mean, std = mean_std(accs)
+    m0 = runs[0]
+    steps = m0.get("generator_steps", 0)
+    batch = m0.get("batch_size", 0)
+    out = {
+        "run": name, "data": data, "params": m0.get("params"), "generator_params": m0.get("generator_params"),
+        "synthesizer": m0.get("synthesizer"), "test_acc_mean": mean, "test_acc_std": std, "test_accs": accs, "seeds": len(accs),
+        "generator_steps": steps, "images_generated": steps * batch, "student_images": m0.get("student_images"),
+        "wall_s_mean": sum(walls) / len(walls), "wall_s": walls,
+        "best_val_agree_mean": mean_std([m["best_val/agree"] for m in runs])[0],
+    }
+    if all("labelled_val/acc" in m for m in runs):
+        out["labelled_val_acc_mean"] = mean_std([m["labelled_val/acc"] for m in runs])[0]
+    if out["wall_s_mean"] and out["student_images"]:
+        out["distilled_images_per_s"] = out["student_images"] / out["wall_s_mean"]
+    return out
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'run':<16} {'data used':<40} {'params':>8}  {'test acc (%)':>16}"
+    head = f"{'run':<16} {'data used':<44} {'gen steps':>9} {'wall s':>7}  {'test acc (%)':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
-        lines.append(f"{r['run']:<16} {r.get('data', ''):<40} {r.get('params', 0):>8}  {acc:>16}")
+        steps = f"{r['generator_steps']:>9}" if r.get("generator_steps") is not None else f"{'-':>9}"
+        wall = f"{r['wall_s_mean']:>7.0f}" if r.get("wall_s_mean") else f"{'-':>7}"
+        lines.append(f"{r['run']:<16} {r.get('data', ''):<44} {steps} {wall}  {acc:>14}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.generators.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default="runs/demo-generator", help="output folder (its earlier runs are replaced)")
-    p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (teacher, selection, summary)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 measured fastest for these tiny models on a shared 2-core CPU)")
-    a = p.parse_args(argv)
+def last_grid(run_dir: Path) -> Path | None:
+    grids = sorted((run_dir / "samples").glob("epoch*.png"))
+    return grids[-1] if grids else None
+
+
+def real_images(teacher: str, n: int = 64):
+    """The first ``n`` training images of the teacher's data in [0, 1] (for the figure only)."""
     import torch
 
-    torch.set_num_threads(a.threads)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    out, demo = Path(a.out), Path(a.demo)
+    if teacher == "digits":
+        from data_modules.digits import DigitsDataModule as dm_cls
+
+        dm = dm_cls(img_size=16)
+    else:
+        from data_modules.fashion import FashionMNISTDataModule as dm_cls
+
+        dm = dm_cls(img_size=28)
+    ds = dm._original("train")
+    x = torch.stack([ds[i][0] for i in range(n)])
+    return x * 0.5 + 0.5
+
+
+def figure(out: Path, teacher: str, grids: list[tuple[str, Path]]) -> Path:
+    """One figure: real images, then each generator's last sample grid (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    panels = [("real (train split)", make_grid(real_images(teacher), nrow=8).permute(1, 2, 0).numpy())]
+    panels += [(name, plt.imread(str(path))) for name, path in grids]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"data-free generators vs real images ({teacher} teacher)")
+    fig.tight_layout()
+    path = out / "generators.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(str(tmp), format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = OneLineParser(prog="python -m vitkd.generators.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", choices=sorted(TEACHERS), default="digits", help="whose data-free routes to run")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo-generator, runs/demo-generator-fashion; earlier runs are replaced)")
+    p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (digits teacher, selection, summary)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
+    p.add_argument("--routes", nargs="+", choices=[r[0] for r in ROUTES], default=None, help="rows to run (default all that fit the teacher)")
+    p.add_argument("--workers", type=positive_int, default=2, help="runs at a time (each on one torch thread)")
+    a = p.parse_args(argv)
     t0 = time.time()
-    teacher = demo / "teacher" / "checkpoints" / "best.ckpt"
-    if not teacher.is_file():
-        print("[setup] training the digits teacher (runs/demo/teacher)", flush=True)
-        run(["--config", "experiments/digits/teacher.yaml", "--run_dir", str(demo / "teacher")])
-    selected = demo / "select_ap" / "selected" / "meta.json"
-    if not selected.is_file():
-        print("[setup] attention-probe selection (runs/demo/select_ap)", flush=True)
-        run(["--config", "experiments/digits/select.yaml", "--run_dir", str(demo / "select_ap"), "--model.init_args.teacher_ckpt", str(teacher)])
-    shards = json.loads(selected.read_text()).get("shards")
-    sel_urls = str(demo / "select_ap" / "selected" / (f"shard-{{000000..{shards - 1:06d}}}.tar" if shards else "shard-{000000..000001}.tar"))
+    out = Path(a.out or ("runs/demo-generator" if a.teacher == "digits" else f"runs/demo-generator-{a.teacher}"))
+    demo = Path(a.demo)
+    spec = TEACHERS[a.teacher]
+    teacher = Path(spec["ckpt"])
+    extra = ["--model.init_args.teacher_ckpt", str(teacher), "--model.init_args.labelled_val", "true", "--torch_threads", "1", *spec["args"]]
+    routes = [r for r in ROUTES if a.routes is None or r[0] in a.routes]
+    if a.teacher == "digits":
+        if not teacher.is_file():
+            print(f"[setup] training the digits teacher ({demo / 'teacher'})", flush=True)
+            run_fit("experiments/digits/teacher.yaml", demo / "teacher", show=("test/acc",))
+    elif not teacher.is_file():
+        raise VitkdInputError(f"the Fashion-MNIST teacher {teacher} is missing: run make bench-wild-teacher first")
+    hybrid_args: list[str] = []
+    if any(r[0] == "hybrid" for r in routes):
+        if a.teacher != "digits":  # the hybrid's selection is the skeleton demo's, of the digits pool
+            routes = [r for r in routes if r[0] != "hybrid"]
+            print("[hybrid] skipped: its wild selection exists for the digits teacher only", flush=True)
+        else:
+            selected = demo / "select_ap" / "selected" / "meta.json"
+            if not selected.is_file():
+                print(f"[setup] attention-probe selection ({demo / 'select_ap'})", flush=True)
+                run_fit("experiments/digits/select.yaml", demo / "select_ap", "--model.init_args.teacher_ckpt", str(teacher))
+            shards = json.loads(selected.read_text()).get("shards") or 2
+            hybrid_args = ["--data.init_args.train_urls", str(demo / "select_ap" / "selected" / f"shard-{{000000..{shards - 1:06d}}}.tar")]
 
-    rows = []
-    for name, cfg, data in STUDENTS:
-        print(f"[{name}]", flush=True)
-        accs, params, gparams = [], None, None
+    jobs, index = [], []
+    for name, cfg, _ in routes:
         for seed in a.seeds:
-            extra = ["--model.init_args.teacher_ckpt", str(teacher)]
-            if name == "hybrid":
-                extra += ["--data.init_args.train_urls", sel_urls]
-            m = run(["--config", str(CONFIGS / cfg), "--run_dir", str(out / name / f"seed{seed}"), "--seed_everything", str(seed), *extra])
-            accs.append(m["test/acc"])
-            params, gparams = m["params"], m.get("generator_params")
-        rows.append({
-            "run": name,
-            "data": data,
-            "params": params,
-            "generator_params": gparams,
-            "test_acc_mean": statistics.fmean(accs),
-            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "test_accs": accs,
-            "seeds": len(accs),
-        })
-    write_json(out / "summary.json", rows)
+            more = hybrid_args if name == "hybrid" else []
+            jobs.append((CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra, *more))
+            index.append(name)
+    print(f"[{a.teacher}] {len(jobs)} runs, {a.workers} at a time", flush=True)
+    def timed(job):
+        s = time.time()
+        m = run_fit(*job, show=SHOW)
+        return m, time.time() - s
 
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        results = list(pool.map(timed, jobs))
+    rows = []
+    for name, _, data in routes:
+        got = [r for r, n in zip(results, index) if n == name]
+        rows.append(row_summary(name, data, [m for m, _ in got], [w for _, w in got]))
+    grids = [(name, g) for name, _, _ in routes if name != "hybrid" and (g := last_grid(out / name / f"seed{a.seeds[0]}")) is not None]
+    fig = figure(out, a.teacher, grids)
+    summary = {"teacher": a.teacher, "teacher_ckpt": str(teacher), "rows": rows, "wall_s": time.time() - t0, "workers": a.workers, "figure": str(fig)}
+    write_json(out / "summary.json", summary)
     shown = list(rows)
     skeleton = demo / "summary.json"
-    if skeleton.is_file():
+    if a.teacher == "digits" and skeleton.is_file():
         ref = {r["run"]: r for r in json.loads(skeleton.read_text())}
         shown += [ref[k] for k in ("kd_original", "attention_probe") if k in ref]
     print(table(shown))
-    print(f"demo-generator finished in {time.time() - t0:.0f}s; table in {out / 'summary.json'}")
+    print(f"demo-generator finished in {time.time() - t0:.0f}s; table in {out / 'summary.json'}, figure {fig}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from vitkd.losses.generator import (  # noqa: E402
     attention_peak_loss,
     discrepancy_loss,
     generator_loss,
+    total_variation_loss,
 )
 
 __all__ += [
@@ -20,6 +21,7 @@ __all__ += [
     "attention_peak_loss",
     "discrepancy_loss",
     "generator_loss",
+    "total_variation_loss",
 ]
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss  # noqa: E402
 

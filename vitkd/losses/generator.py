@@ -30,6 +30,17 @@ def discrepancy_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     return -(student_logits.float() - teacher_logits.float()).abs().mean()
 
 
+def total_variation_loss(x: torch.Tensor) -> torch.Tensor:
+    """vitkd's smoothness prior (the total-variation part of DeepInversion's image prior R_prior, Yin et al., "Dreaming to Distill", arXiv 1912.08795):
+    L_TV = mean |x[:, :, i+1, j] − x[:, :, i, j]| + mean |x[:, :, i, j+1] − x[:, :, i, j]|.
+
+    Low for images made of smooth strokes, high for the per-pixel textures a generator finds when nothing
+    but the teacher's confidence guides it.
+    """
+    x = x.float()
+    return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
+
+
 def attention_peak_loss(probes: list[torch.Tensor]) -> torch.Tensor:
     """vitkd's attention-peakedness term: mean over probed blocks and batch of cos(P(x), u), u uniform.
 

@@ -1,10 +1,11 @@
-"""Models: ViT presets (registered in timm), the attention probe and feature taps."""
+"""Models: ViT presets and the CNN-control LeNets (registered in timm), the attention probe and feature taps."""
 from __future__ import annotations
 
 import timm
 import torch.nn as nn
 
 from vitkd.errors import VitkdInputError
+from vitkd.models import lenet as _lenet  # noqa: F401  (registers the CNN-control presets)
 from vitkd.models import vit as _vit  # noqa: F401  (registers the presets)
 from vitkd.models.probe import AttentionProbe, FeatureTap, probe_from_qkv
 

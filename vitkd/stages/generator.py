@@ -9,21 +9,32 @@ Two optimizers, manual optimization. Each training step:
    (``kd_loss``), L_CE the cross-entropy to the teacher's argmax, L_patch the probe-distillation patch
    relation loss (``probe_relation_loss``), as in ``ProbeDistillation``.
 
+``synthesizer: fast`` replaces step 1 by Fast-DFKD's meta-synthesis (``vitkd.generators.fast``): every
+``fast_synth_every`` steps one round of ``fast_inner_steps`` inner steps on a copy of the generator and a
+learnable z, whose kept batch joins a memory bank; the student steps on batches drawn from the bank.
+
 There is no original training data: an "epoch" is ``steps_per_epoch`` steps. Validation never touches the
 original data either: it is the student's agreement with the teacher's argmax (``val/agree``) on images
 the current generator makes from a fixed held-out noise bank (never used for training); the best
-checkpoint is chosen on it. That measures how well the student copies the teacher on the generator's
+checkpoint is chosen on it. The generator makes those images with batch statistics in its batch norms
+(``val_generator_mode: train``, the default), as in training: DAFL never puts its generator in eval mode,
+so the student only ever learns from batch-normed images, and running statistics of a generator whose
+weights move at lr 0.2 describe none of its batches. ``val/agree_eval`` logs the other mode beside it.
+That measures how well the student copies the teacher on the generator's
 own distribution, not accuracy on real digits. Test accuracy is on the datamodule's original test split.
 
 Under DDP (``--trainer.strategy ddp_find_unused_parameters_true``: each of the two backward passes uses
 only one network) each rank draws its own noise from a generator seeded with ``seed + rank``. A non-finite
 generator (or student) loss term stops the run with a message naming the term; the checkpoints already on
-disk (``last.ckpt`` from the previous epoch) are left untouched.
+disk (``last.ckpt`` from the previous epoch) are left untouched. The check reads the loss flags on the host
+only every ``finite_check_every`` steps (default: the trainer's ``log_every_n_steps``) and at an epoch's
+last step, before any checkpoint of that epoch, so a step costs no host sync.
 """
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +44,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitkd.errors import VitkdInputError
-from vitkd.generators import create_generator, photometric_view
+from vitkd.generators import MemoryBank, create_generator, meta_synthesize, photometric_view
 from vitkd.io import atomic_path
-from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss
+from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss, total_variation_loss
 from vitkd.models import AttentionProbe, FeatureTap, count_params, create_model
 from vitkd.stages.base import Stage, warmup_cosine
 
@@ -51,6 +62,27 @@ def rank_noise_generator(seed: int, rank: int, device: torch.device | str = "cpu
     g = torch.Generator(device=device)
     g.manual_seed(int(seed) + int(rank))
     return g
+
+
+@contextmanager
+def batch_statistics(module: torch.nn.Module):
+    """Batch norms of ``module`` normalise with the batch's statistics (train mode) and leave their running
+    statistics as they are (momentum 0) inside the block; every mode and momentum is restored after."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in bns]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (training, momentum) in zip(bns, saved):
+            m.train(training)
+            m.momentum = momentum
+
+
+def has_batch_norm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 class _Steps(Dataset):
@@ -83,6 +115,7 @@ class DataFreeGAN(Stage):
         val_samples, grid_samples: size of the held-out noise bank and of the per-epoch image grid.
         oh_weight, ie_weight, act_weight, disc_weight: the L_adv terms (one-hot, information entropy,
             activation, student–teacher discrepancy); 0 switches a term off.
+        tv_weight: vitkd's total-variation smoothness prior added to L_G (0 = off).
         attention_lambda: λ of L_G = L_adv + λ·L_attention (0 switches L_attention off).
         peak_weight, consistency_weight: the L_attention terms.
         probe_blocks, probe_head: teacher blocks whose CLS attention probe L_attention reads.
@@ -92,7 +125,21 @@ class DataFreeGAN(Stage):
         patch_pairs, relation_norm: (teacher block, student block) pairs and normalisation of L_patch.
         wild_ratio: hybrid — fraction of each student batch taken from the datamodule's ``train_urls``
             shards (selected wild images); 0 is purely data-free.
-        lr_g, lr_s, weight_decay, warmup_epochs: Adam(β1 0.5) for G; AdamW with warm-up + cosine for S.
+        lr_g, betas_g: Adam for G (DAFL's reference uses lr 0.2 with Adam's default betas (0.9, 0.999)).
+        lr_s, weight_decay, warmup_epochs, student_schedule: AdamW for S with warm-up + cosine
+            (``cosine``) or a constant lr (``constant``; with weight_decay 0 that is DAFL's Adam).
+        synthesizer: ``joint`` (DAFL: one generator step, then the student on that batch) or ``fast``
+            (Fast-DFKD's meta-synthesis into a memory bank).
+        fast_inner_steps, fast_lr_z, fast_synth_every, fast_bank_batches: the fast synthesizer's inner
+            steps per round (inner Adam at ``lr_g``, meta Adam at ``lr_g × fast_inner_steps`` as the
+            authors'), the lr of the learnable z, student steps per round, and the memory bank's size in
+            batches.
+        val_generator_mode: batch norms of the generator during validation and sample grids: ``train``
+            (batch statistics, as in training) or ``eval`` (running statistics).
+        finite_check_every: steps between host-side checks of the loss flags (None: log_every_n_steps).
+        labelled_val: also report the best checkpoint's accuracy on the datamodule's labelled validation
+            split (``labelled_val/acc``), for choosing between generator designs; checkpoints stay chosen
+            on ``val/agree``.
     """
 
     monitor = "val/agree"
@@ -118,6 +165,7 @@ class DataFreeGAN(Stage):
         ie_weight: float = 5.0,
         act_weight: float = 0.1,
         disc_weight: float = 0.0,
+        tv_weight: float = 0.0,
         attention_lambda: float = 0.0,
         peak_weight: float = 1.0,
         consistency_weight: float = 1.0,
@@ -132,9 +180,19 @@ class DataFreeGAN(Stage):
         relation_norm: Literal["token", "channel"] = "token",
         wild_ratio: float = 0.0,
         lr_g: float = 1e-3,
+        betas_g: tuple[float, float] = (0.5, 0.999),
         lr_s: float = 2e-3,
         weight_decay: float = 0.025,
         warmup_epochs: float = 1.0,
+        student_schedule: Literal["cosine", "constant"] = "cosine",
+        synthesizer: Literal["joint", "fast"] = "joint",
+        fast_inner_steps: int = 2,
+        fast_lr_z: float = 0.015,
+        fast_synth_every: int = 5,
+        fast_bank_batches: int = 20,
+        val_generator_mode: Literal["train", "eval"] = "train",
+        finite_check_every: int | None = None,
+        labelled_val: bool = False,
         model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -144,9 +202,20 @@ class DataFreeGAN(Stage):
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
             raise VitkdInputError("steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args")
+        for name, value in (("synthesizer", synthesizer), ("val_generator_mode", val_generator_mode), ("student_schedule", student_schedule)):
+            allowed = {"synthesizer": ("joint", "fast"), "val_generator_mode": ("train", "eval"), "student_schedule": ("cosine", "constant")}[name]
+            if value not in allowed:
+                raise VitkdInputError(f"{name} {value!r} is not one of {allowed}: set --model.init_args.{name}")
+        if synthesizer == "fast" and (fast_inner_steps < 1 or fast_synth_every < 1 or fast_bank_batches < 1):
+            raise VitkdInputError("the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
+        # the teacher's logits are banked with the images unless the student loss needs its features too
+        self.reuse_logits = patch_weight == 0
+        self.bank = MemoryBank(fast_bank_batches * batch_size, (in_chans, img_size, img_size), num_classes if self.reuse_logits else 0) if synthesizer == "fast" else None
+        self.generator_steps = 0  # generator forward/backward passes so far (inner steps for ``fast``)
+        self.student_images = 0  # images the student has stepped on so far
         self.use_attention = attention_lambda > 0 and (peak_weight > 0 or consistency_weight > 0)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if self.use_attention else None
         self.taps = None
@@ -156,7 +225,9 @@ class DataFreeGAN(Stage):
             self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
         self.n_wild = int(round(wild_ratio * batch_size))
         self.images_per_step = batch_size * student_steps  # what the throughput callback counts per step
+        self._nonfinite: dict[str, dict[str, torch.Tensor]] = {}
         self.val_agree = MulticlassAccuracy(num_classes, average="micro")
+        self.val_agree_other = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._noise: torch.Generator | None = None
         self._wild_iter = None
@@ -186,12 +257,29 @@ class DataFreeGAN(Stage):
         val = DataLoader(TensorDataset(self.noise_bank(hp.val_samples)), batch_size=512)
         trainer.fit(self, train_dataloaders=steps, val_dataloaders=val, ckpt_path=ckpt_path)
         metrics = self.test_best(trainer, dataloaders=datamodule.test_dataloader())
+        if hp.labelled_val:  # the best checkpoint's weights are loaded by the test above
+            metrics.update(self.labelled_accuracy(datamodule.labelled_val_dataloader()))
         metrics["validation"] = "student-teacher argmax agreement on generated images from a held-out noise bank"
         return metrics
 
+    @torch.no_grad()
+    def labelled_accuracy(self, loader) -> dict[str, Any]:
+        """Student accuracy on a labelled loader (summed over ranks)."""
+        was = self.model.training
+        self.model.eval()
+        counts = torch.zeros(2, device=self.device)
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            counts += torch.stack([(self.model(x).argmax(dim=1) == y).sum().float(), torch.tensor(float(len(y)), device=self.device)])
+        self.model.train(was)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return {"labelled_val/acc": float(counts[0] / counts[1].clamp_min(1)), "labelled_val_images": int(counts[1])}
+
     def report(self) -> dict[str, Any]:
         out = {"params": count_params(self.model), **self.cost_figures(self.model)}
-        out.update(generator_params=count_params(self.generator), generator=self.hparams.generator)
+        out.update(generator_params=count_params(self.generator), generator=self.hparams.generator, synthesizer=self.hparams.synthesizer)
+        out.update(generator_steps=int(self.generator_steps), student_images=int(self.student_images), batch_size=self.hparams.batch_size)
         if self.noise_fingerprint is not None:
             out["noise_fingerprint"] = self.noise_fingerprint
         if self.n_wild:
@@ -220,9 +308,13 @@ class DataFreeGAN(Stage):
         super().on_save_checkpoint(checkpoint)
         if self._noise is not None:
             checkpoint["vitkd_noise_state"] = self._noise.get_state()
+        checkpoint["vitkd_generator_steps"] = int(self.generator_steps)
+        checkpoint["vitkd_student_images"] = int(self.student_images)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._noise_state = checkpoint.get("vitkd_noise_state")
+        self.generator_steps = int(checkpoint.get("vitkd_generator_steps", 0))
+        self.student_images = int(checkpoint.get("vitkd_student_images", 0))
 
     def draw_noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, generator=self._noise, device=self.device)
@@ -242,8 +334,8 @@ class DataFreeGAN(Stage):
     # -- the losses -------------------------------------------------------------------------------
     def teacher_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits and pre-logits features (the DAFL activation term's f_T)."""
-        feats = self.teacher.forward_head(self.teacher.forward_features(x), pre_logits=True)
-        return self.teacher.head(feats), feats
+        f = self.teacher.forward_features(x)
+        return self.teacher.forward_head(f), self.teacher.forward_head(f, pre_logits=True)
 
     def probes(self) -> list[torch.Tensor]:
         rows = self.probe.rows()
@@ -253,9 +345,12 @@ class DataFreeGAN(Stage):
         """(L_adv terms, L_attention terms) for generated images x; gradients flow to x only."""
         hp = self.hparams
         t_logits, t_feats = self.teacher_out(x)
+        self._teacher_logits = t_logits
         probes_a = self.probes() if self.use_attention else None
         s_logits = self.model(x) if hp.disc_weight else None
         adv = adversarial_loss(t_logits, t_feats, s_logits, hp.oh_weight, hp.ie_weight, hp.act_weight, hp.disc_weight)
+        if hp.tv_weight:
+            adv["tv"] = hp.tv_weight * total_variation_loss(x)
         attn: dict[str, torch.Tensor] = {}
         if self.use_attention:
             probes_b = None
@@ -265,12 +360,15 @@ class DataFreeGAN(Stage):
             attn = attention_loss(probes_a, probes_b, hp.peak_weight, hp.consistency_weight)
         return adv, attn
 
-    def student_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """λKD·L_KD + λCE·L_CE + λpatch·L_patch on images x (teacher pseudo-labels), as named terms."""
+    def student_terms(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """λKD·L_KD + λCE·L_CE + λpatch·L_patch on images x (teacher pseudo-labels), as named terms.
+        ``t_logits``: the teacher's logits of x when already known (the teacher is frozen: they are the same)."""
         hp = self.hparams
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-            t_feats = self.taps[0].features() if self.taps else None
+        t_feats = None
+        if t_logits is None:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+                t_feats = self.taps[0].features() if self.taps else None
         s_logits = self.model(x)
         out: dict[str, torch.Tensor] = {}
         if hp.kd_weight:
@@ -286,14 +384,32 @@ class DataFreeGAN(Stage):
             raise VitkdInputError("every student loss term is switched off: set kd_weight, ce_weight or patch_weight above 0")
         return out
 
-    def check_finite(self, terms: dict[str, torch.Tensor], which: str) -> None:
-        """Stop (on every rank together) when a term is NaN or infinite, naming it."""
-        names = list(terms)
-        flags = torch.stack([(~torch.isfinite(terms[k].detach())).float() for k in names])
+    def note_finite(self, terms: dict[str, torch.Tensor], which: str) -> None:
+        """Record on device whether each term is NaN or infinite (no host sync); ``check_finite`` reads it."""
+        flags = self._nonfinite.setdefault(which, {})
+        for k, v in terms.items():
+            bad = ~torch.isfinite(v.detach())
+            flags[k] = bad if k not in flags else flags[k] | bad
+
+    def check_due(self, batch_idx: int) -> bool:
+        every = self.hparams.finite_check_every or (self.trainer.log_every_n_steps if self._trainer is not None else 1)
+        return (batch_idx + 1) % max(1, every) == 0 or batch_idx + 1 == self.hparams.steps_per_epoch
+
+    def check_finite(self, terms: dict[str, torch.Tensor] | None = None, which: str | None = None) -> None:
+        """Stop (on every rank together) when a recorded term was NaN or infinite, naming it; the generator's
+        terms are named before the student's (a bad generator makes the student's terms bad too)."""
+        if terms is not None:
+            self.note_finite(terms, which)
+        names = [(w, k) for w in ("generator", "student") for k in self._nonfinite.get(w, {})]
+        if not names:
+            return
+        flags = torch.stack([self._nonfinite[w][k].float() for w, k in names])
+        self._nonfinite = {}
         if self.trainer is not None and self.trainer.world_size > 1:
             flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        bad = [k for k, f in zip(names, flags.tolist()) if f > 0]
+        bad = [(w, k) for (w, k), f in zip(names, flags.tolist()) if f > 0]
         if bad:
+            which, bad = bad[0][0], [k for w, k in bad if w == bad[0][0]]
             ckpt = self.trainer.checkpoint_callback if self.trainer is not None else None
             last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
             kept = f"last good checkpoint kept: {last}" if last is not None and last.is_file() else "no checkpoint was written before it"
@@ -304,61 +420,140 @@ class DataFreeGAN(Stage):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        """Step 1 (``joint_generator_step`` or ``fast_generator_step``), then the student step(s)."""
         hp = self.hparams
         self._step_in_epoch = batch_idx
         opt_g, opt_s = self.optimizers()
         sched = self.lr_schedulers()
-        z = self.draw_noise(hp.batch_size)
-        if self.noise_fingerprint is None:
-            fp = self.all_gather(z[0, :4].float().detach())
-            self.noise_fingerprint = fp.reshape(-1, 4).cpu().tolist()
-
-        # 1. generator step: the teacher is the discriminator
-        self.toggle_optimizer(opt_g)
-        x = self.generator(z)
-        adv, attn = self.generator_terms(x)
-        terms_g = {**adv, **attn}
-        self.check_finite(terms_g, "generator")
-        loss_g = generator_loss(adv, attn, hp.attention_lambda)
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
-        self.untoggle_optimizer(opt_g)
+        if hp.synthesizer == "fast":
+            x, terms_g, loss_g = self.fast_generator_step(opt_g, batch_idx)
+        else:
+            x, terms_g, loss_g = self.joint_generator_step(opt_g)
 
         # 2. student step(s) on the generated batch (+ wild images for the hybrid)
         n_gen = hp.batch_size - self.n_wild
         self.toggle_optimizer(opt_s)
         for k in range(hp.student_steps):
-            if k == 0:
+            t_logits = None
+            if hp.synthesizer == "fast":
+                if self.reuse_logits:
+                    xs, t_logits = self.bank.sample_pairs(n_gen, self._noise)
+                else:
+                    xs = self.bank.sample(n_gen, self._noise)
+            elif k == 0:
                 xs = x.detach()[:n_gen]
+                if self.reuse_logits:
+                    t_logits = self._teacher_logits.detach()[:n_gen]
             else:
                 with torch.no_grad():
                     xs = self.generator(self.draw_noise(hp.batch_size))[:n_gen]
             if self.n_wild:
                 xs = torch.cat([xs, self._next_wild().to(xs.dtype)])
-            terms_s = self.student_terms(xs)
-            self.check_finite(terms_s, "student")
+                t_logits = None  # the wild images' logits are not known yet
+            terms_s = self.student_terms(xs, t_logits)
+            self.note_finite(terms_s, "student")
             loss_s = torch.stack(list(terms_s.values())).sum()
             opt_s.zero_grad(set_to_none=True)
             self.manual_backward(loss_s)
             opt_s.step()
             sched.step()
+            self.student_images += xs.shape[0]
         self.untoggle_optimizer(opt_s)
+        if self.check_due(batch_idx):
+            self.check_finite()
 
         bs = hp.batch_size
         for k, v in terms_g.items():
             self.log(f"train/g_{k}", v.detach(), batch_size=bs)
         for k, v in terms_s.items():
             self.log(f"train/s_{k}", v.detach(), batch_size=bs)
-        self.log("train/loss_g", loss_g.detach(), prog_bar=True, batch_size=bs)
+        if loss_g is not None:
+            self.log("train/loss_g", loss_g.detach(), prog_bar=True, batch_size=bs)
         self.log("train/loss_s", loss_s.detach(), prog_bar=True, batch_size=bs)
+
+    def first_noise(self, hp) -> torch.Tensor:
+        z = self.draw_noise(hp.batch_size)
+        if self.noise_fingerprint is None:
+            fp = self.all_gather(z[0, :4].float().detach())
+            self.noise_fingerprint = fp.reshape(-1, 4).cpu().tolist()
+        return z
+
+    def joint_generator_step(self, opt_g):
+        """DAFL's step 1: x = G(z), one generator update on L_G with the teacher as the discriminator."""
+        hp = self.hparams
+        z = self.first_noise(hp)
+        self.toggle_optimizer(opt_g)
+        x = self.generator(z)
+        adv, attn = self.generator_terms(x)
+        terms_g = {**adv, **attn}
+        self.note_finite(terms_g, "generator")
+        loss_g = generator_loss(adv, attn, hp.attention_lambda)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        self.generator_steps += 1
+        return x, terms_g, loss_g
+
+    def fast_generator_step(self, opt_g, batch_idx: int):
+        """Fast-DFKD's step 1, every ``fast_synth_every`` steps: one meta-synthesis round into the bank."""
+        hp = self.hparams
+        if batch_idx % hp.fast_synth_every:  # every epoch starts with a round, so a resumed bank is topped up
+            return None, {}, None
+        z = self.first_noise(hp)
+        logged: dict[str, torch.Tensor] = {}
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
+            adv, attn = self.generator_terms(x)
+            logged.clear()
+            logged.update(adv, **attn)
+            self.note_finite(logged, "generator")
+            return generator_loss(adv, attn, hp.attention_lambda)
+
+        self.toggle_optimizer(opt_g)
+        opt_g.zero_grad(set_to_none=True)
+        x, loss_g = meta_synthesize(self.generator, z, loss_fn, hp.fast_inner_steps, hp.lr_g, hp.fast_lr_z, backward=self.manual_backward)
+        if self.trainer is not None and self.trainer.world_size > 1:  # the meta generator is one across ranks
+            for p in self.generator.parameters():
+                if p.grad is not None:
+                    p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        if self.reuse_logits:
+            with torch.no_grad():
+                self.bank.push(x, self.teacher(x))
+        else:
+            self.bank.push(x)
+        self.generator_steps += hp.fast_inner_steps
+        return x, dict(logged), loss_g
+
+    @contextmanager
+    def generator_mode(self, mode: str):
+        """The generator's batch norms in ``mode`` (``train``: batch statistics, running ones untouched)."""
+        if mode == "train":
+            with batch_statistics(self.generator):
+                yield
+        else:
+            was = self.generator.training
+            self.generator.eval()
+            try:
+                yield
+            finally:
+                self.generator.train(was)
 
     def validation_step(self, batch, batch_idx):
         (z,) = batch
-        x = self.generator(z)
-        t = self.teacher(x).argmax(dim=1)
-        self.val_agree.update(self.model(x).float(), t)
-        self.log("val/agree", self.val_agree, on_epoch=True, prog_bar=True, batch_size=len(z))
+        mode = self.hparams.val_generator_mode
+        modes = [(mode, self.val_agree, "val/agree")]
+        if has_batch_norm(self.generator):  # with no batch norm the two modes make the same images
+            other = "eval" if mode == "train" else "train"
+            modes.append((other, self.val_agree_other, f"val/agree_{other}"))
+        for m, metric, key in modes:
+            with self.generator_mode(m):
+                x = self.generator(z)
+            t = self.teacher(x).argmax(dim=1)
+            metric.update(self.model(x).float(), t)
+            self.log(key, metric, on_epoch=True, prog_bar=key == "val/agree", batch_size=len(z))
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -371,12 +566,9 @@ class DataFreeGAN(Stage):
             return
         from torchvision.utils import save_image
 
-        was_training = self.generator.training
-        self.generator.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.generator_mode(self.hparams.val_generator_mode):
             z = self.noise_bank(self.hparams.grid_samples).to(self.device)
             x = self.generator(z).float().cpu()
-        self.generator.train(was_training)
         path = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:03d}.png"
         with atomic_path(path) as tmp:
             save_image(x * 0.5 + 0.5, str(tmp), nrow=int(math.ceil(math.sqrt(len(x)))), format="png")
@@ -386,8 +578,12 @@ class DataFreeGAN(Stage):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=(0.5, 0.999))
+        # the fast synthesizer's meta optimiser: Adam at lr_g × inner steps, betas (0.5, 0.999), as the authors'
+        lr_g, betas = (hp.lr_g * hp.fast_inner_steps, (0.5, 0.999)) if hp.synthesizer == "fast" else (hp.lr_g, tuple(hp.betas_g))
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=betas)
         opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr_s, weight_decay=hp.weight_decay)
+        if hp.student_schedule == "constant":
+            return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _s: 1.0)]
         per_epoch = hp.steps_per_epoch * hp.student_steps
         total = max(1, (self.trainer.max_epochs or 1) * per_epoch)
         warmup = hp.warmup_epochs * per_epoch
