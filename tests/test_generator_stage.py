@@ -27,10 +27,15 @@ TINY = [
 ]
 
 
+# every L_G and L_total term switched on for the transformer configs (their defaults switch λ and L_patch off)
+ON = ["--model.init_args.attention_lambda", "1.0", "--model.init_args.patch_weight", "0.8"]
+LOSSES = {"transformer_gan.yaml": ON, "hybrid.yaml": ON}
+
+
 def tiny_args(teacher, run_dir, config="transformer_gan.yaml", *extra):
     gen = "{width: 8}" if config == "dafl.yaml" else "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}"
     return ["--config", f"experiments/generator/{config}", "--model.init_args.teacher_ckpt", str(teacher), "--run_dir", str(run_dir),
-            "--model.init_args.generator_kwargs", gen, *TINY, *extra]
+            "--model.init_args.generator_kwargs", gen, *TINY, *LOSSES.get(config, []), *extra]
 
 
 def _fresh_stage(teacher, seed=0, **kw) -> DataFreeGAN:

@@ -32,7 +32,7 @@ TEACHERS = {
     "vit": ("runs/demo/teacher", "experiments/digits/teacher.yaml"),
     "cnn": ("runs/generator-sweep/cnn_teacher", "experiments/generator/cnn_teacher.yaml"),
 }
-DEFAULT_POINTS = ["vit:2:0", "vit:2:1", "vit:2:2", "vit:20:0", "cnn:2:0", "cnn:20:0"]
+DEFAULT_POINTS = ["vit:2:0", "vit:2:1", "vit:2:2", "vit:20:0", "cnn:2:0", "cnn:10:0"]
 
 
 def curves(run_dir: Path) -> dict[str, list[float]]:
@@ -58,7 +58,7 @@ def point(teacher: str, epochs: int, seed: int, root: Path, threads: int) -> dic
     m = json.loads((run_dir / "metrics.json").read_text())
     c = curves(run_dir)
     wall = json.loads(wall_file.read_text())["wall_s"] if wall_file.is_file() else None
-    steps = m.get("generator_steps", epochs * STEPS_PER_EPOCH)
+    steps = epochs * STEPS_PER_EPOCH  # trained (runs before the counter kept the totals reported the best checkpoint's)
     return {
         "teacher": teacher, "epochs": epochs, "generator_steps": steps, "seed": seed, "test_acc": m["test/acc"],
         "best_val_agree": m.get("best_val/agree"), "val_agree_train_mode": c["val/agree"], "val_agree_eval_mode": c["val/agree_eval"],

@@ -34,6 +34,9 @@ class TransformerGenerator(nn.Module):
         pixel_hidden: channels of the un-patchified map before the seam conv (``head="patch"``).
         head: ``patch`` (per-token pixel map + seam conv) or ``conv`` (DAFL's upsampling head).
         conv_width: channels of the conv head's first upsampling stage (halved at each later stage).
+        init_values: LayerScale of the blocks (timm's ``init_values``); a small value (1e-5) starts every
+            block near the identity, so the generator starts as its linear map + head and the attention
+            grows in as it helps. None: no LayerScale.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class TransformerGenerator(nn.Module):
         pixel_hidden: int = 16,
         head: str = "patch",
         conv_width: int = 64,
+        init_values: float | None = None,
     ):
         super().__init__()
         if img_size % patch_size:
@@ -67,7 +71,7 @@ class TransformerGenerator(nn.Module):
         self.to_tokens = nn.Linear(latent_dim, self.num_tokens * embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, init_values=init_values) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         if head == "patch":
             self.to_pixels = nn.Linear(embed_dim, patch_size * patch_size * pixel_hidden)

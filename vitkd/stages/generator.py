@@ -69,16 +69,16 @@ def batch_statistics(module: torch.nn.Module):
     """Batch norms of ``module`` normalise with the batch's statistics (train mode) and leave their running
     statistics as they are (momentum 0) inside the block; every mode and momentum is restored after."""
     bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.momentum) for m in bns]
+    saved = [(m.training, m.momentum, m.track_running_stats) for m in bns]
     for m in bns:
         m.train()
-        m.momentum = 0.0
+        m.momentum, m.track_running_stats = 0.0, False  # batch statistics; running ones neither used nor updated
     try:
         yield
     finally:
-        for m, (training, momentum) in zip(bns, saved):
+        for m, (training, momentum, track) in zip(bns, saved):
             m.train(training)
-            m.momentum = momentum
+            m.momentum, m.track_running_stats = momentum, track
 
 
 def has_batch_norm(module: torch.nn.Module) -> bool:
@@ -206,6 +206,8 @@ class DataFreeGAN(Stage):
             allowed = {"synthesizer": ("joint", "fast"), "val_generator_mode": ("train", "eval"), "student_schedule": ("cosine", "constant")}[name]
             if value not in allowed:
                 raise VitkdInputError(f"{name} {value!r} is not one of {allowed}: set --model.init_args.{name}")
+        if synthesizer == "fast" and val_generator_mode == "eval":
+            raise VitkdInputError("the fast synthesizer trains copies of the generator, so its running batch-norm statistics describe no batch: use val_generator_mode train")
         if synthesizer == "fast" and (fast_inner_steps < 1 or fast_synth_every < 1 or fast_bank_batches < 1):
             raise VitkdInputError("the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
@@ -313,8 +315,9 @@ class DataFreeGAN(Stage):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._noise_state = checkpoint.get("vitkd_noise_state")
-        self.generator_steps = int(checkpoint.get("vitkd_generator_steps", 0))
-        self.student_images = int(checkpoint.get("vitkd_student_images", 0))
+        # a resume continues the counts; testing the best checkpoint after training keeps the run's totals
+        self.generator_steps = max(self.generator_steps, int(checkpoint.get("vitkd_generator_steps", 0)))
+        self.student_images = max(self.student_images, int(checkpoint.get("vitkd_student_images", 0)))
 
     def draw_noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, generator=self._noise, device=self.device)
@@ -545,7 +548,9 @@ class DataFreeGAN(Stage):
         (z,) = batch
         mode = self.hparams.val_generator_mode
         modes = [(mode, self.val_agree, "val/agree")]
-        if has_batch_norm(self.generator):  # with no batch norm the two modes make the same images
+        # with no batch norm the two modes make the same images; the fast synthesizer's meta generator is never
+        # run in train mode itself (its copies are), so its running statistics are its initial ones
+        if has_batch_norm(self.generator) and self.hparams.synthesizer != "fast":
             other = "eval" if mode == "train" else "train"
             modes.append((other, self.val_agree_other, f"val/agree_{other}"))
         for m, metric, key in modes:
