@@ -63,7 +63,7 @@ def test_one_generator_and_one_student_step_through_cli(tiny_teacher, tmp_path):
     assert not torch.equal(state["model.head.weight"], fresh["model.head.weight"])
     # every switched-on term of L_G and L_total was logged
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
-    for k in ("train/g_oh", "train/g_ie", "train/g_attn_peak", "train/g_attn_cons", "train/s_kd", "train/s_ce", "train/s_patch"):
+    for k in ("train/g_oh", "train/g_ie", "train/g_attn_peak", "train/g_attn_cons", "train/s_kd", "train/s_ce", "train/s_patch", "val/class_entropy"):
         assert k in header, k
 
 

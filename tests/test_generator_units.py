@@ -158,3 +158,23 @@ def test_probe_relation_loss_averages_two_different_pairs_by_hand():
     assert probe_relation_loss([s2], [t], "channel").item() == pytest.approx(pair2, abs=1e-6)
     assert probe_relation_loss([s1, s2], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)  # ≈ 0.5214
     assert probe_relation_loss([s2, s1], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)
+
+
+def test_class_entropy_shows_a_collapsed_generator(tiny_teacher):
+    """val/class_entropy is 0 when the teacher puts every generated image in one class, 1 when balanced."""
+    import math
+
+    from vitkd.stages.generator import DataFreeGAN
+
+    stage = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8})
+    logged = {}
+    stage.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
+    stage._val_classes = torch.tensor([0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    stage.on_validation_epoch_end()
+    assert logged["val/class_entropy"] == pytest.approx(0.0, abs=1e-6)
+    stage._val_classes = torch.full((10,), 3.0)
+    stage.on_validation_epoch_end()
+    assert logged["val/class_entropy"] == pytest.approx(1.0, abs=1e-6)
+    stage._val_classes = torch.tensor([1.0, 1.0] + [0.0] * 8)
+    stage.on_validation_epoch_end()
+    assert logged["val/class_entropy"] == pytest.approx(math.log(2) / math.log(10), abs=1e-6)

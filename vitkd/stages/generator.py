@@ -558,7 +558,23 @@ class DataFreeGAN(Stage):
                 x = self.generator(z)
             t = self.teacher(x).argmax(dim=1)
             metric.update(self.model(x).float(), t)
+            if key == "val/agree":
+                counts = torch.bincount(t, minlength=self.hparams.num_classes).float()
+                self._val_classes = counts if getattr(self, "_val_classes", None) is None else self._val_classes + counts
             self.log(key, metric, on_epoch=True, prog_bar=key == "val/agree", batch_size=len(z))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/class_entropy``: entropy of the teacher's class histogram over the held-out generated images,
+        divided by log(classes): 1 when the classes are balanced, 0 when every image is one class. A collapsed
+        generator makes ``val/agree`` trivially 1; this figure shows it."""
+        counts, self._val_classes = getattr(self, "_val_classes", None), None
+        if counts is None:
+            return
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        p = counts / counts.sum().clamp_min(1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum() / math.log(self.hparams.num_classes)
+        self.log("val/class_entropy", entropy, batch_size=1)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
