@@ -339,6 +339,7 @@ def bench_generator(device: torch.device, warmup: int, iters: int, threads: int,
     (joint synthesizer) and its fast synthesizer, same models, batch and machine, in this one run."""
     from vitkd.generators import DAFLGenerator
 
+    print("data-free generator step ...", flush=True)
     p = PRESETS["digits"]
     batch = 128 if quick else 512
     kw = dict(img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"])
@@ -574,14 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"bench on {res['machine']} ({res['device']}, {threads} threads), load {res['load_average_before']}", flush=True)
     res["peak"] = {"bf16": matmul_peak(device, torch.bfloat16), "fp32": matmul_peak(device, torch.float32, reps=3)}
     if args.only == "generator":
-        print("data-free generator step ...", flush=True)
         res["generator"] = bench_generator(device, warmup, iters, threads, args.quick)
-        res["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-        path = Path(args.out) / f"{res['machine']}-{res['date']}-generator{'-quick' if args.quick else ''}.json"
-        write_json(path, res)
-        print(table(res))
-        print(f"wrote {path}")
-        return res
+        return finish(res, Path(args.out), "-generator" + ("-quick" if args.quick else ""))
     res["selector"], res["distill"], res["flops"] = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, p in presets.items():
@@ -595,7 +590,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["flops"][name] = bench_flops(p, device, res["selector"][name], res["distill"][name], res["peak"]["bf16"]["flop_per_s"])
     print(f"selector at scale ({scale}) ...", flush=True)
     res["scale"] = bench_scale(scale, threads, levers=not args.quick)
-    print("data-free generator step ...", flush=True)
     res["generator"] = bench_generator(device, warmup, iters, threads, args.quick)
     res["pack"] = bench_pack()
     res["stream"] = bench_stream()
@@ -619,8 +613,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "memory_ratio_1m_over_100k" in res["scale"]:
             m = res["scale"]["memory_ratio_1m_over_100k"]
             res["targets"]["scale_memory_ratio_1m_over_100k"] = {"target_max": TARGETS["scale_memory_ratio_max"], "value": m, "met": m <= TARGETS["scale_memory_ratio_max"]}
+    return finish(res, Path(args.out), "-quick" if args.quick else "")
+
+
+def finish(res: dict[str, Any], out: Path, suffix: str) -> dict[str, Any]:
+    """Load after the run, ``<out>/<machine>-<date><suffix>.json``, and the table."""
     res["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    path = Path(args.out) / f"{res['machine']}-{res['date']}{'-quick' if args.quick else ''}.json"
+    path = out / f"{res['machine']}-{res['date']}{suffix}.json"
     write_json(path, res)
     print(table(res))
     print(f"wrote {path}")

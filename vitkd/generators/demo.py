@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs.append((CONFIGS / cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *extra, *more))
             index.append(name)
     print(f"[{a.teacher}] {len(jobs)} runs, {a.workers} at a time", flush=True)
+
     def timed(job):
         s = time.time()
         m = run_fit(*job, show=SHOW)

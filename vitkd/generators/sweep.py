@@ -73,7 +73,7 @@ def ensure_teacher(name: str, threads: int) -> dict:
     if not (run_dir / "metrics.json").is_file():
         run_fit(config, run_dir, "--torch_threads", str(threads), show=("test/acc",))
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"arch": json.loads((run_dir / "metrics.json").read_text()).get("arch"), "test_acc": m["test/acc"], "val_acc": m.get("best_val/acc"), "params": m.get("params")}
+    return {"arch": m.get("arch"), "test_acc": m["test/acc"], "val_acc": m.get("best_val/acc"), "params": m.get("params")}
 
 
 def grouped(points: list[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ from vitkd.io import write_json
 from vitkd.runs import mean_std, run_fit
 
 CONFIG = "experiments/generator/transformer_gan.yaml"
+OWN_CONFIG = {"dafl": "experiments/generator/dafl.yaml"}  # variants not built on CONFIG
 # the loss settings transformer_gan.yaml had before the redesign (each variant states all it changes)
 BEFORE = ["--model.init_args.act_weight", "0.0", "--model.init_args.attention_lambda", "1.0", "--model.init_args.patch_weight", "0.8"]
 LAM1 = ["--model.init_args.attention_lambda", "1.0"]
@@ -36,7 +37,7 @@ BLOCKS_LS = ["--model.init_args.generator_kwargs", "{patch_size: 4, embed_dim: 6
 FAST = ["--model.init_args.synthesizer", "fast", "--model.init_args.fast_inner_steps", "2", "--model.init_args.fast_lr_z", "0.015",
         "--model.init_args.fast_synth_every", "5", "--model.init_args.fast_bank_batches", "20", "--model.init_args.lr_g", "5.0e-3"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "dafl": ("the DAFL row itself (dafl.yaml), for comparison", ["--config", "experiments/generator/dafl.yaml"]),
+    "dafl": ("the DAFL row itself (dafl.yaml), for comparison", []),
     "patch_head_attn": ("today's design: per-token pixel head + seam conv, λ = 1 (peak + consistency)", [*BEFORE, "--model.init_args.generator_kwargs", PATCH]),
     "conv_head": ("attention blocks, then DAFL's conv upsampling head; λ = 0", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.attention_lambda", "0"]),
     "conv_head_attn": ("conv head, λ = 1 (peak + consistency)", [*BEFORE, "--model.init_args.generator_kwargs", CONV]),
@@ -72,11 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (run_dir / "metrics.json").is_file():
             return json.loads((run_dir / "metrics.json").read_text()) | {"wall_s": None}
         t0 = time.time()
-        args = VARIANTS[v][1]
-        config = args[1] if args[:1] == ["--config"] else CONFIG
-        args = args[2:] if args[:1] == ["--config"] else args
-        m = run_fit(config, run_dir, "--model.init_args.teacher_ckpt", a.teacher, "--model.init_args.labelled_val", "true", "--torch_threads", "1",
-                    "--seed_everything", str(s), *args, show=("test/acc", "labelled_val/acc", "best_val/agree"))
+        m = run_fit(OWN_CONFIG.get(v, CONFIG), run_dir, "--model.init_args.teacher_ckpt", a.teacher, "--model.init_args.labelled_val", "true", "--torch_threads", "1",
+                    "--seed_everything", str(s), *VARIANTS[v][1], show=("test/acc", "labelled_val/acc", "best_val/agree"))
         return m | {"wall_s": time.time() - t0}
 
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in a.variants:
         ms = [got[(v, s)] for s in a.seeds]
         rows.append({
-            "variant": v, "what": VARIANTS[v][0], "args": VARIANTS[v][1], "seeds": len(ms),
+            "variant": v, "what": VARIANTS[v][0], "config": OWN_CONFIG.get(v, CONFIG), "args": VARIANTS[v][1], "seeds": len(ms),
             "labelled_val_acc_mean": mean_std([m["labelled_val/acc"] for m in ms])[0],
             "test_acc_mean": mean_std([m["test/acc"] for m in ms])[0], "test_acc_std": mean_std([m["test/acc"] for m in ms])[1],
             "best_val_agree_mean": mean_std([m["best_val/agree"] for m in ms])[0], "generator_params": ms[0].get("generator_params"),

@@ -202,8 +202,11 @@ class DataFreeGAN(Stage):
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
             raise VitkdInputError("steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args")
-        for name, value in (("synthesizer", synthesizer), ("val_generator_mode", val_generator_mode), ("student_schedule", student_schedule)):
-            allowed = {"synthesizer": ("joint", "fast"), "val_generator_mode": ("train", "eval"), "student_schedule": ("cosine", "constant")}[name]
+        for name, value, allowed in (
+            ("synthesizer", synthesizer, ("joint", "fast")),
+            ("val_generator_mode", val_generator_mode, ("train", "eval")),
+            ("student_schedule", student_schedule, ("cosine", "constant")),
+        ):
             if value not in allowed:
                 raise VitkdInputError(f"{name} {value!r} is not one of {allowed}: set --model.init_args.{name}")
         if synthesizer == "fast" and val_generator_mode == "eval":
@@ -228,6 +231,7 @@ class DataFreeGAN(Stage):
         self.n_wild = int(round(wild_ratio * batch_size))
         self.images_per_step = batch_size * student_steps  # what the throughput callback counts per step
         self._nonfinite: dict[str, dict[str, torch.Tensor]] = {}
+        self._val_classes: torch.Tensor | None = None  # teacher class counts over this validation epoch
         self.val_agree = MulticlassAccuracy(num_classes, average="micro")
         self.val_agree_other = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -398,11 +402,9 @@ class DataFreeGAN(Stage):
         every = self.hparams.finite_check_every or (self.trainer.log_every_n_steps if self._trainer is not None else 1)
         return (batch_idx + 1) % max(1, every) == 0 or batch_idx + 1 == self.hparams.steps_per_epoch
 
-    def check_finite(self, terms: dict[str, torch.Tensor] | None = None, which: str | None = None) -> None:
-        """Stop (on every rank together) when a recorded term was NaN or infinite, naming it; the generator's
-        terms are named before the student's (a bad generator makes the student's terms bad too)."""
-        if terms is not None:
-            self.note_finite(terms, which)
+    def check_finite(self) -> None:
+        """Stop (on every rank together) when a term ``note_finite`` recorded was NaN or infinite, naming it;
+        the generator's terms are named before the student's (a bad generator makes the student's terms bad too)."""
         names = [(w, k) for w in ("generator", "student") for k in self._nonfinite.get(w, {})]
         if not names:
             return
@@ -474,8 +476,9 @@ class DataFreeGAN(Stage):
             self.log("train/loss_g", loss_g.detach(), prog_bar=True, batch_size=bs)
         self.log("train/loss_s", loss_s.detach(), prog_bar=True, batch_size=bs)
 
-    def first_noise(self, hp) -> torch.Tensor:
-        z = self.draw_noise(hp.batch_size)
+    def first_noise(self) -> torch.Tensor:
+        """A batch of noise; the first one's fingerprint (every rank's) goes to ``metrics.json``."""
+        z = self.draw_noise(self.hparams.batch_size)
         if self.noise_fingerprint is None:
             fp = self.all_gather(z[0, :4].float().detach())
             self.noise_fingerprint = fp.reshape(-1, 4).cpu().tolist()
@@ -484,7 +487,7 @@ class DataFreeGAN(Stage):
     def joint_generator_step(self, opt_g):
         """DAFL's step 1: x = G(z), one generator update on L_G with the teacher as the discriminator."""
         hp = self.hparams
-        z = self.first_noise(hp)
+        z = self.first_noise()
         self.toggle_optimizer(opt_g)
         x = self.generator(z)
         adv, attn = self.generator_terms(x)
@@ -503,7 +506,7 @@ class DataFreeGAN(Stage):
         hp = self.hparams
         if batch_idx % hp.fast_synth_every:  # every epoch starts with a round, so a resumed bank is topped up
             return None, {}, None
-        z = self.first_noise(hp)
+        z = self.first_noise()
         logged: dict[str, torch.Tensor] = {}
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
@@ -560,14 +563,14 @@ class DataFreeGAN(Stage):
             metric.update(self.model(x).float(), t)
             if key == "val/agree":
                 counts = torch.bincount(t, minlength=self.hparams.num_classes).float()
-                self._val_classes = counts if getattr(self, "_val_classes", None) is None else self._val_classes + counts
+                self._val_classes = counts if self._val_classes is None else self._val_classes + counts
             self.log(key, metric, on_epoch=True, prog_bar=key == "val/agree", batch_size=len(z))
 
     def on_validation_epoch_end(self) -> None:
         """``val/class_entropy``: entropy of the teacher's class histogram over the held-out generated images,
         divided by log(classes): 1 when the classes are balanced, 0 when every image is one class. A collapsed
         generator makes ``val/agree`` trivially 1; this figure shows it."""
-        counts, self._val_classes = getattr(self, "_val_classes", None), None
+        counts, self._val_classes = self._val_classes, None
         if counts is None:
             return
         if self._trainer is not None and self.trainer.world_size > 1:
