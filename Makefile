@@ -13,31 +13,31 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m vitkd.demo
+	$(PY) -m vitkd.demos.pipeline
 
-# Efficient-ViT toolbox (issue 6): GTP/ToMe/IdleViT on the digits teacher, shuffle/plain/projector students.
+# Efficient-ViT toolbox: GTP/ToMe/IdleViT on the digits teacher, shuffle/plain/projector students.
 demo-efficient: setup
-	$(PY) -m vitkd.efficient.demo
+	$(PY) -m vitkd.demos.efficient
 
 # Data-free routes (DAFL, transformer GAN, hybrid, fast synthesizer), 3 seeds each, from the digits teacher.
 demo-generator: setup
-	$(PY) -m vitkd.generators.demo
+	$(PY) -m vitkd.demos.generators
 
 # The same routes from the Fashion-MNIST benchmark's teacher (make bench-wild-teacher first).
 demo-generator-fashion: setup
-	$(PY) -m vitkd.generators.demo --teacher fashion
+	$(PY) -m vitkd.demos.generators --teacher fashion
 
 # DAFL at its reference settings over generator-step budgets, ViT and CNN teachers (results JSON committed).
 generator-sweep: setup
-	$(PY) -m vitkd.generators.sweep
+	$(PY) -m vitkd.demos.generator_sweep
 
 # The transformer-generator designs tried, compared on the labelled validation split.
 generator-variants: setup
-	$(PY) -m vitkd.generators.variants
+	$(PY) -m vitkd.demos.generator_variants
 
-# DETR teacher -> lighter DETR student on the embedded aerial set (issue 5).
+# DETR teacher -> lighter DETR student on the embedded aerial set.
 demo-detection: setup
-	$(PY) -m vitkd.detection.demo
+	$(PY) -m vitkd.demos.detection
 
 # Fashion-MNIST: $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;
 # then the benchmark's wild pool, built once under data/ (its shard URL is printed).
@@ -49,12 +49,12 @@ bench-wild-teacher: data-fashion
 	test -f runs/bench-wild/teacher/metrics.json || $(PY) -m vitkd.fit --config experiments/fashion/teacher.yaml --run_dir runs/bench-wild/teacher --trainer.enable_progress_bar false
 
 bench-wild: bench-wild-teacher
-	$(PY) -m vitkd.bench_wild
+	$(PY) -m vitkd.demos.bench_wild
 
 bench-wild-quick: bench-wild-teacher
-	$(PY) -m vitkd.bench_wild --quick
+	$(PY) -m vitkd.demos.bench_wild --quick
 
-# Speed and memory figures, written to benchmarks/results/<machine>-<date>.json (issue 7).
+# Speed and memory figures, written to benchmarks/results/<machine>-<date>.json.
 bench: setup
 	$(PY) -m benchmarks.bench
 

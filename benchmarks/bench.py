@@ -475,7 +475,7 @@ def bench_stream(epochs: int = 3) -> dict[str, Any]:
     buffer) over the digits demo's kept-set size, per epoch, without and with ``memory_cache``."""
     import numpy as np
 
-    from data_modules.image_data import ShardStream
+    from data_modules.stream import ShardStream
     from data_modules.shards import encode_png, expand_urls, write_shards
 
     rng = np.random.default_rng(0)

@@ -1,5 +1,5 @@
 """Reference-style loops: how the authors' code scores wild data and runs a distillation step
-(``reference-methods.md`` §2.1), rebuilt on the same timm models so vitkd can be timed against them.
+(IIGROUP/AttentionProbe on GitHub), rebuilt on the same timm models so vitkd can be timed against them.
 
 What makes them "reference style", on purpose:
 
@@ -127,7 +127,7 @@ class ReferenceDistiller:
 
 
 class ReferenceDAFL:
-    """One step of the authors' DAFL loop (``DAFL-train.py``, ``reference-methods.md`` §2.3), on given models.
+    """One step of the authors' DAFL loop (``DAFL-train.py`` in huawei-noah/Efficient-Computing), on given models.
 
     Reference style on purpose: fp32, the teacher's attention unfused and its ``requires_grad`` left on
     (gradients pile up on the teacher's parameters), L_G + L_KD summed into one backward, both Adam

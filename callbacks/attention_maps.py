@@ -1,6 +1,6 @@
 """Where the teacher and the student attend: attention-probe heatmaps over a fixed set of images.
 
-Every ``every_n_epochs`` epochs (and after the last one) the probe (``attention-probe.txt`` Eq. 2, the CLS
+Every ``every_n_epochs`` epochs (and after the last one) the probe (Attention Probe, arXiv 2102.05958, Eq. 2, the CLS
 row of the post-softmax attention over patch tokens) of chosen blocks is computed for a few fixed images
 and drawn over them: image | teacher blocks | student blocks, one row per image. The grid goes to every
 image-capable logger (W&B, TensorBoard); with none of those on it is written as

@@ -7,7 +7,7 @@ once ``run_dir/scores.csv`` and ``run_dir/selected/`` are written. It writes ``r
   rejected samples (all rows; only the bin counts are plotted);
 * ``sources.png`` — per ``src`` tag, the fraction kept and the make-up of the kept set (when tags exist);
 * ``embedding.png`` — a 2-D t-SNE (or PCA) of the teacher's softmax outputs for kept, rejected and original
-  training samples, as ``attention-probe.txt`` Fig. 3 (a subsample: ``per_group`` of each; wild images
+  training samples, as Attention Probe, arXiv 2102.05958, Fig. 3 (a subsample: ``per_group`` of each; wild images
   from the first ``max_scan`` samples of the pool, original ones from the datamodule when given);
 * ``selection.json`` — counts, keep rate and share of the kept set per source; precision, recall,
   ``precision_max`` and ``precision_random`` against the selector's ``positive_sources`` (none when it names
@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from callbacks._images import figure_to_array, log_image, save_png
 from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_dir, write_json
-from vitkd.selection_metrics import source_precision
+from vitkd.selection.metrics import source_precision
 
 SCORE_PREFIXES = ("va_blk", "vn", "value")
 
@@ -59,7 +59,7 @@ def score_columns(df) -> list[str]:
 
 def source_summary(df, positive_sources: list[str]) -> dict[str, Any]:
     """Per-source counts, keep rate and share of the kept set; precision, recall and their bounds against
-    ``positive_sources`` (``vitkd.selection_metrics.source_precision``, the figures of ``metrics.json``)."""
+    ``positive_sources`` (``vitkd.selection.metrics.source_precision``, the figures of ``metrics.json``)."""
     kept = df["selected"].to_numpy() == 1
     out: dict[str, Any] = {"num_scored": int(len(df)), "num_kept": int(kept.sum())}
     src = df["src"].astype(str).to_numpy() if "src" in df else np.array([""] * len(df))

@@ -9,7 +9,7 @@ _LAZY = {
     "DigitsDataModule": "data_modules.digits",
     "FashionMNISTDataModule": "data_modules.fashion",
     "ImageDataModule": "data_modules.image_data",
-    "ShardDataModule": "data_modules.shard_data",
+    "ShardDataModule": "data_modules.shard_datamodule",
 }
 __all__ = list(_LAZY)
 

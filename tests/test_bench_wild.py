@@ -1,4 +1,4 @@
-"""``python -m vitkd.bench_wild --quick`` end to end through the CLI on tiny IDX files written here: every row
+"""``python -m vitkd.demos.bench_wild --quick`` end to end through the CLI on tiny IDX files written here: every row
 of the summary, the fusion weights chosen on validation images, the plot, and one-line errors for a missing
 data set and for a kept size larger than the pool."""
 import json
@@ -12,7 +12,7 @@ import pytest
 from test_pack import write_idx
 
 from data_modules import fashion
-from vitkd.bench_wild import needed_selections
+from vitkd.demos.bench_wild import needed_selections
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 30
@@ -36,7 +36,7 @@ def bench(tmp_path: Path, *args: str, env_dir: Path | None) -> subprocess.Comple
     env.pop("FASHION_MNIST_DIR", None)
     if env_dir is not None:
         env["FASHION_MNIST_DIR"] = str(env_dir)
-    return subprocess.run([sys.executable, "-m", "vitkd.bench_wild", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "vitkd.demos.bench_wild", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 from conftest import fit
 
 from data_modules import shards
-from data_modules.image_data import ShardStream
+from data_modules.stream import ShardStream
 from vitkd.errors import VitkdInputError
 
 

@@ -1,5 +1,5 @@
 """The demo's table: every row, selection columns only where a selection was used."""
-from vitkd.demo import table
+from vitkd.demos.pipeline import table
 
 
 def test_table_shows_selection_bounds():
@@ -20,7 +20,7 @@ def test_a_demo_runs_again_over_its_own_runs(tiny_teacher, tiny_pool, tmp_path):
     import json
     import os
 
-    from vitkd.runs import run_fit
+    from vitkd.demos.runs import run_fit
 
     args = ("--model.init_args.teacher_ckpt", str(tiny_teacher), "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "10",
             "--data.init_args.wild_urls", tiny_pool, "--wandb.enabled", "false")
@@ -35,7 +35,7 @@ def test_a_demo_runs_again_over_its_own_runs(tiny_teacher, tiny_pool, tmp_path):
 def test_demo_options_are_checked_before_any_run(tmp_path, capsys):
     import pytest
 
-    from vitkd.demo import main
+    from vitkd.demos.pipeline import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--jobs", "0", "--out", str(tmp_path / "demo")])
@@ -49,8 +49,8 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
     shards and starts after it; scratch needs no teacher; the table's mean ± sample std comes from the seeds."""
     import statistics
 
-    from vitkd.demo import SELECTIONS, STUDENTS, demo_jobs, summary_rows
-    from vitkd.runs import run_graph
+    from vitkd.demos.pipeline import SELECTIONS, STUDENTS, demo_jobs, summary_rows
+    from vitkd.demos.runs import run_graph
 
     calls, ended = [], set()
 
@@ -99,14 +99,14 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
 
 
 def test_the_demo_writes_the_pool_its_selection_config_names(tmp_path, monkeypatch):
-    import vitkd.demo
+    import vitkd.demos.pipeline
     from data_modules.wild_pool import POOL_VERSION
 
     configs = tmp_path / "configs"
     configs.mkdir()
     data_dir = tmp_path / "data"
     (configs / "select.yaml").write_text(f"data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n")
-    monkeypatch.setattr(vitkd.demo, "CONFIGS", configs)
-    vitkd.demo.write_pool(tmp_path / "out")
+    monkeypatch.setattr(vitkd.demos.pipeline, "CONFIGS", configs)
+    vitkd.demos.pipeline.write_pool(tmp_path / "out")
     pool = f"digits-wild-v{POOL_VERSION}-7-s3"
     assert (data_dir / pool / "meta.json").is_file() and pool in (tmp_path / "out" / "pool.log").read_text()

@@ -1,4 +1,4 @@
-"""Detection (issue 5): box ops, matcher, criterion, COCO evaluation, data errors, and each stage through the CLI."""
+"""Detection: box ops, matcher, criterion, COCO evaluation, data errors, and each stage through the CLI."""
 from __future__ import annotations
 
 import itertools
@@ -233,7 +233,7 @@ def test_distill_stage_with_teacher_labels_uses_the_teacher_set(monkeypatch):
     """label_source=teacher: the set loss is against the teacher's queries scoring ≥ pseudo_threshold, not the
     given labels. A stub teacher whose confident set is CRIT_TARGET and a stub student giving CRIT_* predictions
     must reproduce the hand values of test_criterion_hand_values_with_no_object_query."""
-    import vitkd.detection.stages as stages
+    import vitkd.stages.detection as stages
 
     class Fixed(torch.nn.Module):
         def __init__(self, logits, boxes):
@@ -417,7 +417,7 @@ def test_distill_stage_through_cli(det_teacher, tmp_path, label_source):
 
 
 def test_distill_terms_switch_off_and_log(det_teacher):
-    from vitkd.detection.stages import DetrDistillation
+    from vitkd.stages.detection import DetrDistillation
 
     stage = DetrDistillation(str(det_teacher), arch="detr_test", probe_weight=0.5, kd_giou_weight=0.0)
     stage.train()

@@ -4,8 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
-import vitkd.efficient.shuffle_block  # noqa: F401  (registers the presets)
-from vitkd.efficient.shuffle_block import ChannelShuffleBlock, channel_shuffle
+from vitkd.models.shuffle_block import ChannelShuffleBlock, channel_shuffle
 from vitkd.models import count_params
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitkd.generators import demo as gdemo
+from vitkd.demos import generators as gdemo
 
 
 def fake_run_fit(calls):

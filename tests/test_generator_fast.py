@@ -10,10 +10,10 @@ from tests.conftest import fit
 from tests.test_generator_stage import tiny_args
 from vitkd.errors import VitkdInputError
 from vitkd.generators import DAFLGenerator, MemoryBank, meta_synthesize
-from vitkd.generators.dafl import dafl_loss
-from vitkd.losses.generator import total_variation_loss
+from vitkd.losses.dafl import dafl_loss
+from vitkd.losses.data_free import total_variation_loss
 from vitkd.models import create_model
-from vitkd.stages.generator import DataFreeGAN, batch_statistics, has_batch_norm
+from vitkd.stages.data_free import DataFreeGAN, batch_statistics, has_batch_norm
 
 FAST = [
     "--model.init_args.synthesizer", "fast",

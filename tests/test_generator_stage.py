@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from vitkd.stages.generator import DataFreeGAN, GeneratorDiverged, rank_noise_generator
+from vitkd.stages.data_free import DataFreeGAN, GeneratorDiverged, rank_noise_generator
 
 TINY = [
     "--model.init_args.arch", "test_vit_patch4_16",
@@ -142,7 +142,7 @@ def test_sample_grid_reaches_wandb_offline(tiny_teacher, tmp_path, monkeypatch):
     """With W&B on (offline here: no key), the epoch's sample grid is logged as a W&B image too."""
     import wandb  # noqa: F401  (the dev extra installs it: a missing wandb fails here rather than skipping)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr("vitkd.logging._has_api_key", lambda: False)
+    monkeypatch.setattr("vitkd.loggers._has_api_key", lambda: False)
     fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--wandb.enabled", "true"))
     assert (tmp_path / "samples" / "epoch000.png").is_file()
     media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/generator/samples_*.png"))

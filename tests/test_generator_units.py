@@ -6,9 +6,9 @@ import torch
 
 from vitkd.errors import VitkdInputError
 from vitkd.generators import DAFLGenerator, TransformerGenerator, photometric_view
-from vitkd.generators.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
+from vitkd.losses.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
 from vitkd.losses import probe_relation_loss
-from vitkd.losses.generator import (
+from vitkd.losses.data_free import (
     adversarial_loss,
     attention_consistency_loss,
     attention_loss,
@@ -16,7 +16,7 @@ from vitkd.losses.generator import (
     discrepancy_loss,
     generator_loss,
 )
-from vitkd.stages.generator import rank_noise_generator
+from vitkd.stages.data_free import rank_noise_generator
 
 
 @pytest.mark.parametrize("cls", [DAFLGenerator, TransformerGenerator])
@@ -164,7 +164,7 @@ def test_class_entropy_shows_a_collapsed_generator(tiny_teacher):
     """val/class_entropy is 0 when the teacher puts every generated image in one class, 1 when balanced."""
     import math
 
-    from vitkd.stages.generator import DataFreeGAN
+    from vitkd.stages.data_free import DataFreeGAN
 
     stage = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8})
     logged = {}

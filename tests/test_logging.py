@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
 from tests.conftest import fit
-from vitkd.logging import ID_FILE, WandbOptions, build_loggers, stable_run_id, wandb_mode
+from vitkd.loggers import ID_FILE, WandbOptions, build_loggers, stable_run_id, wandb_mode
 
 TINY_TEACHER = [
     "--config", "experiments/digits/teacher.yaml",
@@ -29,7 +29,7 @@ def test_wandb_mode_honours_env_and_falls_back_offline(monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")
-    monkeypatch.setattr("vitkd.logging._has_api_key", lambda: False)
+    monkeypatch.setattr("vitkd.loggers._has_api_key", lambda: False)
     assert wandb_mode(None) == "offline"
 
 
@@ -60,7 +60,7 @@ def test_wandb_run_id_is_stable_across_processes(tmp_path):
     """Python's hash() differs between processes; the id must not (a requeued job continues its W&B run)."""
     run = tmp_path / "run"
     here = stable_run_id(run, "my run")
-    code = f"from pathlib import Path; from vitkd.logging import stable_run_id; print(stable_run_id(Path({str(run)!r}), 'my run'))"
+    code = f"from pathlib import Path; from vitkd.loggers import stable_run_id; print(stable_run_id(Path({str(run)!r}), 'my run'))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
     assert other.stdout.strip() == here and here.startswith("my-run-")
     # once stored in the run directory, the stored id wins (a run directory moved to another path keeps its run)
@@ -110,7 +110,7 @@ def test_wandb_offline_run_holds_probe_images_and_config_and_resumes(tmp_path, m
 
 def test_offline_mode_message_names_the_sync_command(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr("vitkd.logging._has_api_key", lambda: False)
+    monkeypatch.setattr("vitkd.loggers._has_api_key", lambda: False)
     loggers = build_loggers(tmp_path, "r", WandbOptions(enabled=True), [], stage="S")
     assert loggers[-1]._wandb_init["mode"] == "offline"
     assert f"wandb sync {tmp_path / 'wandb'}" in capsys.readouterr().err

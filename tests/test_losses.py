@@ -6,7 +6,7 @@ import torch
 
 from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, adapted_cross_entropy, cls_relation, kd_loss, probe_relation_loss
-from vitkd.scoring import attention_value, confidence_value, selection_value
+from vitkd.selection.scoring import attention_value, confidence_value, selection_value
 
 
 def test_kd_loss_by_hand():

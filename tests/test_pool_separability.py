@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_modules.shards import encode_png, shard_url, write_shards
-from vitkd.pool_separability import main, separability
+from vitkd.demos.pool_separability import main, separability
 
 
 def _pool(tmp_path, separable: bool, n: int = 240) -> str:

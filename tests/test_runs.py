@@ -1,11 +1,11 @@
-"""How the demos run their jobs (vitkd.runs.run_graph) and write an embedded data set once (vitkd.io.build_once)."""
+"""How the demos run their jobs (vitkd.demos.runs.run_graph) and write an embedded data set once (vitkd.io.build_once)."""
 import threading
 import time
 
 import pytest
 
 from vitkd.io import build_once
-from vitkd.runs import run_graph
+from vitkd.demos.runs import run_graph
 
 
 def _recording_jobs(spec: dict[str, tuple[str, ...]], log: list, pause: float = 0.0) -> dict:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from vitkd.bench_wild import choose_fusion, fusion_grid, kept_share
+from vitkd.demos.bench_wild import choose_fusion, fusion_grid, kept_share
 from vitkd.errors import VitkdInputError
-from vitkd.scoring import energy_value, shift_image, stability_value, zscore_fusion
+from vitkd.selection.scoring import energy_value, shift_image, stability_value, zscore_fusion
 
 
 def test_energy_is_minus_logsumexp_by_hand():

@@ -11,7 +11,7 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from tests.conftest import fit
 from vitkd.errors import VitkdInputError
-from vitkd.selection_metrics import score_auroc
+from vitkd.selection.metrics import score_auroc
 from vitkd.stages.selector import AttentionProbeSelector, ScoreParts
 
 

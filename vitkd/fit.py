@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
-from vitkd.logging import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
+from vitkd.loggers import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
 from vitkd.stages import Stage
 
 quiet_lightning()

@@ -1,6 +1,6 @@
-"""DETR detection distillation: a ViT-backbone DETR teacher distilled into a lighter DETR student.
+"""DETR detection parts: a ViT-backbone DETR teacher distilled into a lighter DETR student.
 
 ``box_ops`` (box formats, GIoU), ``matcher`` (Hungarian matching), ``criterion`` (DETR set loss), ``detr``
-(model family and presets), ``distill`` (distillation terms, pseudo ground truth), ``evaluate`` (COCO mAP),
-``stages`` (LightningModules), ``demo`` (``python -m vitkd.detection.demo``).
+(model family and presets), ``distill`` (distillation terms, pseudo ground truth), ``evaluate`` (COCO mAP).
+The LightningModules are ``vitkd.stages.detection``; the demo is ``python -m vitkd.demos.detection``.
 """

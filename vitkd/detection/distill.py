@@ -1,7 +1,7 @@
 """Distillation terms of a DETR student from a frozen DETR teacher, and the pseudo ground truth (data-free).
 
-The paper (``dfkd-vit-transformer-gan.txt``) names only "classification, bounding-box and distillation
-losses"; the terms below are vitkd's own definition (``reference-methods.md`` §6 item 17):
+Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge Transfer", arXiv 2408.05952,
+names only "classification, bounding-box and distillation losses"; the terms below are vitkd's own definition:
 
 1. Teacher's confident set (``teacher_set``): per image the teacher's queries whose best object-class
    probability s = max_{c<K} p_T(c) is at least a threshold; each gives a label argmax, a box and its
@@ -17,7 +17,7 @@ losses"; the terms below are vitkd's own definition (``reference-methods.md`` §
 
    with N_T the size of the teacher's set (at least 1). Last decoder layer only.
 4. Optional probe term (``probe_loss``), Eq. (D4): mean squared difference of the teacher's and the student's
-   attention-probe maps (``attention-probe.txt`` Eq. 2, CLS-row attention of a backbone block, each map
+   attention-probe maps (Attention Probe, arXiv 2102.05958, Eq. 2, CLS-row attention of a backbone block, each map
    renormalised to sum 1 over the patch grid, times the number of patches so the scale does not shrink with
    the grid). Needs the same patch grid in both backbones.
 

@@ -9,7 +9,7 @@ with DETR's weights w_class = 1, w_bbox = 5, w_giou = 2: the class cost is the n
 solved by ``scipy.optimize.linear_sum_assignment`` on CPU, image by image.
 
 Always in fp32, also under autocast: in fp16 box areas and costs overflow and ``linear_sum_assignment``
-raises "matrix contains invalid numeric entries" (mmdetection PR #10335, ``reference-methods.md`` §5).
+raises "matrix contains invalid numeric entries" (mmdetection PR #10335).
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Efficient-ViT toolbox (issue 6): token reduction on trained timm ViTs, channel-shuffle students, measurement.
+"""Efficient-ViT toolbox: token reduction on trained timm ViTs and their measurement.
 
 One concept per module: ``gtp`` (graph-based token propagation), ``tome`` (ToMe bipartite merging, the
-baseline), ``idlevit`` (token idling and its token cut loss), ``finetune`` (IdleViT self-distillation stage),
-``shuffle_block`` (channel-shuffle block and student presets), ``measure`` (params, FLOPs, throughput),
-``vit_parts`` (the pieces of a timm ViT forward the methods reuse). Import the module you need; this package
-imports nothing so that ``vitkd.stages`` can register the shuffle presets without an import cycle.
+baseline), ``idlevit`` (token idling and its token cut loss), ``measure`` (params, FLOPs, throughput),
+``vit_parts`` (the pieces of a timm ViT forward the methods reuse). The channel-shuffle students are
+``vitkd.models.shuffle_block``; IdleViT's fine-tuning stage is ``vitkd.stages.idlevit_finetune``.
 """

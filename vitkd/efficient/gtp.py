@@ -1,9 +1,9 @@
-"""GTP — graph-based token propagation on a trained ViT, no fine-tuning (GTP-ViT, ``efficient-vit-abstracts.txt``).
+"""GTP — graph-based token propagation on a trained ViT, no fine-tuning (GTP-ViT, arXiv 2311.03035).
 
 Per block: attention (token-size aware) → choose the least important patch tokens → propagate their
 features to their graph neighbours with weight α and drop them → MLP on the shorter sequence.
 Rules restated from the GTP-ViT paper and the authors' ``models_v3.py`` (see
-``reference-methods.md`` §2.5); deviations are ours and named in the docstrings:
+Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based Token Propagation", WACV 2024, arXiv 2311.03035); deviations are ours and named in the docstrings:
 - the semantic k-NN graph is symmetrised before normalisation (the authors' row-wise k-NN is not);
 - ``num_prop = 0`` propagates nothing (the authors' slice ``[:-0]`` would propagate every token).
 """

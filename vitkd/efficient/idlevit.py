@@ -1,5 +1,5 @@
-"""IdleViT — token idling (IdleViT, ``efficient-vit-abstracts.txt``), restated from the paper and the authors'
-``vit.py``/``losses.py`` (``reference-methods.md`` §2.6).
+"""IdleViT — token idling (Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654), restated from the paper and the authors'
+``vit.py``/``losses.py`` (Ackesnal/IdleViT; Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654).
 
 In an idle layer, the image tokens with the highest CLS-row attention logits (pre-softmax, mean over heads)
 are computed; the others pass through unchanged ("idle") and may be selected again in a later layer.

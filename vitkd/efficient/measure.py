@@ -4,7 +4,7 @@
   while the model runs one image. timm's fused attention dispatches, on CPU, to a kernel the counter does not
   know, so the count runs on a copy with ``fused_attn = False``: the attention matmuls q·kᵀ and A·v are counted.
   Norms, softmax, GELU, gathers and other element-wise work are not counted by the counter.
-- ``macs_linear``: the papers' convention (thop-style, ``reference-methods.md`` §3.1): multiply-accumulates of
+- ``macs_linear``: the papers' convention (thop-style): multiply-accumulates of
   ``nn.Linear`` and ``nn.Conv2d`` layers only; attention matmuls are excluded.
 - ``images_per_s``: measured, inference mode, after warm-up, with the device synchronised before the clock
   starts and before it stops; the batch size, iterations, device and CPU threads are stated next to it.

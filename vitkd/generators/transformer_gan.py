@@ -1,4 +1,4 @@
-"""vitkd's transformer-augmented generator (Habib et al. 2024 name the idea; the architecture is vitkd's own).
+"""vitkd's transformer-augmented generator (Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge Transfer", arXiv 2408.05952, names the idea; the architecture is vitkd's own).
 
 Only the paper's abstract is public ("Transformer-augmented GANs that leverage patch-level attention"),
 so the design here is vitkd's: noise z → one linear map to a grid of patch tokens (+ learned position

@@ -1,12 +1,12 @@
-"""Models: ViT presets and the CNN-control LeNets (registered in timm), the attention probe and feature taps."""
+"""Models: ViT presets, channel-shuffle students and the CNN-control LeNets (each module registers its presets
+in timm when imported here, as timm's own model package does), the attention probe and feature taps."""
 from __future__ import annotations
 
 import timm
 import torch.nn as nn
 
 from vitkd.errors import VitkdInputError
-from vitkd.models import lenet as _lenet  # noqa: F401  (registers the CNN-control presets)
-from vitkd.models import vit as _vit  # noqa: F401  (registers the presets)
+from vitkd.models import lenet, shuffle_block, vit
 from vitkd.models.probe import AttentionProbe, FeatureTap, probe_from_qkv
 
 
@@ -23,4 +23,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AttentionProbe", "FeatureTap", "create_model", "count_params", "probe_from_qkv"]
+__all__ = ["lenet", "shuffle_block", "vit", "AttentionProbe", "FeatureTap", "create_model", "count_params", "probe_from_qkv"]

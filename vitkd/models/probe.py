@@ -1,4 +1,4 @@
-"""The attention probe (``attention-probe.txt`` Eq. 2) and block-output taps, without unfused attention.
+"""The attention probe (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 2) and block-output taps, without unfused attention.
 
 timm's ``Attention`` uses fused scaled-dot-product attention, so the attention matrix never exists.
 The probe needs only the CLS query row, so a forward hook on the probed block's ``attn.qkv`` linear
@@ -31,7 +31,7 @@ def _check_blocks(model: nn.Module, blocks: Iterable[int], what: str) -> list[in
 def probe_from_qkv(qkv: torch.Tensor, attn: nn.Module, num_prefix_tokens: int, head: HeadReduce = "mean") -> torch.Tensor:
     """CLS row of the post-softmax attention over patch tokens, from a block's qkv projection output.
 
-    ``attention-probe.txt`` Eq. 2: P(x) = γ(A(x)[0, 1:N+1]) (before the reshape γ). Softmax runs over all
+    Attention Probe, arXiv 2102.05958, Eq. 2: P(x) = γ(A(x)[0, 1:N+1]) (before the reshape γ). Softmax runs over all
     keys (CLS included), as in the full attention; the prefix columns are dropped afterwards.
     Returns (B, N) for one head or a head reduction.
     """

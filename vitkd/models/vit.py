@@ -1,6 +1,6 @@
 """ViT presets, registered in timm's model registry so ``timm.create_model(name)`` builds them.
 
-The paper pair (``attention-probe.txt`` §3.1): DeiT-XSmall teacher (dim 384, depth 12, 3 heads) and
+The paper pair (Attention Probe, arXiv 2102.05958, §3.1): DeiT-XSmall teacher (dim 384, depth 12, 3 heads) and
 DeiT-XTiny student (dim 128, depth 12, 2 heads), patch 4 at 32×32. The ``digits_*`` presets are small
 enough to train on a 2-core CPU in minutes on the embedded default data (16×16, 1 channel).
 """

@@ -5,6 +5,6 @@ from vitkd.stages.selector import AttentionProbeSelector
 from vitkd.stages.student import ProbeDistillation
 
 __all__ = ["Stage", "Classifier", "AttentionProbeSelector", "ProbeDistillation"]
-from vitkd.stages.generator import DataFreeGAN  # noqa: E402
+from vitkd.stages.data_free import DataFreeGAN  # noqa: E402
 
 __all__ += ["DataFreeGAN"]

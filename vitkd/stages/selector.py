@@ -1,10 +1,10 @@
-"""Wild-data selection by the teacher's attention probe and confidence (``attention-probe.txt`` §2.2).
+"""Wild-data selection by the teacher's attention probe and confidence (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, §2.2).
 
 Streams wild shards, scores every sample with V = Σ λa·V_a + λn·V_n (Eqs. 4–6), keeps the ``num_keep``
 lowest, and writes ``scores.csv`` and the kept samples as ``selected/shard-%06d.tar`` carrying the
 teacher's pseudo-label in ``cls``. ``strategy="random"`` keeps a uniform random subset of the same size
 (the random-wild baseline); λa = [] gives DFND's confidence-only selection. ``strategy="fusion"`` (vitkd's own,
-not the paper's) ranks by ``vitkd.scoring.zscore_fusion`` of V_n, V_a, the teacher's stability V_s and its
+not the paper's) ranks by ``vitkd.selection.scoring.zscore_fusion`` of V_n, V_a, the teacher's stability V_s and its
 energy; ``strategy="oracle"`` keeps the ``positive_sources`` first (by their ``src`` tags, then by V): the upper
 bound of any selection, for benchmarks only. ``class_balance=True`` (off by
 default, not the paper's method) keeps the lowest V per teacher-predicted class, k // C each, then fills up
@@ -33,8 +33,8 @@ from data_modules import shards
 from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_path, write_json
 from vitkd.models import AttentionProbe
-from vitkd.scoring import STABILITY_VIEWS, attention_value, confidence_value, energy_value, fusion_columns, selection_value, stability_value, zscore_fusion
-from vitkd.selection_metrics import score_auroc, source_precision
+from vitkd.selection.scoring import STABILITY_VIEWS, attention_value, confidence_value, energy_value, fusion_columns, selection_value, stability_value, zscore_fusion
+from vitkd.selection.metrics import score_auroc, source_precision
 from vitkd.stages.base import Stage
 
 
@@ -64,9 +64,9 @@ class AttentionProbeSelector(Stage):
             fill the remaining places (classes with fewer samples, the remainder) with the lowest V not yet kept
             (``value`` strategy only; off by default): confident-first selection collapses onto a few teacher classes.
         extra_scores: also score the teacher's stability V_s under ``stability_views`` and its energy
-            (``vitkd.scoring.stability_value``, ``energy_value``; columns ``vs`` and ``energy``); one more
+            (``vitkd.selection.scoring.stability_value``, ``energy_value``; columns ``vs`` and ``energy``); one more
             teacher forward per view.
-        stability_views: the views of V_s, from ``vitkd.scoring.STABILITY_VIEWS`` (``hflip``, ``shift``).
+        stability_views: the views of V_s, from ``vitkd.selection.scoring.STABILITY_VIEWS`` (``hflip``, ``shift``).
         fusion_weights: weight of each z-scored column for ``strategy: fusion``: ``vn``, ``va`` (the mean of
             the probed blocks' V_a), ``vs``, ``energy``; lower fused value = kept.
     """

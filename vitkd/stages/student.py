@@ -1,4 +1,4 @@
-"""Probe distillation of a student ViT from a frozen teacher (``attention-probe.txt`` Eq. 10).
+"""Probe distillation of a student ViT from a frozen teacher (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 10).
 
 One stage covers the paper's student and its baselines by switching terms:
 attention probe = CE through Q + α·L_P + β·L_KD on selected wild shards; DFND = CE through Q + β·L_KD
@@ -12,7 +12,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-import vitkd.efficient.shuffle_block  # noqa: F401  (registers the channel-shuffle student presets)
 from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, cls_relation, kd_loss, relation_rows_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss

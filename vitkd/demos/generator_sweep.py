@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vitkd.errors import OneLineParser, demo_main
 from vitkd.io import write_json
-from vitkd.runs import mean_std, run_fit
+from vitkd.demos.runs import mean_std, run_fit
 
 CONFIG = "experiments/generator/dafl_reference.yaml"
 STEPS_PER_EPOCH = 120  # the reference's iterations per epoch
@@ -110,9 +110,9 @@ def parse_point(text: str) -> tuple[str, int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vitkd.bench_wild import machine
+    from vitkd.demos.bench_wild import machine
 
-    p = OneLineParser(prog="python -m vitkd.generators.sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m vitkd.demos.generator_sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
     p.add_argument("--points", nargs="+", type=parse_point, default=[parse_point(s) for s in DEFAULT_POINTS],
                    help="TEACHER:EPOCHS:SEED points (an epoch is 120 generator steps; vit:200:0 is the 24,000-step point)")
     p.add_argument("--root", default="runs/generator-sweep")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import run_fit, run_many
+from vitkd.demos.runs import run_fit, run_many
 
 CONFIGS = Path("experiments/detection")
 RUNS = [("teacher", "teacher.yaml"), ("student_scratch", "student_scratch.yaml"), ("student_distilled", "distill.yaml")]
@@ -54,7 +54,7 @@ def note(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.detection.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p = OneLineParser(prog="python -m vitkd.demos.detection", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--out", default="runs/demo-detection", help="output folder (its earlier runs are replaced)")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="student runs at a time (2: one per core here)")
     p.add_argument("--reuse_teacher", action="store_true", help="keep a finished teacher run under --out instead of training it again")

@@ -29,8 +29,8 @@ import numpy as np
 from data_modules.fashion import SELECT_VAL, VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
 from vitkd.errors import OneLineParser, VitkdInputError, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import cell, mean_std, run_fit, run_graph, run_logged
-from vitkd.scoring import fusion_columns, zscore_fusion
+from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.selection.scoring import fusion_columns, zscore_fusion
 
 CONFIGS = Path("experiments/fashion")
 # run name → (selection config, run whose saved scores it reuses: the same scores, selected another way)
@@ -275,7 +275,7 @@ def plot(rows: list[dict], out: Path, positive: str = "fashion") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.bench_wild", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p = OneLineParser(prog="python -m vitkd.demos.bench_wild", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--out", default=None, help="output folder, its earlier runs replaced (default runs/bench-wild; --quick: runs/bench-wild-quick)")
     p.add_argument("--teacher_dir", default=None, help="the teacher's run, reused; trained there first if it holds none (default runs/bench-wild/teacher, OUT/teacher with --out)")
     p.add_argument("--markdown", metavar="SUMMARY", default=None, help="print the Markdown table of a summary.json (or a committed results JSON) and exit")

@@ -1,7 +1,7 @@
 """How well a tagged wild pool's positive sources can be told from the rest at all: a reference for the
 selector's precision.
 
-``python -m vitkd.pool_separability --urls 'pool/wild-{000000..000009}.tar' --positive digit --num_keep 12000 8000``
+``python -m vitkd.demos.pool_separability --urls 'pool/wild-{000000..000009}.tar' --positive digit --num_keep 12000 8000``
 
 A small classifier learns the pool's own ``src`` tags (positive sources vs the rest) from the pixels, scored
 out of fold (2-fold cross-fitting: every sample is scored by the model that did not train on it). Its AUROC,
@@ -25,7 +25,7 @@ import numpy as np
 
 from vitkd.errors import OneLineParser, VitkdInputError, positive_int
 from vitkd.io import write_json
-from vitkd.selection_metrics import score_auroc
+from vitkd.selection.metrics import score_auroc
 
 
 def read_pool(urls: str, img_size: int, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def separability(tags: np.ndarray, scores: np.ndarray, positive_sources: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m vitkd.pool_separability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m vitkd.demos.pool_separability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--urls", required=True, help="the pool's shards, e.g. 'pool/wild-{000000..000009}.tar'")
     p.add_argument("--positive", nargs="+", required=True, help="src tags counted as in-distribution (as the selector's positive_sources)")
     p.add_argument("--num_keep", type=positive_int, nargs="+", required=True, help="kept-set sizes to report the precision at")

@@ -1,4 +1,4 @@
-"""Generator loss L_G = L_adv + λ·L_attention (Habib et al. 2024 name it; every term's form is vitkd's own).
+"""Generator loss L_G = L_adv + λ·L_attention (Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge Transfer", arXiv 2408.05952, names it; every term's form is vitkd's own).
 
 Only the paper's abstract and summary are public: they give L_G = L_adv + λ·L_attention and call
 L_attention an "attention-consistency loss" on attention probes, nothing more. vitkd defines:
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitkd.generators.dafl import dafl_loss
-from vitkd.scoring import attention_value
+from vitkd.losses.dafl import dafl_loss
+from vitkd.selection.scoring import attention_value
 
 
 def discrepancy_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

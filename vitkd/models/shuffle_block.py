@@ -1,9 +1,9 @@
-"""Channel-shuffle block for tiny ViTs (Xu et al., arXiv 2310.05642; ``efficient-vit-abstracts.txt``).
+"""Channel-shuffle block for tiny ViTs (Xu, Wang, Chen, Liu, arXiv 2310.05642).
 
 The block's (expanded) channels are split into an Attended group (the first ``attended_ratio`` of the channels)
 and an Idle group. Self-attention runs on the Attended group only; the MLP then runs on all channels, and a
 channel shuffle (ShuffleNetV2) interleaves the groups so the next block attends to channels from both.
-Only the abstract is public (``reference-methods.md`` §2.7): the split ratio, the MLP on all channels and the
+Only the abstract is public (Xu, Wang, Chen, Liu, arXiv 2310.05642): the split ratio, the MLP on all channels and the
 shuffle pattern are our choices. The block is a drop-in ``block_fn`` for timm's ``VisionTransformer``, built from
 timm's own ``Attention`` and ``Mlp`` (fused attention kept), so every vitkd stage trains it through ``arch``.
 """

@@ -27,7 +27,7 @@ from vitkd.efficient.tome import ToMeViT
 from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
-from vitkd.runs import DEMO_RUN_FLAGS
+from vitkd.demos.runs import DEMO_RUN_FLAGS
 from vitkd.teacher import load_teacher
 
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")
@@ -82,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = OneLineParser(prog="python -m vitkd.efficient.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m vitkd.demos.efficient", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo-efficient", help="output folder (its earlier runs are replaced)")
     ap.add_argument("--student_epochs", type=positive_int, default=40)
     ap.add_argument("--student_seeds", type=positive_int, default=2)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
-from vitkd.runs import mean_std, run_fit
+from vitkd.demos.runs import mean_std, run_fit
 
 CONFIG = "experiments/generator/transformer_gan.yaml"
 OWN_CONFIG = {"dafl": "experiments/generator/dafl.yaml"}  # variants not built on CONFIG
@@ -54,9 +54,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vitkd.bench_wild import machine
+    from vitkd.demos.bench_wild import machine
 
-    p = OneLineParser(prog="python -m vitkd.generators.variants", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m vitkd.demos.generator_variants", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--teacher", default="runs/demo/teacher/checkpoints/best.ckpt")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
 from vitkd.io import atomic_path, write_json
-from vitkd.runs import mean_std, run_fit
+from vitkd.demos.runs import mean_std, run_fit
 
 CONFIGS = Path("experiments/generator")
 ROUTES = [
@@ -126,7 +126,7 @@ def figure(out: Path, teacher: str, grids: list[tuple[str, Path]]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.generators.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m vitkd.demos.generators", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", choices=sorted(TEACHERS), default="digits", help="whose data-free routes to run")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-generator, runs/demo-generator-fashion; earlier runs are replaced)")
     p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (digits teacher, selection, summary)")

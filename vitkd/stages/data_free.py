@@ -3,7 +3,7 @@
 Two optimizers, manual optimization. Each training step:
 
 1. generator step — x = G(z); the frozen teacher is the discriminator:
-   L_G = L_adv + λ·L_attention (``vitkd.losses.generator``; DAFL is L_adv = DAFL's three terms, λ = 0);
+   L_G = L_adv + λ·L_attention (``vitkd.losses.data_free``; DAFL is L_adv = DAFL's three terms, λ = 0);
 2. student step(s) on x.detach() (optionally mixed with selected wild shards — the hybrid):
    L_total = λKD·L_KD + λCE·L_CE + λpatch·L_patch with L_KD the T²-scaled KL to the teacher
    (``kd_loss``), L_CE the cross-entropy to the teacher's argmax, L_patch the probe-distillation patch

@@ -15,7 +15,7 @@ from typing import Callable
 
 from vitkd.errors import OneLineParser, positive_int, demo_main
 from vitkd.io import write_json
-from vitkd.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -115,7 +115,7 @@ def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p = OneLineParser(prog="python -m vitkd.demos.pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")

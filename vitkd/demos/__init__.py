@@ -1,0 +1,1 @@
+"""Entry points that chain stages: the demos, the Fashion-MNIST benchmark and their run helpers."""
