@@ -7,7 +7,10 @@ For the Hungarian matching σ of predictions to targets (``matcher.py``), per im
 - ``ce``: cross-entropy over K+1 classes for every query; unmatched queries target the no-object class K,
   whose weight is ``eos_coef`` = 0.1 (DETR) so the many empty queries do not swamp the few objects.
 - ``bbox`` (L1, DETR weight 5) and ``giou`` (DETR weight 2) on matched pairs, summed and divided by the
-  number of target boxes N_b (at least 1). ``ce`` has DETR weight 1.
+  number of target boxes N_b. ``ce`` has DETR weight 1.
+- N_b is DETR's ``num_boxes`` (``global_num_boxes``): the boxes of the whole step, summed over every process
+  with ``torch.distributed`` when a process group is initialised, divided by the world size and clamped at 1,
+  so the loss scale does not change with the number of GPUs.
 - Auxiliary losses: the same terms, with their own matching, on the output of every earlier decoder layer
   (keys suffixed ``_aux{i}``), as DETR does by default.
 
@@ -16,11 +19,28 @@ Matching and all losses run in fp32 with autocast off, also inside an autocast r
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from vitkd.detection.matcher import HungarianMatcher
+
+
+def global_num_boxes(targets: list[dict], device: torch.device) -> torch.Tensor:
+    """DETR's box normaliser N_b = max(1, Σ_ranks n_r / world size), with n_r the target boxes of one process.
+
+    As ``SetCriterion.forward`` in DETR (Carion et al., "End-to-End Object Detection with Transformers",
+    arXiv 2005.12872): under DDP each process's box sums are divided by the mean box count over the processes,
+    so after DDP's gradient averaging the box terms are Σ_all / N_all whatever the number of GPUs. Without an
+    initialised process group it is the local count, clamped at 1. Returns a 0-d fp32 tensor on ``device``
+    (no host sync); every process must call it, as it all-reduces.
+    """
+    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device)
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+        world = torch.distributed.get_world_size()
+    return (n / world).clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):
@@ -41,8 +61,11 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def layer_losses(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Unweighted ``ce``, ``bbox``, ``giou`` of one decoder layer's ``pred_logits``/``pred_boxes``."""
+    def layer_losses(
+        self, outputs: dict, targets: list[dict], num_boxes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted ``ce``, ``bbox``, ``giou`` of one decoder layer's ``pred_logits``/``pred_boxes``;
+        ``num_boxes`` is N_b (default: ``global_num_boxes`` of ``targets``)."""
         indices = self.matcher(outputs, targets)
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         device = logits.device
@@ -53,7 +76,8 @@ class SetCriterion(nn.Module):
         target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device)
         ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(device))
 
-        num_boxes = max(1, sum(len(t["labels"]) for t in targets))
+        if num_boxes is None:
+            num_boxes = global_num_boxes(targets, device)
         src_boxes = boxes[batch_idx, src_idx]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device).float()
         bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
@@ -67,8 +91,9 @@ class SetCriterion(nn.Module):
             layers = [("", outputs)]
             if self.aux_loss:
                 layers += [(f"_aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+            num_boxes = global_num_boxes(targets, device)  # once per step, shared by every layer (as DETR)
             terms = {}
             for suffix, out in layers:
-                for name, value in self.layer_losses(out, targets).items():
+                for name, value in self.layer_losses(out, targets, num_boxes).items():
                     terms[name + suffix] = self.weights[name] * value
         return terms

@@ -15,7 +15,10 @@ names only "classification, bounding-box and distillation losses"; the terms bel
    (D2) L_kd_bbox = Σ_matched ‖b_S − b_T‖₁ / N_T
    (D3) L_kd_giou = Σ_matched (1 − GIoU(b_S, b_T)) / N_T
 
-   with N_T the size of the teacher's set (at least 1). Last decoder layer only.
+   with N_T the size of the teacher's set over the step, normalised as DETR's ``num_boxes``
+   (``criterion.global_num_boxes``: summed over the processes under ``torch.distributed``, divided by the world
+   size, at least 1), so the box terms do not change with the number of GPUs. The (D1) mean is per process,
+   as DETR's cross-entropy. Last decoder layer only.
 4. Optional probe term (``probe_loss``), Eq. (D4): mean squared difference of the teacher's and the student's
    attention-probe maps (Attention Probe, arXiv 2102.05958, Eq. 2, CLS-row attention of a backbone block, each map
    renormalised to sum 1 over the patch grid, times the number of patches so the scale does not shrink with
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from vitkd.detection.criterion import global_num_boxes
 from vitkd.detection.matcher import HungarianMatcher
 
 
@@ -55,7 +59,7 @@ def detr_kd_losses(student: dict, teacher: dict, matcher: HungarianMatcher, kd_t
         indices = matcher(s_out, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
         src_idx = torch.cat([src for src, _ in indices]).to(device)
-        n_t = max(1, sum(len(t["labels"]) for t in targets))
+        n_t = global_num_boxes(targets, device)  # before the early return: every process must join the all-reduce
         if len(src_idx) == 0:
             zero = s_out["pred_logits"].sum() * 0.0
             return {"kd_cls": zero, "kd_bbox": zero, "kd_giou": zero}

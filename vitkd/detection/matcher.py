@@ -14,8 +14,8 @@ raises "matrix contains invalid numeric entries" (mmdetection PR #10335).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
 
