@@ -1,7 +1,8 @@
 """GTP — graph-based token propagation on a trained ViT, no fine-tuning (GTP-ViT, arXiv 2311.03035).
 
-Per block: attention (token-size aware) → choose the least important patch tokens → propagate their
-features to their graph neighbours with weight α and drop them → MLP on the shorter sequence.
+Per block: attention (token-size aware, optionally sparsified with θ) → choose the least important patch
+tokens → propagate their features to their graph neighbours with weight α and drop them → MLP on the shorter
+sequence.
 Rules restated from the GTP-ViT paper and the authors' ``models_v3.py`` (see
 Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based Token Propagation", WACV 2024, arXiv 2311.03035); deviations are ours and named in the docstrings:
 - the semantic k-NN graph is symmetrised before normalisation (the authors' row-wise k-NN is not);
@@ -12,11 +13,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from vitkd.errors import VitkdInputError
 from vitkd.efficient import vit_parts as vp
+from vitkd.errors import VitkdInputError
 
 GraphType = Literal["spatial", "semantic", "mixed"]
 
@@ -34,7 +35,7 @@ def spatial_graph(grid: tuple[int, int], device=None) -> torch.Tensor:
 def semantic_graph(patches: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     """GTP semantic graph: each patch linked to its ``num_neighbours`` most cosine-similar patches, no
     self-loops, then symmetrised (i~j if either picks the other; our choice, see module docstring). (B, Np, Np)."""
-    b, n, _ = patches.shape
+    n = patches.shape[1]
     k = min(num_neighbours, n - 1)
     f = F.normalize(patches.float(), dim=-1)
     sim = f @ f.transpose(1, 2)
@@ -76,9 +77,41 @@ def token_importance(attn_map: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return (diag * received)[:, num_prefix:]
 
 
+def sparsify_attention(attn_map: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """GTP attention sparsification θ (the authors' ``--sparsity``; θ = 1 is off), (B, H, N, N) → same shape.
+
+    Per sample and head, over all N² entries of the post-softmax map: with k = ⌊N² (1 − θ)⌋, every entry below
+    the k-th smallest value is set to 0 (entries equal to it stay), so about a fraction θ of the map is kept. The
+    rows are not renormalised. k = 0 leaves the map unchanged. The result both weighs the values and scores the
+    tokens for selection, as in the authors' ``models_v3.py`` (Xu et al., "GTP-ViT: Efficient Vision
+    Transformers via Graph-based Token Propagation", WACV 2024, arXiv 2311.03035).
+    """
+    n = attn_map.shape[-1]
+    k = int(n * n * (1 - sparsity))
+    if k < 1:
+        return attn_map
+    threshold = attn_map.flatten(-2).kthvalue(k, dim=-1, keepdim=True).values[..., None]  # (B, H, 1, 1)
+    return attn_map * (attn_map >= threshold)
+
+
+def sparse_attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor | None,
+                  sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vit_parts.attend`` with ``sparsify_attention`` between the softmax and the value product; returns
+    (values (B, N, H·d), sparsified map (B, H, N, N)). Attention dropout comes after the sparsification (the
+    authors drop out first; the same in evaluation, where GTP runs)."""
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :]
+    a = sparsify_attention(logits.softmax(dim=-1), sparsity)
+    out = (attn.attn_drop(a) @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], attn.attn_dim)
+    return out, a
+
+
 def split_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, propagated) patch indices: the ``num_prop`` lowest scores are propagated; both keep token order."""
-    order = score.argsort(dim=-1, descending=True)
+    """(kept, propagated) patch indices: the ``num_prop`` lowest scores are propagated; both keep token order.
+    Ties (common with θ < 1, where a token whose self-attention was zeroed scores 0) go by token order, the
+    earlier token kept (a stable sort, the same on every device)."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
     n = score.shape[-1]
     kept = order[:, : n - num_prop].sort(dim=-1).values
     prop = order[:, n - num_prop :].sort(dim=-1).values
@@ -119,9 +152,12 @@ class GTPViT(nn.Module):
         num_neighbours: k of the semantic graph (authors' default 8).
         alpha: propagation weight α (authors' default 0.1); 0 gives plain pruning.
         token_scale: token-size-aware attention (log of the propagated size added to the key logits).
+        sparsity: attention sparsification θ in (0, 1], the fraction of each attention map kept
+            (``sparsify_attention``): one value for every block or one per block; 1 (default) is off.
     """
 
-    def __init__(self, vit: nn.Module, num_prop: int | list[int] = 0, graph: GraphType = "mixed", num_neighbours: int = 8, alpha: float = 0.1, token_scale: bool = True):
+    def __init__(self, vit: nn.Module, num_prop: int | list[int] = 0, graph: GraphType = "mixed", num_neighbours: int = 8,
+                 alpha: float = 0.1, token_scale: bool = True, sparsity: float | list[float] = 1.0):
         super().__init__()
         vp.check_vit(vit, "GTP")
         self.vit = vit
@@ -131,6 +167,9 @@ class GTPViT(nn.Module):
             raise VitkdInputError(f"GTP num_prop {num_prop} removes {sum(self.num_prop)} of {n_patches} patches: keep at least one (lower num_prop)")
         if graph not in ("spatial", "semantic", "mixed"):
             raise VitkdInputError(f"GTP graph {graph!r} is unknown: use spatial, semantic or mixed")
+        self.sparsity = [float(t) for t in vp.per_block(sparsity, len(vit.blocks), "sparsity")]
+        if any(not 0.0 < t <= 1.0 for t in self.sparsity):
+            raise VitkdInputError(f"GTP sparsity {sparsity} is outside (0, 1]: use e.g. 0.7, or 1 for no sparsification")
         self.graph, self.num_neighbours, self.alpha, self.token_scale = graph, num_neighbours, alpha, token_scale
         self.lost: list[torch.Tensor] = []  # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no device sync)
 
@@ -140,9 +179,13 @@ class GTPViT(nn.Module):
         graph = build_graph(x[:, p:], vit.patch_embed.grid_size, self.graph, self.num_neighbours) if any(self.num_prop) else None
         size = x.new_ones(x.shape[:2]) if self.token_scale else None
         self.lost = []
-        for blk, n in zip(vit.blocks, self.num_prop):
+        for blk, n, theta in zip(vit.blocks, self.num_prop, self.sparsity):
             y = blk.norm1(x)
-            out, amap = vp.attend(blk.attn, *vp.qkv_heads(blk.attn, y), log_size=size.log() if size is not None else None)
+            log_size = size.log() if size is not None else None
+            if theta < 1.0:
+                out, amap = sparse_attend(blk.attn, *vp.qkv_heads(blk.attn, y), log_size, theta)
+            else:
+                out, amap = vp.attend(blk.attn, *vp.qkv_heads(blk.attn, y), log_size=log_size)
             x = vp.attn_residual(blk, x, vp.project(blk.attn, out, y))
             if n > 0:
                 kept, prop = split_tokens(token_importance(amap, p), n)
