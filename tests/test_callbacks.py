@@ -1,6 +1,7 @@
 """The default callbacks: attention-probe maps, throughput, selection report; where their images go."""
 import csv
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -18,6 +19,8 @@ from tests.conftest import fit
 from vitkd.errors import VitkdInputError
 from vitkd.models import create_model
 from vitkd.models.probe import unfused_attention
+from vitkd.selection.outputs import SelectionTallies
+from vitkd.selection.result import SelectionResult
 
 
 def _png(path) -> np.ndarray:
@@ -112,17 +115,37 @@ def test_probe_maps_switched_off_and_throughput_logged(tiny_teacher, tmp_path):
     assert float(rows[0]["perf/images_per_s"]) > 0 and float(rows[0]["perf/peak_mem_mb"]) > 10
 
 
+class Handed(pl.Callback):
+    """Keeps what the selector hands its callbacks."""
+
+    def on_selection_end(self, trainer, pl_module, result):
+        self.result = result
+
+
+def handed_from_csv(path, positive_sources) -> SelectionResult:
+    """The ``SelectionResult`` a selector writing ``path`` (a scores.csv) would hand over."""
+    rows = list(csv.DictReader(open(path)))
+    selected = np.array([r["selected"] == "1" for r in rows])
+    src = [r["src"] for r in rows]
+    names = [c for c in rows[0] if c not in ("key", "pred", "selected", "src", "cls")]
+    tallies = SelectionTallies(
+        scored=Counter(src), kept=Counter(s for s, k in zip(src, selected) if k), selected=selected,
+        columns={c: np.array([float(r[c]) for r in rows], dtype=np.float32) for c in names},
+    )
+    return SelectionResult(path.parent, tuple(positive_sources), tallies)
+
+
 def test_selection_report_from_a_selection(tiny_teacher, tiny_pool, tmp_path):
     from data_modules import DigitsDataModule
     from vitkd.stages import AttentionProbeSelector
 
     stage = AttentionProbeSelector(teacher_ckpt=str(tiny_teacher), num_keep=30, probe_blocks=[0, 1], lambda_a=[0.05, 0.05])
     dm = DigitsDataModule(img_size=16, eval_batch_size=32, wild_urls=tiny_pool)
-    report = SelectionReport(per_group=20, embedding="tsne")
-    trainer = pl.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False, callbacks=[report])
+    report, handed = SelectionReport(per_group=20, embedding="tsne"), Handed()
+    trainer = pl.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False, callbacks=[report, handed])
     metrics = stage.execute(trainer, dm)
     assert (tmp_path / "report" / "selection.json").is_file(), "the selector calls on_selection_end once its outputs exist"
-    summary = report.on_selection_end(trainer, stage, tmp_path, datamodule=dm)
+    summary = report.on_selection_end(trainer, stage, handed.result)
 
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     written = json.loads((tmp_path / "report" / "selection.json").read_text())
@@ -152,7 +175,8 @@ def test_selection_report_names_no_precision_without_positive_sources(tmp_path):
             w.writerow([f"k{i}", 0.1, 0.1 * i, 0, int(i < 10), "a" if i % 4 else "b"])
     for positives, expect in (([], None), (["b"], 3 / 10)):
         module = SimpleNamespace(hparams={"positive_sources": positives})
-        summary = SelectionReport(per_group=0).on_selection_end(SimpleNamespace(loggers=[], global_step=0), module, tmp_path)
+        summary = SelectionReport(per_group=0).on_selection_end(
+            SimpleNamespace(loggers=[], global_step=0), module, handed_from_csv(tmp_path / "scores.csv", positives))
         assert summary["by_source"]["b"] == {"scored": 10, "kept": 3, "keep_rate": 0.3, "share_of_kept": 0.3, "positive": expect is not None}
         assert summary.get("precision") == expect
         if expect is not None:
@@ -168,7 +192,8 @@ def test_selection_report_without_source_tags(tmp_path):
         for i in range(500):
             w.writerow([f"k{i}", *rng.random(4).round(5), int(rng.integers(10)), int(i % 5 == 0), ""])
     module = SimpleNamespace(hparams={"positive_sources": ["digit"]})
-    summary = SelectionReport(per_group=0).on_selection_end(SimpleNamespace(loggers=[], global_step=0), module, tmp_path)
+    summary = SelectionReport(per_group=0).on_selection_end(
+        SimpleNamespace(loggers=[], global_step=0), module, handed_from_csv(tmp_path / "scores.csv", ["digit"]))
     assert summary["num_scored"] == 500 and summary["num_kept"] == 100 and "by_source" not in summary and "precision" not in summary
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["scores.png", "selection.json"]
     img = _png(tmp_path / "report" / "scores.png")

@@ -3,16 +3,17 @@ parts equals a brute-force reference, the default stays the plain lowest-k, and 
 import csv
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from lightning.fabric.utilities.data import AttributeDict
 
 from tests.conftest import fit
 from vitkd.errors import VitkdInputError
 from vitkd.selection.metrics import score_auroc
-from vitkd.stages.selector import AttentionProbeSelector, ScoreParts
+from vitkd.selection.parts import ScoreParts
+from vitkd.selection.ranking import RankedParts
+from vitkd.selection.topk import choose as choose_kept
+from vitkd.stages.selector import AttentionProbeSelector
 
 
 class FakeParts:
@@ -31,10 +32,10 @@ class FakeParts:
 
 
 def choose(values, preds, k, class_balance, num_classes=10, strategy="value"):
-    """``_choose`` on in-memory parts, returned as sorted global positions (parts concatenated in order)."""
-    sel = SimpleNamespace(_parts=FakeParts(values, preds), hparams=AttributeDict(strategy=strategy, num_classes=num_classes, class_balance=class_balance, seed=0))
-    sel._load = lambda i: AttentionProbeSelector._load(sel, i)  # the strategy's ranking value over a part (V itself here)
-    kept = AttentionProbeSelector._choose(sel, sum(map(len, values)), k)
+    """The selector's choice (``vitkd.selection.topk.choose``) on in-memory parts, returned as sorted global
+    positions (parts concatenated in order)."""
+    ranked = RankedParts(FakeParts(values, preds), strategy)  # the strategy's ranking value over a part (V itself here)
+    kept = choose_kept(ranked, k, 0 if strategy == "random" else None, k // num_classes if class_balance else 0)
     offsets = np.cumsum([0] + [len(v) for v in values])
     return sorted(int(offsets[i] + j) for i, rows in kept.items() for j in rows)
 
