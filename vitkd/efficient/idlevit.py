@@ -42,7 +42,7 @@ def token_cut_loss(attn: torch.Tensor, mask: torch.Tensor, num_prefix: int = 1) 
     ``IdleViT.forward_aux`` scores every idle layer and averages over all of them. The authors' loss loop
     deletes entries from the list it iterates, so it scores only every other idle layer (4 of DeiT's 8) yet
     still divides by all of them: at the same ``cut_weight`` (their 20) vitkd's term is about twice theirs.
-    vitkd keeps the every-layer mean, which is what the paper's loss describes.
+    vitkd keeps the mean over every idle layer.
     """
     m = mask.to(attn.dtype)
     diff = (m[:, :, None] - m[:, None, :]).abs()[:, :, num_prefix:]
@@ -72,7 +72,8 @@ class IdleViT(nn.Module):
 
     Args:
         vit: a timm ``VisionTransformer`` with CLS pooling (its modules are used, and trained when fine-tuned).
-        keep_ratio: fraction of image tokens computed in each idle layer: one value, or one per idle layer.
+        keep_ratio: fraction r of the n image tokens computed in each idle layer (⌊n·r⌋ tokens, ``keep_count``):
+            one value, or one per idle layer.
         idle_layers: block indices that idle tokens (default: the last two thirds of the blocks).
     """
 
