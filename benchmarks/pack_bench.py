@@ -6,7 +6,8 @@ Pack rate = images / wall time of ``pack`` (reading, resizing, encoding, writing
 files are written beforehand and not timed). Decode rate = images / wall time of streaming the shards
 back and decoding every image to an array in one process (what one DataLoader worker does).
 
-``run(tmp_dir, n=...)`` returns the figures as a dict; ``python -m benchmarks.pack_bench`` prints them.
+``run(tmp_dir, n=...)`` returns the figures as a dict (``bench_pack()``: in a temporary folder, for ``make bench``);
+``python -m benchmarks.pack_bench`` prints them.
 """
 from __future__ import annotations
 
@@ -85,6 +86,12 @@ def run(tmp_dir: str | Path, n: int = 4000, n_jpeg: int | None = None, workers: 
         out[f"decode_{tag}_images_per_s"] = round(rate, 1)
         out[f"shard_bytes_per_image_{tag}"] = round(shard_bytes / meta["num_samples"], 1)
     return out
+
+
+def bench_pack() -> dict:
+    """``run`` in a temporary folder at its default sizes: the ``pack`` figures of ``make bench``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:
