@@ -19,9 +19,11 @@ MAP = torch.tensor([[[[0.7, 0.3], [0.4, 0.6]], [[0.5, 0.5], [0.1, 0.9]]]])
 
 def test_sparsify_by_hand():
     # θ = 0.5: k = ⌊4 · 0.5⌋ = 2, threshold = 2nd smallest (.4 and .5); entries below it become 0, ties stay
-    assert torch.equal(sparsify_attention(MAP, 0.5), torch.tensor([[[[0.7, 0.0], [0.4, 0.6]], [[0.5, 0.5], [0.0, 0.9]]]]))
+    half = torch.tensor([[[[0.7, 0.0], [0.4, 0.6]], [[0.5, 0.5], [0.0, 0.9]]]])
+    assert torch.equal(sparsify_attention(MAP, 0.5), half)
     # θ = 0.25: k = 3, thresholds .6 and .5
-    assert torch.equal(sparsify_attention(MAP, 0.25), torch.tensor([[[[0.7, 0.0], [0.0, 0.6]], [[0.5, 0.5], [0.0, 0.9]]]]))
+    quarter = torch.tensor([[[[0.7, 0.0], [0.0, 0.6]], [[0.5, 0.5], [0.0, 0.9]]]])
+    assert torch.equal(sparsify_attention(MAP, 0.25), quarter)
     # θ = 0.75: k = 1, the threshold is the minimum: nothing is below it; θ = 1: k = 0, off
     assert torch.equal(sparsify_attention(MAP, 0.75), MAP)
     assert sparsify_attention(MAP, 1.0) is MAP
@@ -37,7 +39,8 @@ def test_sparse_attend_by_hand():
     p = math.e / (math.e + 1)
     torch.testing.assert_close(a, torch.tensor([[[[p, 0.0], [0.5, 0.5]]]]))
     torch.testing.assert_close(out, torch.tensor([[[2 * p], [0.5 * 2 + 0.5 * 10]]]))
-    # token sizes (1, e) add log e = 1 to the second key's logit: row 0 (1, 1) → (.5, .5); row 1 (0, 1) → (.269, .731)
+    # token sizes (1, e) add log e = 1 to the second key's logit:
+    # row 0 (1, 1) → (.5, .5); row 1 (0, 1) → (.269, .731); the .269 goes
     _, a = sparse_attend(attn, q, k, v, torch.tensor([[0.0, 1.0]]), 0.5)
     torch.testing.assert_close(a, torch.tensor([[[[0.5, 0.5], [0.0, p]]]]))
 

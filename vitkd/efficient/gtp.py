@@ -156,8 +156,9 @@ class GTPViT(nn.Module):
             (``sparsify_attention``): one value for every block or one per block; 1 (default) is off.
     """
 
-    def __init__(self, vit: nn.Module, num_prop: int | list[int] = 0, graph: GraphType = "mixed", num_neighbours: int = 8,
-                 alpha: float = 0.1, token_scale: bool = True, sparsity: float | list[float] = 1.0):
+    def __init__(self, vit: nn.Module, num_prop: int | list[int] = 0, graph: GraphType = "mixed",
+                 num_neighbours: int = 8, alpha: float = 0.1, token_scale: bool = True,
+                 sparsity: float | list[float] = 1.0):
         super().__init__()
         vp.check_vit(vit, "GTP")
         self.vit = vit
@@ -169,7 +170,7 @@ class GTPViT(nn.Module):
             raise VitkdInputError(f"GTP graph {graph!r} is unknown: use spatial, semantic or mixed")
         self.sparsity = [float(t) for t in vp.per_block(sparsity, len(vit.blocks), "sparsity")]
         if any(not 0.0 < t <= 1.0 for t in self.sparsity):
-            raise VitkdInputError(f"GTP sparsity {sparsity} is outside (0, 1]: use e.g. 0.7, or 1 for no sparsification")
+            raise VitkdInputError(f"GTP sparsity {sparsity} is outside (0, 1]: use e.g. 0.7, or 1 for none")
         self.graph, self.num_neighbours, self.alpha, self.token_scale = graph, num_neighbours, alpha, token_scale
         self.lost: list[torch.Tensor] = []  # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no device sync)
 
