@@ -15,14 +15,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules import shards
+from data_modules.stream import ArrayDataset, ShardBatches, ShardStream
 from data_modules.transforms import random_affine
+from vitkd.data_contract import DataFreeData, KeyedTrainData, ReportingData, ScoringData
 from vitkd.errors import VitkdInputError
 
-from data_modules.stream import ArrayDataset, ShardBatches, ShardStream
 
-
-class ImageDataModule(pl.LightningDataModule):
-    """Original labeled data + optional shard streams.
+class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, ScoringData, ReportingData):
+    """Original labeled data + optional shard streams; implements every stage's data protocol
+    (``vitkd.data_contract``).
 
     Args:
         img_size: side of the square model input.
@@ -50,7 +51,6 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     num_classes: int = 10
-    train_keys: bool = False  # training batches carry each sample's key third (set by a stage that caches per sample)
 
     def __init__(
         self,
@@ -88,6 +88,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.wild_urls, self.data_dir = wild_urls, Path(data_dir)
         self.epoch_samples, self.skips = epoch_samples, shards.SkipCounter(strict)
         self.memory_cache = memory_cache
+        self.train_keys = False  # training batches carry each sample's key third (``request_train_keys``)
+
+    def request_train_keys(self) -> None:
+        """From now on, training batches are ``(x, y, key)``: a stage that caches per sample asks for them."""
+        self.train_keys = True
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,6 +195,12 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_urls:
             return self._loader(self._stream(self.train_urls, part="val", val_fraction=self.val_fraction, memory_cache=self.memory_cache), self.eval_batch_size)
         return self._eval_loader(self._original("val"))
+
+    def train_stream(self, trainer: pl.Trainer, batch_size: int) -> DataLoader:
+        """The training split in ``batch_size`` batches for a stage that trains on its own loaders (the trainer
+        is never given this data module): the shard stream splits by ``trainer``'s rank and world size."""
+        self.trainer = trainer
+        return DataLoader(self.train_dataloader().dataset, batch_size=batch_size, num_workers=self.num_workers)
 
     def labelled_val_dataloader(self) -> DataLoader:
         """The original labelled validation split, whatever streams train and validation use (the data-free

@@ -190,11 +190,11 @@ def test_reference_distill_loss_equals_vitkd(stage, batch, relation_norm):
 
 def test_teacher_bf16_runs_the_teacher_in_bf16_and_returns_fp32(stage, batch):
     fp32 = stage.teacher_outputs(batch)
-    stage.hparams.teacher_bf16 = True
+    stage.teacher_bf16 = True
     try:
         bf16 = stage.teacher_outputs(batch)
     finally:
-        stage.hparams.teacher_bf16 = False
+        stage.teacher_bf16 = False
     with torch.autocast("cpu", dtype=torch.bfloat16):  # off, the trainer's own autocast still applies (not switched off)
         outer = stage.teacher_outputs(batch)
     assert bf16.keys() == fp32.keys() == {"logits", "relation"}

@@ -13,7 +13,7 @@ from vitkd.generators import DAFLGenerator, MemoryBank, meta_synthesize
 from vitkd.losses.dafl import dafl_loss
 from vitkd.losses.data_free import total_variation_loss
 from vitkd.models import create_model
-from vitkd.stages.data_free import DataFreeGAN, batch_statistics, has_batch_norm
+from vitkd.stages.data_free import DataFreeGAN, GeneratorLossWeights, StudentLossWeights, batch_statistics, has_batch_norm
 
 FAST = [
     "--model.init_args.synthesizer", "fast",
@@ -182,7 +182,7 @@ def _dafl_stage(teacher, seed=0, **kw) -> DataFreeGAN:
     """The stage as the CLI builds it from dafl.yaml + TINY (same seed, same initial weights)."""
     pl.seed_everything(seed)
     args = dict(arch="test_vit_patch4_16", teacher_ckpt=str(teacher), generator="dafl", generator_kwargs={"width": 8},
-                batch_size=8, attention_lambda=0.0, patch_weight=0.0)
+                batch_size=8, generator_weights=GeneratorLossWeights(attention=0.0), student_weights=StudentLossWeights(patch=0.0))
     args.update(kw)
     return DataFreeGAN(**args)
 

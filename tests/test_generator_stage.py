@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from vitkd.stages.data_free import DataFreeGAN, GeneratorDiverged, rank_noise_generator
+from vitkd.stages.data_free import DataFreeGAN, GeneratorDiverged, GeneratorLossWeights, StudentLossWeights, rank_noise_generator
 
 TINY = [
     "--model.init_args.arch", "test_vit_patch4_16",
@@ -28,7 +28,7 @@ TINY = [
 
 
 # every L_G and L_total term switched on for the transformer configs (their defaults switch λ and L_patch off)
-ON = ["--model.init_args.attention_lambda", "1.0", "--model.init_args.patch_weight", "0.8"]
+ON = ["--model.init_args.generator_weights.attention", "1.0", "--model.init_args.student_weights.patch", "0.8"]
 LOSSES = {"transformer_gan.yaml": ON, "hybrid.yaml": ON}
 
 
@@ -44,7 +44,8 @@ def _fresh_stage(teacher, seed=0, **kw) -> DataFreeGAN:
     args = dict(
         arch="test_vit_patch4_16", teacher_ckpt=str(teacher), generator="transformer",
         generator_kwargs={"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
-        attention_lambda=1.0, probe_blocks=[0, 1], patch_weight=0.8, patch_pairs=[(0, 0), (1, 1)],
+        generator_weights=GeneratorLossWeights(attention=1.0), probe_blocks=[0, 1], student_weights=StudentLossWeights(patch=0.8),
+        patch_pairs=[(0, 0), (1, 1)],
     )
     args.update(kw)
     return DataFreeGAN(**args)
@@ -68,7 +69,7 @@ def test_one_generator_and_one_student_step_through_cli(tiny_teacher, tmp_path):
 
 
 def test_dafl_and_disc_term_through_cli(tiny_teacher, tmp_path):
-    m = fit(*tiny_args(tiny_teacher, tmp_path, "dafl.yaml", "--model.init_args.disc_weight", "0.5"))
+    m = fit(*tiny_args(tiny_teacher, tmp_path, "dafl.yaml", "--model.init_args.generator_weights.disc", "0.5"))
     assert m["generator"] == "dafl"
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/g_oh", "train/g_ie", "train/g_act", "train/g_disc"} <= set(header)
@@ -171,7 +172,7 @@ def test_student_terms_match_the_total_loss_by_hand(tiny_teacher):
     (teacher block, student block) pairs of the MSE of the CLS relation rows (channels normalised over tokens).
     Pairs (0, 1), (1, 1): a mix-up of teacher and student block indices changes L_patch. Both heads are scaled
     up so the logits are O(1) (the tiny teacher's are ~0.05) and L_KD depends on T: a fixed T shows."""
-    stage = _fresh_stage(tiny_teacher, kd_weight=0.7, ce_weight=0.3, patch_weight=0.8, temperature=2.0,
+    stage = _fresh_stage(tiny_teacher, student_weights=StudentLossWeights(kd=0.7, ce=0.3, patch=0.8), temperature=2.0,
                          patch_pairs=[(0, 1), (1, 1)], relation_norm="token")
     with torch.no_grad():
         for head in (stage.teacher.head, stage.model.head):

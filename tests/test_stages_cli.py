@@ -139,11 +139,11 @@ def test_label_source_sets_the_ce_target(tiny_teacher, label_source):
     import torch
     import torch.nn.functional as F
 
-    from vitkd.stages import ProbeDistillation
+    from vitkd.stages import ProbeDistillation, ProbeLossWeights
 
     torch.manual_seed(0)
     stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), label_source=label_source,
-                              noisy_adaptation=False, alpha=0.0, beta=0.0, probe_pairs=[(0, 0)])
+                              noisy_adaptation=False, loss_weights=ProbeLossWeights(alpha=0.0, beta=0.0), probe_pairs=[(0, 0)])
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         t_pred = stage.teacher(x).argmax(dim=1)

@@ -23,10 +23,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitkd.efficient.vit_parts import unfused
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from vitkd.models import count_params
 
 
 def _device(model: nn.Module) -> torch.device:

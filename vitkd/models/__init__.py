@@ -20,6 +20,7 @@ def create_model(arch: str, **kwargs) -> nn.Module:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
 

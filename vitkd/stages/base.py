@@ -8,8 +8,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchmetrics.classification import MulticlassAccuracy
 
+from callbacks import AttentionProbeLogger, RngState, SelectionReport, ThroughputMonitor
+from vitkd.data_contract import ReportingData, StageData, require
+from vitkd.efficient.measure import measure
 from vitkd.errors import VitkdInputError
 from vitkd.models import count_params
 from vitkd.teacher import load_teacher, shape_mismatch
@@ -31,18 +35,22 @@ class Stage(pl.LightningModule):
     """A vitkd stage. ``execute`` runs it on a trainer and returns the figures for ``metrics.json``.
 
     Training stages fit, keep the best checkpoint on the validation split (never test) and the last one,
-    then test the best. Other stages (the selector) override ``execute``.
+    then test the best. Other stages (the selector) override ``execute``. ``data_contract``: the protocol of
+    ``vitkd.data_contract`` the stage's data module must implement (checked before the run writes anything).
     """
 
     monitor: str = "val/acc"
     monitor_mode: str = "max"
+    data_contract: type = StageData
 
-    def load_frozen_teacher(self, teacher_ckpt: str, teacher_arch: str | None = None) -> None:
-        """Sets ``self.teacher`` (frozen, kept in eval mode) and ``self.teacher_info``, built for the stage's
-        ``img_size``/``in_chans``/``num_classes``. The teacher is not stored in the stage's checkpoints:
-        it is reloaded from ``teacher_ckpt``, so checkpoints load without its keys."""
+    def load_frozen_teacher(self, teacher_ckpt: str, teacher_arch: str | None = None, **sizes: int) -> None:
+        """Sets ``self.teacher`` (frozen, kept in eval mode) and ``self.teacher_info``, built for ``sizes``
+        (``img_size``/``in_chans``/``num_classes``; default: the stage's hyper-parameters). The teacher is not
+        stored in the stage's checkpoints: it is reloaded from ``teacher_ckpt``, so checkpoints load without its
+        keys."""
         hp = self.hparams
-        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, img_size=hp.img_size, in_chans=hp.in_chans, num_classes=hp.num_classes)
+        sizes = {k: sizes.get(k, hp.get(k)) for k in ("img_size", "in_chans", "num_classes")}
+        self.teacher, self.teacher_info = load_teacher(teacher_ckpt, teacher_arch, **sizes)
         self.strict_loading = False
 
     def train(self, mode: bool = True):
@@ -59,7 +67,9 @@ class Stage(pl.LightningModule):
 
     def check_run_dir(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Called before the run writes anything: a ``ckpt_path`` to resume must be this stage's and fit its
-        model (one line naming the first tensor that does not, instead of a long state-dict error)."""
+        model (one line naming the first tensor that does not, instead of a long state-dict error); the data
+        module must implement ``data_contract`` (one line naming what it lacks)."""
+        require(datamodule, self.data_contract, type(self).__name__)
         if not ckpt_path:
             return
         try:
@@ -107,9 +117,8 @@ class Stage(pl.LightningModule):
         out["train_batches_per_rank"] = [int(v) for v in trainer.strategy.all_gather(steps).flatten().tolist()]
         if hasattr(self, "_val_samples"):
             out["val_samples_per_epoch"] = int(trainer.strategy.reduce(torch.tensor(float(self._val_samples), device=self.device), reduce_op="sum"))
-        report = getattr(trainer.datamodule, "data_report", None)
-        if report is not None:
-            for k, v in report().items():
+        if isinstance(trainer.datamodule, ReportingData):
+            for k, v in trainer.datamodule.data_report().items():
                 out[k] = int(trainer.strategy.reduce(torch.tensor(float(v), device=self.device), reduce_op="sum"))
         return out
 
@@ -123,8 +132,6 @@ class Stage(pl.LightningModule):
         ``measure_batch_size`` (a hyper-parameter of the stage, default 256; 0 skips it) sets the batch
         of the throughput timing.
         """
-        from vitkd.efficient.measure import measure  # imported here: vitkd.efficient builds on the stages
-
         hp = self.hparams
         batch = hp.get("measure_batch_size", 256)
         if batch <= 0:
@@ -137,10 +144,6 @@ class Stage(pl.LightningModule):
         (``callbacks.SelectionReport``). A callback of the same type in the config's ``trainer.callbacks`` is
         kept instead of the default: that is how to tune or switch one off, e.g.
         ``--trainer.callbacks+=callbacks.AttentionProbeLogger --trainer.callbacks.every_n_epochs 0``."""
-        from lightning.pytorch.utilities.model_helpers import is_overridden
-
-        from callbacks import AttentionProbeLogger, RngState, SelectionReport, ThroughputMonitor  # callbacks build on vitkd
-
         defaults = []
         if is_overridden("training_step", self, pl.LightningModule):
             defaults += [RngState(), ThroughputMonitor(), AttentionProbeLogger()]  # the clock stops before the maps are drawn

@@ -35,20 +35,25 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.utils import save_image
 
+from vitkd.data_contract import DataFreeData, require
 from vitkd.errors import VitkdInputError
 from vitkd.generators import MemoryBank, create_generator, meta_synthesize, photometric_view
 from vitkd.io import atomic_path
 from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss, total_variation_loss
-from vitkd.models import AttentionProbe, FeatureTap, count_params, create_model
-from vitkd.stages.base import Stage, warmup_cosine
+from vitkd.models import AttentionProbe, count_params, create_model
+from vitkd.stages.base import warmup_cosine
+from vitkd.stages.distillation import DistillationStage
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out noise bank never coincides with a training stream
 
@@ -85,6 +90,42 @@ def has_batch_norm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+@dataclass(frozen=True)
+class GeneratorLossWeights:
+    """The weights of L_G = L_adv + attention·L_attention with L_adv = oh·L_oh + ie·L_ie + act·L_a + disc·L_disc
+    + tv·L_tv and L_attention = peak·L_peak + consistency·L_cons (``vitkd.losses.data_free``; DAFL, "Data-Free
+    Learning of Student Networks", arXiv 1904.01186, is L_adv's first three terms with attention = 0); 0
+    switches a term off.
+
+    Attributes:
+        oh, ie, act: DAFL's one-hot, information-entropy and activation terms (its MNIST setting: 1, 5, 0.1).
+        disc: the student–teacher discrepancy term.
+        tv: vitkd's total-variation smoothness prior.
+        attention: λ, the weight of L_attention (0 switches it off).
+        peak, consistency: the L_attention terms (read from the teacher's attention probe).
+    """
+
+    oh: float = 1.0
+    ie: float = 5.0
+    act: float = 0.1
+    disc: float = 0.0
+    tv: float = 0.0
+    attention: float = 0.0
+    peak: float = 1.0
+    consistency: float = 1.0
+
+
+@dataclass(frozen=True)
+class StudentLossWeights:
+    """The weights of L_total = kd·L_KD + ce·L_CE + patch·L_patch: L_KD the T²-scaled KL to the teacher, L_CE the
+    cross-entropy to the teacher's argmax, L_patch the probe-distillation patch relation loss; 0 switches a
+    term off."""
+
+    kd: float = 1.0
+    ce: float = 1.0
+    patch: float = 0.0
+
+
 class _Steps(Dataset):
     """``n`` dummy items: the generator stage's epoch length (noise is drawn in the step, not loaded)."""
 
@@ -98,7 +139,7 @@ class _Steps(Dataset):
         return i
 
 
-class DataFreeGAN(Stage):
+class DataFreeGAN(DistillationStage):
     """Generator + student trained together from a frozen teacher, without the teacher's data.
 
     Args:
@@ -113,14 +154,13 @@ class DataFreeGAN(Stage):
         seed: base of the noise seeds (rank r draws from ``seed + r``); ``None`` takes the run's
             ``seed_everything`` value.
         val_samples, grid_samples: size of the held-out noise bank and of the per-epoch image grid.
-        oh_weight, ie_weight, act_weight, disc_weight: the L_adv terms (one-hot, information entropy,
-            activation, student–teacher discrepancy); 0 switches a term off.
-        tv_weight: vitkd's total-variation smoothness prior added to L_G (0 = off).
-        attention_lambda: λ of L_G = L_adv + λ·L_attention (0 switches L_attention off).
-        peak_weight, consistency_weight: the L_attention terms.
+        generator_weights: the weights of L_G's terms (``GeneratorLossWeights``; config keys
+            ``generator_weights: {oh: 1.0, ie: 5.0, act: 0.1, disc: 0.0, tv: 0.0, attention: 0.0, peak: 1.0,
+            consistency: 1.0}``).
         probe_blocks, probe_head: teacher blocks whose CLS attention probe L_attention reads.
         view_strength: photometric jitter of the second view (consistency term).
-        kd_weight, ce_weight, patch_weight: λKD, λCE, λpatch of the student loss.
+        student_weights: λKD, λCE, λpatch of the student loss (``StudentLossWeights``; config keys
+            ``student_weights: {kd: 1.0, ce: 1.0, patch: 0.0}``).
         temperature: of L_KD.
         patch_pairs, relation_norm: (teacher block, student block) pairs and normalisation of L_patch.
         wild_ratio: hybrid — fraction of each student batch taken from the datamodule's ``train_urls``
@@ -161,20 +201,11 @@ class DataFreeGAN(Stage):
         seed: int | None = None,
         val_samples: int = 1024,
         grid_samples: int = 64,
-        oh_weight: float = 1.0,
-        ie_weight: float = 5.0,
-        act_weight: float = 0.1,
-        disc_weight: float = 0.0,
-        tv_weight: float = 0.0,
-        attention_lambda: float = 0.0,
-        peak_weight: float = 1.0,
-        consistency_weight: float = 1.0,
+        generator_weights: GeneratorLossWeights = GeneratorLossWeights(),
         probe_blocks: list[int] = [1, 3],
         probe_head: str = "mean",
         view_strength: float = 0.2,
-        kd_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        patch_weight: float = 0.0,
+        student_weights: StudentLossWeights = StudentLossWeights(),
         temperature: float = 4.0,
         patch_pairs: list[tuple[int, int]] = [(1, 1), (3, 3), (5, 5)],
         relation_norm: Literal["token", "channel"] = "token",
@@ -195,9 +226,10 @@ class DataFreeGAN(Stage):
         labelled_val: bool = False,
         model_kwargs: dict[str, Any] | None = None,
     ):
-        super().__init__()
+        super().__init__(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
         self.save_hyperparameters()
         self.automatic_optimization = False
+        g, sw = self.g_weights, self.s_weights = generator_weights, student_weights
         if not 0.0 <= wild_ratio < 1.0:
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
@@ -213,21 +245,19 @@ class DataFreeGAN(Stage):
             raise VitkdInputError("the fast synthesizer trains copies of the generator, so its running batch-norm statistics describe no batch: use val_generator_mode train")
         if synthesizer == "fast" and (fast_inner_steps < 1 or fast_synth_every < 1 or fast_bank_batches < 1):
             raise VitkdInputError("the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args")
+        if not any((sw.kd, sw.ce, sw.patch)):
+            raise VitkdInputError("every student loss term is switched off: set one of --model.init_args.student_weights.{kd,ce,patch} above 0")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
-        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
         # the teacher's logits are banked with the images unless the student loss needs its features too
-        self.reuse_logits = patch_weight == 0
+        self.reuse_logits = sw.patch == 0
         self.bank = MemoryBank(fast_bank_batches * batch_size, (in_chans, img_size, img_size), num_classes if self.reuse_logits else 0) if synthesizer == "fast" else None
         self.generator_steps = 0  # generator forward/backward passes so far (inner steps for ``fast``)
         self.student_images = 0  # images the student has stepped on so far
-        self.use_attention = attention_lambda > 0 and (peak_weight > 0 or consistency_weight > 0)
+        self.use_attention = g.attention > 0 and (g.peak > 0 or g.consistency > 0)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if self.use_attention else None
-        self.taps = None
-        if patch_weight > 0:
-            pairs = [tuple(p) for p in patch_pairs]
-            self.taps = (FeatureTap(self.teacher, [p[0] for p in pairs]), FeatureTap(self.model, [p[1] for p in pairs]))
-            self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
+        if sw.patch > 0:
+            self.pair_taps(patch_pairs)
         self.n_wild = int(round(wild_ratio * batch_size))
         self.images_per_step = batch_size * student_steps  # what the throughput callback counts per step
         self._nonfinite: dict[str, dict[str, torch.Tensor]] = {}
@@ -236,6 +266,7 @@ class DataFreeGAN(Stage):
         self.val_agree_other = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._noise: torch.Generator | None = None
+        self._noise_state: torch.Tensor | None = None  # a resumed checkpoint's noise stream, until training starts
         self._wild_iter = None
         self._wild_loader: DataLoader | None = None
         self.noise_fingerprint: list | None = None
@@ -253,11 +284,11 @@ class DataFreeGAN(Stage):
 
     def execute(self, trainer, datamodule, ckpt_path: str | None = None) -> dict[str, Any]:
         hp = self.hparams
+        datamodule = require(datamodule, DataFreeData, type(self).__name__)
         if self.n_wild > 0:
-            if not getattr(datamodule, "train_urls", None):
+            if not datamodule.train_urls:
                 raise VitkdInputError("wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'")
-            datamodule.trainer = trainer  # the shard stream splits by this trainer's rank and world size
-            self._wild_loader = DataLoader(datamodule.train_dataloader().dataset, batch_size=self.n_wild, num_workers=datamodule.num_workers)
+            self._wild_loader = datamodule.train_stream(trainer, self.n_wild)
             self._datamodule = datamodule
         steps = DataLoader(_Steps(hp.steps_per_epoch * trainer.world_size), batch_size=1)
         val = DataLoader(TensorDataset(self.noise_bank(hp.val_samples)), batch_size=512)
@@ -283,7 +314,7 @@ class DataFreeGAN(Stage):
         return {"labelled_val/acc": float(counts[0] / counts[1].clamp_min(1)), "labelled_val_images": int(counts[1])}
 
     def report(self) -> dict[str, Any]:
-        out = {"params": count_params(self.model), **self.cost_figures(self.model)}
+        out = super().report()
         out.update(generator_params=count_params(self.generator), generator=self.hparams.generator, synthesizer=self.hparams.synthesizer)
         out.update(generator_steps=int(self.generator_steps), student_images=int(self.student_images), batch_size=self.hparams.batch_size)
         if self.noise_fingerprint is not None:
@@ -292,12 +323,8 @@ class DataFreeGAN(Stage):
             out["wild_per_batch"] = self.n_wild
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
-
+        super().setup(stage)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
             raise VitkdInputError(
@@ -306,7 +333,7 @@ class DataFreeGAN(Stage):
 
     def on_train_start(self) -> None:
         self._noise = rank_noise_generator(self.base_seed(), self.global_rank, self.device)
-        if getattr(self, "_noise_state", None) is not None:  # resumed: the noise stream goes on where the checkpoint left it
+        if self._noise_state is not None:  # resumed: the noise stream goes on where the checkpoint left it
             self._noise.set_state(self._noise_state)
             self._noise_state = None
 
@@ -350,27 +377,27 @@ class DataFreeGAN(Stage):
 
     def generator_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(L_adv terms, L_attention terms) for generated images x; gradients flow to x only."""
-        hp = self.hparams
+        hp, g = self.hparams, self.g_weights
         t_logits, t_feats = self.teacher_out(x)
         self._teacher_logits = t_logits
         probes_a = self.probes() if self.use_attention else None
-        s_logits = self.model(x) if hp.disc_weight else None
-        adv = adversarial_loss(t_logits, t_feats, s_logits, hp.oh_weight, hp.ie_weight, hp.act_weight, hp.disc_weight)
-        if hp.tv_weight:
-            adv["tv"] = hp.tv_weight * total_variation_loss(x)
+        s_logits = self.model(x) if g.disc else None
+        adv = adversarial_loss(t_logits, t_feats, s_logits, g.oh, g.ie, g.act, g.disc)
+        if g.tv:
+            adv["tv"] = g.tv * total_variation_loss(x)
         attn: dict[str, torch.Tensor] = {}
         if self.use_attention:
             probes_b = None
-            if hp.consistency_weight:
+            if g.consistency:
                 self.teacher(photometric_view(x, hp.view_strength, self._noise))
                 probes_b = self.probes()
-            attn = attention_loss(probes_a, probes_b, hp.peak_weight, hp.consistency_weight)
+            attn = attention_loss(probes_a, probes_b, g.peak, g.consistency)
         return adv, attn
 
     def student_terms(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """λKD·L_KD + λCE·L_CE + λpatch·L_patch on images x (teacher pseudo-labels), as named terms.
         ``t_logits``: the teacher's logits of x when already known (the teacher is frozen: they are the same)."""
-        hp = self.hparams
+        hp, w = self.hparams, self.s_weights
         t_feats = None
         if t_logits is None:
             with torch.no_grad():
@@ -378,17 +405,15 @@ class DataFreeGAN(Stage):
                 t_feats = self.taps[0].features() if self.taps else None
         s_logits = self.model(x)
         out: dict[str, torch.Tensor] = {}
-        if hp.kd_weight:
-            out["kd"] = hp.kd_weight * kd_loss(s_logits, t_logits, hp.temperature)
-        if hp.ce_weight:
-            out["ce"] = hp.ce_weight * F.cross_entropy(s_logits.float(), t_logits.argmax(dim=1))
-        if hp.patch_weight:
+        if w.kd:
+            out["kd"] = w.kd * kd_loss(s_logits, t_logits, hp.temperature)
+        if w.ce:
+            out["ce"] = w.ce * F.cross_entropy(s_logits.float(), t_logits.argmax(dim=1))
+        if w.patch:
             s_feats = self.taps[1].features()
-            out["patch"] = hp.patch_weight * probe_relation_loss(
+            out["patch"] = w.patch * probe_relation_loss(
                 [s_feats[s] for _, s in self.pairs], [t_feats[t] for t, _ in self.pairs], hp.relation_norm, self.model.num_prefix_tokens
             )
-        if not out:
-            raise VitkdInputError("every student loss term is switched off: set kd_weight, ce_weight or patch_weight above 0")
         return out
 
     def note_finite(self, terms: dict[str, torch.Tensor], which: str) -> None:
@@ -486,14 +511,13 @@ class DataFreeGAN(Stage):
 
     def joint_generator_step(self, opt_g):
         """DAFL's step 1: x = G(z), one generator update on L_G with the teacher as the discriminator."""
-        hp = self.hparams
         z = self.first_noise()
         self.toggle_optimizer(opt_g)
         x = self.generator(z)
         adv, attn = self.generator_terms(x)
         terms_g = {**adv, **attn}
         self.note_finite(terms_g, "generator")
-        loss_g = generator_loss(adv, attn, hp.attention_lambda)
+        loss_g = generator_loss(adv, attn, self.g_weights.attention)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         opt_g.step()
@@ -514,7 +538,7 @@ class DataFreeGAN(Stage):
             logged.clear()
             logged.update(adv, **attn)
             self.note_finite(logged, "generator")
-            return generator_loss(adv, attn, hp.attention_lambda)
+            return generator_loss(adv, attn, self.g_weights.attention)
 
         self.toggle_optimizer(opt_g)
         opt_g.zero_grad(set_to_none=True)
@@ -579,17 +603,10 @@ class DataFreeGAN(Stage):
         entropy = -(p * p.clamp_min(1e-12).log()).sum() / math.log(self.hparams.num_classes)
         self.log("val/class_entropy", entropy, batch_size=1)
 
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_acc.update(self(x).float(), y)
-        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
-
     def on_train_epoch_end(self) -> None:
         """Save the generator's samples on the fixed grid noise as a PNG (and to W&B when it logs images)."""
         if not self.trainer.is_global_zero or self.hparams.grid_samples <= 0:
             return
-        from torchvision.utils import save_image
-
         with torch.no_grad(), self.generator_mode(self.hparams.val_generator_mode):
             z = self.noise_bank(self.hparams.grid_samples).to(self.device)
             x = self.generator(z).float().cpu()

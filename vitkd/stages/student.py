@@ -6,7 +6,7 @@ on confidence-selected shards; KD on original data = CE to the true labels + β�
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -15,38 +15,52 @@ import torch.nn.functional as F
 from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, cls_relation, kd_loss, relation_rows_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
-from vitkd.models import FeatureTap, create_model
-from vitkd.teacher_cache import TeacherCache
-from vitkd.stages.base import ClassificationStage
+from vitkd.models import create_model
+from vitkd.stages.distillation import DistillationStage
 
 
-class ProbeDistillation(ClassificationStage):
-    """Student distillation: L = w_ce·H_CE(Q(N_S(x)), ŷ) + α·L_P + β·L_KD (Eq. 10).
+@dataclass(frozen=True)
+class ProbeLossWeights:
+    """The weights of L = ce·H_CE(Q(N_S(x)), ŷ) + alpha·L_P + beta·L_KD + projector·L_PEFD (Eq. 10 of
+    "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, plus PEFD's feature
+    term); 0 switches a term off.
+
+    Attributes:
+        ce: the CE term (through DFND's Q when ``noisy_adaptation``).
+        alpha: the probe relation loss L_P (Eq. 8).
+        beta: L_KD (Eq. 9).
+        projector: the projector-ensemble feature loss (PEFD, "Improved Feature Distillation via Projector
+            Ensemble", arXiv 2210.15274); 0, the default, switches it off.
+    """
+
+    ce: float = 1.0
+    alpha: float = 0.8
+    beta: float = 1.0
+    projector: float = 0.0
+
+
+class ProbeDistillation(DistillationStage):
+    """Student distillation: L = w.ce·H_CE(Q(N_S(x)), ŷ) + w.alpha·L_P + w.beta·L_KD (Eq. 10), w = ``loss_weights``.
 
     Args:
         arch: student timm model name.
-        teacher_ckpt: the trained teacher (a vitkd checkpoint, or a state dict with ``teacher_arch``).
-        teacher_arch: arch of a plain state-dict teacher.
+        teacher_ckpt, teacher_arch, teacher_bf16, teacher_cache: the frozen teacher (``DistillationStage``).
+            ``teacher_cache`` needs ``--data.init_args.augment false``: augmented inputs differ every epoch.
+            ``teacher_bf16`` suits a teacher much wider than its student; under ``bf16-mixed`` the teacher is
+            in bf16 already.
+        loss_weights: the weight of each term (``ProbeLossWeights``; config keys
+            ``loss_weights: {ce: 1.0, alpha: 0.8, beta: 1.0, projector: 0.0}``).
         label_source: ``teacher`` — ŷ is the teacher's argmax (data-free); ``data`` — ŷ is the batch label
             (the KD-on-original-data baseline).
-        ce_weight: weight of the CE term (0 switches it off).
         noisy_adaptation: pass the student's softmax through DFND's Q before the CE.
         q_diagonal: Q's fixed diagonal; ``None`` reads the teacher's best validation accuracy from its checkpoint.
         q_lr: learning rate of Q's off-diagonal logits (Adam, constant).
-        alpha: weight of the probe relation loss L_P (Eq. 8; 0 switches it off).
         probe_pairs: (teacher block, student block) pairs compared by L_P.
         relation_norm: ``token`` normalises each channel over tokens (authors' code, the default, which gave the
             published numbers); ``channel`` normalises each token (the paper's cosine relation, Eq. 7).
-        beta, temperature: weight and temperature of L_KD (Eq. 9).
-        projector_weight: weight of the projector-ensemble feature loss (PEFD; 0, the default, switches it off).
+        temperature: of L_KD (Eq. 9).
         num_projectors, projector_act: PEFD ensemble size (authors: 3) and projector activation (authors: ReLU).
         measure_batch_size: batch size of the throughput measured for ``metrics.json`` (0 skips the cost figures).
-        teacher_cache: run the frozen teacher once per training sample and reuse its outputs in later epochs
-            (``vitkd.teacher_cache``). Needs ``--data.init_args.augment false``: augmented inputs differ every epoch.
-        teacher_bf16: run the frozen teacher's forward under bf16 autocast while the student trains at the
-            trainer's precision (its outputs are returned in fp32). On the 2-core CPU the digits teacher's
-            forward measured 1.70× faster in bf16 (``make bench``), while the width-32 student trains faster
-            in fp32, so the digits students use it; under ``bf16-mixed`` the teacher is in bf16 already.
     """
 
     def __init__(
@@ -57,108 +71,86 @@ class ProbeDistillation(ClassificationStage):
         img_size: int = 16,
         in_chans: int = 1,
         num_classes: int = 10,
+        loss_weights: ProbeLossWeights = ProbeLossWeights(),
         label_source: Literal["teacher", "data"] = "teacher",
-        ce_weight: float = 1.0,
         noisy_adaptation: bool = True,
         q_diagonal: float | None = None,
         q_lr: float = 1e-3,
-        alpha: float = 0.8,
         probe_pairs: list[tuple[int, int]] = [(3, 3), (7, 7), (11, 11)],
         relation_norm: Literal["token", "channel"] = "token",
-        beta: float = 1.0,
         temperature: float = 4.0,
         lr: float = 7e-4,
         weight_decay: float = 0.025,
         warmup_epochs: float = 1.0,
         model_kwargs: dict[str, Any] | None = None,
-        projector_weight: float = 0.0,
         num_projectors: int = 3,
         projector_act: Literal["relu", "none"] = "relu",
         measure_batch_size: int = 256,
         teacher_cache: bool = False,
         teacher_bf16: bool = False,
     ):
-        super().__init__()
+        super().__init__(
+            teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+            teacher_bf16=teacher_bf16, teacher_cache=teacher_cache,
+        )
         self.save_hyperparameters()
+        w = self.weights = loss_weights
+        if not any((w.ce, w.alpha, w.beta, w.projector)):
+            raise VitkdInputError("every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
-        self.load_frozen_teacher(teacher_ckpt, teacher_arch)
-        if noisy_adaptation and ce_weight > 0:
+        if noisy_adaptation and w.ce > 0:
             diag = q_diagonal if q_diagonal is not None else self.teacher_info.get("val_acc")
             if diag is None:
                 raise VitkdInputError(f"teacher checkpoint {teacher_ckpt} records no validation accuracy: set --model.q_diagonal (the teacher's accuracy)")
             self.q = NoisyAdaptation(num_classes, diag)
         else:
             self.q = None
-        self.taps = None
-        if alpha > 0:
-            pairs = [tuple(p) for p in probe_pairs]
-            self.taps = (FeatureTap(self.teacher, [p[0] for p in pairs]), FeatureTap(self.model, [p[1] for p in pairs]))
-            self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
+        if w.alpha > 0:
+            self.pair_taps(probe_pairs)
         self.projectors = (
-            ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if projector_weight > 0 else None
+            ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if w.projector > 0 else None
         )
         self.add_accuracy(num_classes)
-        self.cache = TeacherCache() if teacher_cache else None
-
-    def setup(self, stage: str) -> None:
-        if self.cache is None or stage != "fit":
-            return
-        dm = self.trainer.datamodule
-        if not hasattr(dm, "train_keys"):
-            raise VitkdInputError(f"--model.init_args.teacher_cache needs a data module whose training batches carry sample keys; {type(dm).__name__} has none")
-        if getattr(dm, "augment", False):
-            raise VitkdInputError("--model.init_args.teacher_cache true needs --data.init_args.augment false: augmented inputs change every epoch, so the teacher's outputs cannot be reused")
-        dm.train_keys = True
 
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the loss terms need from the frozen teacher for a batch: ``logits``, ``relation`` (the CLS
         relation row of each probed block, (B, L, N), for L_P) and ``pooled`` (PEFD). Computed every step, or
         once per sample by the teacher-output cache when the inputs are not augmented."""
-        hp = self.hparams
-        # nullcontext when off: autocast(enabled=False) would switch off the trainer's own bf16-mixed autocast
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if hp.teacher_bf16 else contextlib.nullcontext():
+        with self.teacher_precision(x):
             logits, pooled = _logits_and_pooled(self.teacher, x, self.projectors is not None)
         out = {"logits": logits.float()}
         if self.taps:
             feats = self.taps[0].features()
-            rows = [cls_relation(feats[t], hp.relation_norm, self.teacher.num_prefix_tokens) for t, _ in self.pairs]
+            rows = [cls_relation(feats[t], self.hparams.relation_norm, self.teacher.num_prefix_tokens) for t, _ in self.pairs]
             out["relation"] = torch.stack(rows, dim=1)
         if pooled is not None:
             out["pooled"] = pooled.float()
         return out
-
-    def batch_losses(self, batch) -> dict[str, torch.Tensor]:
-        if self.cache is None or len(batch) < 3:
-            return super().batch_losses(batch)
-        x, y, keys = batch
-        return self.losses(x, y, teacher_out=self.cache(keys, x, self.teacher_outputs))
 
     def losses(self, x: torch.Tensor, y: torch.Tensor | None, teacher_out: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed.
 
         ``teacher_out``: the teacher's outputs for ``x`` from ``teacher_outputs``; computed here when None.
         """
-        hp = self.hparams
+        hp, w = self.hparams, self.weights
         pefd = self.projectors is not None
         tout = teacher_out if teacher_out is not None else self.teacher_outputs(x)
         t_logits = tout["logits"]
         s_logits, s_pooled = _logits_and_pooled(self.model, x, pefd)
         target = y if hp.label_source == "data" else t_logits.argmax(dim=1)
         out: dict[str, torch.Tensor] = {}
-        if hp.ce_weight > 0:
+        if w.ce > 0:
             ce = self.q(s_logits, target) if self.q is not None else F.cross_entropy(s_logits.float(), target)
-            out["ce"] = hp.ce_weight * ce
-        if hp.alpha > 0:
+            out["ce"] = w.ce * ce
+        if w.alpha > 0:
             s_feats = self.taps[1].features()
             s_rows = [cls_relation(s_feats[s], hp.relation_norm, self.model.num_prefix_tokens) for _, s in self.pairs]
-            out["probe"] = hp.alpha * relation_rows_loss(s_rows, tout["relation"].unbind(dim=1))
-        if hp.beta > 0:
-            out["kd"] = hp.beta * kd_loss(s_logits, t_logits, hp.temperature)
+            out["probe"] = w.alpha * relation_rows_loss(s_rows, tout["relation"].unbind(dim=1))
+        if w.beta > 0:
+            out["kd"] = w.beta * kd_loss(s_logits, t_logits, hp.temperature)
         if pefd:
-            out["projector"] = hp.projector_weight * projector_ensemble_loss(s_pooled, tout["pooled"], self.projectors)
-        if not out:
-            raise VitkdInputError("every loss term is switched off: set ce_weight, alpha, beta or projector_weight above 0")
+            out["projector"] = w.projector * projector_ensemble_loss(s_pooled, tout["pooled"], self.projectors)
         return out
 
     def configure_optimizers(self):
@@ -174,9 +166,6 @@ class ProbeDistillation(ClassificationStage):
         out = super().report()
         if self.q is not None:
             out["q_diagonal"] = self.q.diagonal
-        if self.cache is not None:  # this rank's cache
-            c = self.cache
-            out["teacher_cache"] = {"samples": len(c), "hits": c.hits, "misses": c.misses, "mb": c.nbytes() / 2**20}
         return out
 
 

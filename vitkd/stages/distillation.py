@@ -1,0 +1,98 @@
+"""What every distillation stage shares: a student ``self.model`` trained from a frozen teacher.
+
+``DistillationStage`` owns the teacher (loaded frozen, kept in eval mode, left out of checkpoints, its forward
+optionally under bf16 autocast), the (teacher block, student block) feature-tap pairs, the per-sample
+teacher-output cache and the test step (student accuracy on the test split). A subclass holds only its own
+loss terms and steps: ``teacher_outputs(x)`` (what its terms read from the teacher) and
+``losses(x, y, teacher_out)``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vitkd.data_contract import KeyedTrainData, require
+from vitkd.errors import VitkdInputError
+from vitkd.models import FeatureTap
+from vitkd.stages.base import ClassificationStage
+from vitkd.teacher_cache import TeacherCache
+
+
+class DistillationStage(ClassificationStage):
+    """A student distilled from a frozen teacher.
+
+    Args:
+        teacher_ckpt: the trained teacher (a vitkd checkpoint, or a state dict with ``teacher_arch``).
+        teacher_arch: arch of a plain state-dict teacher.
+        img_size, in_chans, num_classes: the teacher is built for these (set from the data module).
+        teacher_bf16: run the frozen teacher's forward under bf16 autocast (``teacher_precision``) while the
+            student trains at the trainer's precision; its outputs are returned in fp32.
+        teacher_cache: keep the teacher's outputs per training sample (``vitkd.teacher_cache``) and reuse them
+            in later epochs; needs a data module whose training batches carry sample keys and do not change
+            between epochs (``KeyedTrainData`` with ``augment`` off).
+
+    The subclass sets ``self.model`` (the student) after this constructor, then ``pair_taps`` if a loss
+    term compares blocks.
+    """
+
+    def __init__(
+        self, teacher_ckpt: str, teacher_arch: str | None = None, *, img_size: int, in_chans: int, num_classes: int,
+        teacher_bf16: bool = False, teacher_cache: bool = False,
+    ):
+        super().__init__()
+        self.load_frozen_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.teacher_bf16 = teacher_bf16
+        self.cache = TeacherCache() if teacher_cache else None
+        self.taps: tuple[FeatureTap, FeatureTap] | None = None
+        self.pairs: list[tuple[int, int]] = []
+
+    # -- the teacher ------------------------------------------------------------------------------
+    def teacher_precision(self, x: torch.Tensor):
+        """bf16 autocast for the teacher's forward when ``teacher_bf16``; else the trainer's own precision
+        (a null context: ``autocast(enabled=False)`` would switch off the trainer's bf16-mixed autocast)."""
+        return torch.autocast(x.device.type, dtype=torch.bfloat16) if self.teacher_bf16 else contextlib.nullcontext()
+
+    def pair_taps(self, pairs: Sequence[Sequence[int]]) -> None:
+        """Taps the token outputs of each (teacher block, student block) pair: ``self.taps`` holds the teacher's
+        and the student's ``FeatureTap``, ``self.pairs`` the checked block indices."""
+        pairs = [tuple(p) for p in pairs]
+        self.taps = (FeatureTap(self.teacher, [t for t, _ in pairs]), FeatureTap(self.model, [s for _, s in pairs]))
+        self.pairs = [(self.taps[0].blocks[i], self.taps[1].blocks[i]) for i in range(len(pairs))]
+
+    def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the subclass's loss terms read from the frozen teacher for batch ``x`` (no gradients); what the
+        cache stores per sample."""
+        raise NotImplementedError
+
+    # -- the teacher-output cache ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.cache is None or stage != "fit":
+            return
+        dm = require(self.trainer.datamodule, KeyedTrainData, f"--model.init_args.teacher_cache true ({type(self).__name__})")
+        if dm.augment:
+            raise VitkdInputError(
+                "--model.init_args.teacher_cache true needs --data.init_args.augment false: augmented inputs change every epoch, "
+                "so the teacher's outputs cannot be reused"
+            )
+        dm.request_train_keys()
+
+    def batch_losses(self, batch) -> dict[str, torch.Tensor]:
+        """A keyed batch ``(x, y, keys)`` reads the teacher's outputs through the cache; others run the teacher."""
+        if self.cache is None or len(batch) < 3:
+            return super().batch_losses(batch)
+        x, y, keys = batch
+        return self.losses(x, y, teacher_out=self.cache(keys, x, self.teacher_outputs))
+
+    def losses(self, x: torch.Tensor, y: Any, teacher_out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each weighted loss term for a batch; ``teacher_out``: ``teacher_outputs(x)`` when already known."""
+        raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        out = super().report()
+        if self.cache is not None:  # this rank's cache
+            c = self.cache
+            out["teacher_cache"] = {"samples": len(c), "hits": c.hits, "misses": c.misses, "mb": c.nbytes() / 2**20}
+        return out
