@@ -94,17 +94,18 @@ def sparsify_attention(attn_map: torch.Tensor, sparsity: float) -> torch.Tensor:
     return attn_map * (attn_map >= threshold)
 
 
-def sparse_attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor | None,
-                  sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_attend(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_size: torch.Tensor | None,
+    sparsity: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``vit_parts.attend`` with ``sparsify_attention`` between the softmax and the value product; returns
     (values (B, N, H·d), sparsified map (B, H, N, N)). Attention dropout comes after the sparsification (the
     authors drop out first; the same in evaluation, where GTP runs)."""
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if log_size is not None:
-        logits = logits + log_size[:, None, None, :]
-    a = sparsify_attention(logits.softmax(dim=-1), sparsity)
-    out = (attn.attn_drop(a) @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], attn.attn_dim)
-    return out, a
+    return vp.attend(attn, q, k, v, log_size, after_softmax=lambda a: sparsify_attention(a, sparsity))
 
 
 def split_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:

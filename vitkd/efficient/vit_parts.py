@@ -5,6 +5,8 @@ drop path, head) and only re-sequence them, so a trained checkpoint runs unchang
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -44,19 +46,29 @@ def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor | None = None):
+def attend(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_size: torch.Tensor | None = None,
+    after_softmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
     """Softmax attention with the map materialised; returns (values (B, N, H·d), post-softmax map (B, H, N, N)).
 
     Hand-written instead of timm's fused SDPA because GTP, ToMe and IdleViT need the map (or a bias);
     the operation order is timm's unfused path, so with ``log_size`` None or all zeros the result is
     bit-identical to timm with ``fused_attn = False``. ``log_size`` (B, N) adds log(token size) to every
-    key's logit: ToMe's proportional attention, GTP's token-scale attention.
+    key's logit: ToMe's proportional attention, GTP's token-scale attention. ``after_softmax`` changes the map
+    before the value product and is what is returned (GTP's attention sparsification).
     """
     q = q * attn.scale
     logits = q @ k.transpose(-2, -1)
     if log_size is not None:
         logits = logits + log_size[:, None, None, :]
     a = logits.softmax(dim=-1)
+    if after_softmax is not None:
+        a = after_softmax(a)
     a_used = attn.attn_drop(a)
     out = (a_used @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], attn.attn_dim)
     return out, a
