@@ -64,8 +64,14 @@ def source_summary(scored: Mapping[str, int], kept: Mapping[str, int], positive_
         for s in names
     }
     figures = source_precision(scored_n, kept_n, positive_sources)
-    out.update({k: v for k, v in figures.items() if k not in ("scored_by_source", "kept_by_source")})  # by_source has them
+    # by_source has the counts
+    out.update({k: v for k, v in figures.items() if k not in ("scored_by_source", "kept_by_source")})
     return out
+
+
+def _mean(v: np.ndarray) -> float | None:
+    """Mean of the scores ``v`` (float64), NaN left out; None for no sample."""
+    return float(np.nanmean(v, dtype=np.float64)) if len(v) else None
 
 
 def _plt():
@@ -111,7 +117,10 @@ def plot_sources(summary: dict[str, Any]) -> np.ndarray:
     names = list(by)
     colors = ["tab:blue" if by[s]["positive"] else "tab:gray" for s in names]
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(names) + 3), 3.0), dpi=100)
-    for ax, field, title in ((axes[0], "keep_rate", "fraction of each source kept"), (axes[1], "share_of_kept", "make-up of the kept set")):
+    panels = (
+        (axes[0], "keep_rate", "fraction of each source kept"), (axes[1], "share_of_kept", "make-up of the kept set"),
+    )
+    for ax, field, title in panels:
         vals = [by[s][field] for s in names]
         bars = ax.bar(names, vals, color=colors)
         for b, s in zip(bars, names):
@@ -121,7 +130,10 @@ def plot_sources(summary: dict[str, Any]) -> np.ndarray:
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
     if "precision" in summary:
-        title = f"precision {summary['precision']:.3f} of at most {summary['precision_max']:.3f} (positive: {', '.join(summary['positive_sources'])}), recall {summary['recall']:.3f}"
+        title = (
+            f"precision {summary['precision']:.3f} of at most {summary['precision_max']:.3f} "
+            f"(positive: {', '.join(summary['positive_sources'])}), recall {summary['recall']:.3f}"
+        )
     else:
         title = "no positive source named: precision not measured"
     fig.suptitle(title, fontsize=9)
@@ -149,7 +161,8 @@ def plot_embedding(points: dict[str, np.ndarray], method: str, features: str) ->
         if name in points and len(points[name]):
             color, marker = style[name]
             p = points[name]
-            ax.scatter(p[:, 0], p[:, 1], s=9, c=color, marker=marker, alpha=0.6, linewidths=0.6, label=f"{name} ({len(p)})")
+            label = f"{name} ({len(p)})"
+            ax.scatter(p[:, 0], p[:, 1], s=9, c=color, marker=marker, alpha=0.6, linewidths=0.6, label=label)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=8, markerscale=2)
@@ -192,7 +205,9 @@ class SelectionReport(Callback):
         return ExampleRequest(self.per_group, self.max_scan, (self.features,), self.seed)
 
     @rank_zero_only
-    def on_selection_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: SelectionResult) -> dict[str, Any]:
+    def on_selection_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: SelectionResult,
+    ) -> dict[str, Any]:
         """Write ``result.run_dir/report/`` from what the selector hands over; returns ``selection.json``'s content."""
         if not self.enabled:
             return {}
@@ -200,10 +215,7 @@ class SelectionReport(Callback):
         summary = source_summary(tallies.scored, tallies.kept, list(result.positive_sources))
         kept = np.asarray(tallies.selected, dtype=bool)
         summary["scores"] = {
-            c: {
-                "kept_mean": float(np.nanmean(tallies.columns[c][kept], dtype=np.float64)) if kept.any() else None,
-                "rejected_mean": float(np.nanmean(tallies.columns[c][~kept], dtype=np.float64)) if (~kept).any() else None,
-            }
+            c: {"kept_mean": _mean(tallies.columns[c][kept]), "rejected_mean": _mean(tallies.columns[c][~kept])}
             for c in score_columns(tallies.columns)
         }
         figures = {"scores": plot_histograms(tallies.columns, kept, self.bins)}
@@ -212,7 +224,8 @@ class SelectionReport(Callback):
         if self.per_group > 0:
             points = self.embedding_points(result)
             if points:
-                summary["embedding"] = {"method": self.embedding, "features": self.features, "points": {k: len(v) for k, v in points.items()}}
+                counts = {k: len(v) for k, v in points.items()}
+                summary["embedding"] = {"method": self.embedding, "features": self.features, "points": counts}
                 figures["embedding"] = plot_embedding(points, self.embedding, self.features)
         with atomic_dir(result.run_dir / "report") as tmp:
             for name, image in figures.items():
@@ -226,7 +239,10 @@ class SelectionReport(Callback):
     def embedding_points(self, result: SelectionResult) -> dict[str, np.ndarray]:
         """2-D points of the teacher's outputs for up to ``per_group`` kept, rejected and original samples."""
         if self.features not in result.examples:
-            rank_zero_warn(f"SelectionReport: the selection holds no {self.features} outputs of the teacher, the embedding is skipped")
+            rank_zero_warn(
+                f"SelectionReport: the selection holds no {self.features} outputs of the teacher, "
+                "the embedding is skipped"
+            )
             return {}
         feats = {k: v[: self.per_group] for k, v in result.examples[self.features].items() if len(v)}
         if not feats:

@@ -142,7 +142,8 @@ def test_selection_report_from_a_selection(tiny_teacher, tiny_pool, tmp_path):
     stage = AttentionProbeSelector(teacher_ckpt=str(tiny_teacher), num_keep=30, probe_blocks=[0, 1], lambda_a=[0.05, 0.05])
     dm = DigitsDataModule(img_size=16, eval_batch_size=32, wild_urls=tiny_pool)
     report, handed = SelectionReport(per_group=20, embedding="tsne"), Handed()
-    trainer = pl.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False, callbacks=[report, handed])
+    trainer = pl.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[report, handed])
     metrics = stage.execute(trainer, dm)
     assert (tmp_path / "report" / "selection.json").is_file(), "the selector calls on_selection_end once its outputs exist"
     summary = report.on_selection_end(trainer, stage, handed.result)

@@ -21,8 +21,9 @@ def deep_teacher(tmp_path_factory):
     return str(path)
 
 
-def _selector(teacher, blocks, weights, **kw):
-    return AttentionProbeSelector(teacher, 5, teacher_arch="digits_student_patch4_16", probe_blocks=blocks, lambda_a=weights, **kw)
+def _selector(teacher, blocks, weights):
+    return AttentionProbeSelector(teacher, 5, teacher_arch="digits_student_patch4_16", probe_blocks=blocks,
+                                  lambda_a=weights)
 
 
 def test_unsorted_probe_blocks_score_as_sorted(deep_teacher):
@@ -53,8 +54,9 @@ def test_a_block_named_twice_is_refused(deep_teacher):
 
 
 def _select(teacher, pool, run_dir, blocks, weights):
-    fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(teacher), "--data.init_args.wild_urls", pool,
-        "--model.init_args.num_keep", "30", "--model.init_args.probe_blocks", blocks, "--model.init_args.lambda_a", weights,
+    fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(teacher),
+        "--data.init_args.wild_urls", pool, "--model.init_args.num_keep", "30",
+        "--model.init_args.probe_blocks", blocks, "--model.init_args.lambda_a", weights,
         "--trainer.precision", "32-true", "--run_dir", str(run_dir))
     with open(run_dir / "scores.csv") as f:
         return list(csv.reader(f))
@@ -66,5 +68,7 @@ def test_unsorted_probe_blocks_write_the_same_scores_through_the_cli(tiny_teache
     assert given[0] == ordered[0] == ["key", "va_blk0", "va_blk1", "vn", "value", "pred", "selected", "src", "cls"]
     assert given[1:] == ordered[1:]
     # the same scores, so the same fingerprint: either run's parts resume the other
-    fingerprint = [(run / "score_parts" / "fingerprint.json").read_text() for run in (tmp_path / "given", tmp_path / "ordered")]
-    assert fingerprint[0] == fingerprint[1]
+    given_fp, ordered_fp = (
+        (tmp_path / run / "score_parts" / "fingerprint.json").read_text() for run in ("given", "ordered")
+    )
+    assert given_fp == ordered_fp

@@ -37,7 +37,8 @@ class ExampleRequest:
         if not wanted:
             return None
         features = tuple(dict.fromkeys(f for r in wanted for f in r.features))
-        return ExampleRequest(max(r.per_group for r in wanted), max(r.max_scan for r in wanted), features, wanted[0].seed)
+        per_group, max_scan = max(r.per_group for r in wanted), max(r.max_scan for r in wanted)
+        return ExampleRequest(per_group, max_scan, features, wanted[0].seed)
 
 
 class ExampleGatherer:
@@ -65,7 +66,9 @@ class ExampleGatherer:
             if image is not None:
                 group.append(image)
 
-    def features(self, teacher: torch.nn.Module, original: torch.Tensor | None = None) -> dict[str, dict[str, np.ndarray]]:
+    def features(
+        self, teacher: torch.nn.Module, original: torch.Tensor | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
         """The teacher's outputs (``example_features``) for the gathered images and ``original`` ones."""
         images = {k: torch.stack(v) for k, v in self.images.items() if v}
         if original is not None:
@@ -88,7 +91,9 @@ def teacher_features(teacher: torch.nn.Module, x: torch.Tensor, features: Featur
     return np.concatenate(out)
 
 
-def example_features(teacher: torch.nn.Module, images: dict[str, torch.Tensor], kinds: Iterable[Features]) -> dict[str, dict[str, np.ndarray]]:
+def example_features(
+    teacher: torch.nn.Module, images: dict[str, torch.Tensor], kinds: Iterable[Features],
+) -> dict[str, dict[str, np.ndarray]]:
     """``{feature kind: {group: (N, D) teacher outputs}}`` for each group's images, groups in ``GROUPS`` order."""
     groups = [g for g in GROUPS if g in images and len(images[g])]
     return {kind: {g: teacher_features(teacher, images[g], kind) for g in groups} for kind in kinds}

@@ -62,7 +62,9 @@ class SelectionTallies:
         return sum(self.kept.values())
 
 
-def part_rows(parts: RankedParts, kept: Kept, only_kept: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+def part_rows(
+    parts: RankedParts, kept: Kept, only_kept: bool = False,
+) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
     """Each part's columns with its ``selected`` mask, in shard order (only parts with kept rows if asked)."""
     for i in sorted(kept) if only_kept else range(len(parts.urls)):
         cols = parts.load(i)
@@ -71,20 +73,23 @@ def part_rows(parts: RankedParts, kept: Kept, only_kept: bool = False) -> Iterat
         yield i, cols, mask
 
 
-def _tally_skipped(totals: Counter, by_shard: dict, url: str, info: dict[str, Any], n_scored: int, expected: int | None) -> None:
+def _tally_skipped(
+    totals: Counter, by_shard: dict, url: str, info: dict[str, Any], n_scored: int, expected: int | None,
+) -> None:
     """A part's damaged data into ``totals`` and ``by_shard`` (only shards with something skipped)."""
     lost = skipped_count(info, n_scored, expected)
-    totals.update(damaged_shards=int(info.get("damaged_shards", 0)), corrupt_images=int(info.get("corrupt_images", 0)), skipped_samples=lost)
-    if lost or info.get("damaged_shards") or info.get("corrupt_images"):
+    damaged, corrupt = int(info.get("damaged_shards", 0)), int(info.get("corrupt_images", 0))
+    totals.update(damaged_shards=damaged, corrupt_images=corrupt, skipped_samples=lost)
+    if lost or damaged or corrupt:
         by_shard[url] = {
-            "scored": n_scored, "skipped": lost, "damaged": bool(info.get("damaged_shards")), "corrupt_images": int(info.get("corrupt_images", 0)),
+            "scored": n_scored, "skipped": lost, "damaged": bool(damaged), "corrupt_images": corrupt,
             "causes": list(info.get("causes", [])),
         }
 
 
 def write_scores(
-    path: Path, parts: RankedParts, kept: Kept, score_names: Sequence[str], positive_sources: Sequence[str], num_classes: int,
-    pool_counts: dict[str, int] | None = None,
+    path: Path, parts: RankedParts, kept: Kept, score_names: Sequence[str], positive_sources: Sequence[str],
+    num_classes: int, pool_counts: dict[str, int] | None = None,
 ) -> SelectionTallies:
     """``scores.csv`` (key, the ``score_names`` columns, pred, selected, src, cls), written atomically; the
     same pass tallies samples scored and kept per source, kept per teacher-predicted class, the damaged data
@@ -119,18 +124,22 @@ def write_scores(
             floats = [cols.get(c, np.empty(0)) for c in score_names]
             for j in range(len(mask)):
                 label = int(cols["label"][j])
-                w.writerow([cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]), cols["src"][j], label if label >= 0 else ""])
+                w.writerow([
+                    cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]),
+                    cols["src"][j], label if label >= 0 else "",
+                ])
     src = np.concatenate(codes) if codes else np.empty(0, np.int32)
     full = {c: np.concatenate(v) for c, v in columns.items() if v}
     return SelectionTallies(
-        scored=scored, kept=kept_src, kept_per_class=kept_pred, skipped=skipped, skipped_by_shard=by_shard, labelled=labelled,
-        auroc=score_auroc(full, src, names, positive), columns=full,
+        scored=scored, kept=kept_src, kept_per_class=kept_pred, skipped=skipped, skipped_by_shard=by_shard,
+        labelled=labelled, auroc=score_auroc(full, src, names, positive), columns=full,
         selected=np.concatenate(masks) if masks else np.empty(0, bool),
     )
 
 
 def selected_samples(
-    parts: RankedParts, kept: Kept, read_shard: Callable[[str], Iterable[dict]], fields: Sequence[str], examples: ExampleGatherer | None = None,
+    parts: RankedParts, kept: Kept, read_shard: Callable[[str], Iterable[dict]], fields: Sequence[str],
+    examples: ExampleGatherer | None = None,
 ) -> Iterator[dict]:
     """The kept samples of each shard in pool order (``read_shard(url)`` gives its raw samples): ``__key__``,
     the pseudo-label in ``cls`` and the raw ``fields`` present (image bytes, ``src``). Every sample read on the
@@ -150,8 +159,8 @@ def selected_samples(
 
 
 def selection_metrics(
-    tallies: SelectionTallies, num_shards: int, selected_urls: str, strategy: str, class_balance: bool, num_classes: int,
-    positive_sources: Sequence[str],
+    tallies: SelectionTallies, num_shards: int, selected_urls: str, strategy: str, class_balance: bool,
+    num_classes: int, positive_sources: Sequence[str],
 ) -> dict[str, Any]:
     """The selection's figures for ``metrics.json``."""
     skipped, labelled = tallies.skipped, tallies.labelled

@@ -66,10 +66,15 @@ class ScoreParts:
     def load(self, i: int) -> dict[str, np.ndarray]:
         with np.load(self.path(i)) as z:
             if str(z["url"]) != self.urls[i]:
-                raise VitkdInputError(f"{self.path(i)} holds scores of {z['url']}, not {self.urls[i]}: use a new --run_dir")
+                raise VitkdInputError(
+                    f"{self.path(i)} holds scores of {z['url']}, not {self.urls[i]}: use a new --run_dir"
+                )
             cols = {k: z[k] for k in z.files if k not in ("url", "skipped")}
         if "key" not in cols:  # a shard with no readable sample
-            cols = {"key": np.empty(0, str), "src": np.empty(0, str), "value": np.empty(0), "vn": np.empty(0), "pred": np.empty(0, np.int64)}
+            cols = {
+                "key": np.empty(0, str), "src": np.empty(0, str), "value": np.empty(0), "vn": np.empty(0),
+                "pred": np.empty(0, np.int64),
+            }
         if "label" not in cols:  # parts scored before labels were kept: no sample counts as labelled
             cols["label"] = np.full(len(cols["key"]), -1, dtype=np.int64)
         self._sizes[i] = len(cols["key"])
@@ -89,7 +94,10 @@ class ScoreParts:
     def num_scored(self) -> int:
         missing = [u for u in self.urls if not self.done(u)]
         if missing:
-            raise VitkdInputError(f"no scores for {len(missing)} shards (e.g. {missing[0]}): rerun the same command to resume the selection")
+            raise VitkdInputError(
+                f"no scores for {len(missing)} shards (e.g. {missing[0]}): "
+                "rerun the same command to resume the selection"
+            )
         return sum(self.size(i) for i in range(len(self.urls)))
 
 
@@ -106,19 +114,24 @@ def warn_skipped(url: str, info: dict[str, Any], n_scored: int, expected: int | 
         return
     what = "damaged shard" if info.get("damaged_shards") else "shard with bad images"
     causes = "; ".join(info.get("causes", [])) or "unknown"
-    print(f"vitkd: warning: {what} {url} ({causes}): {n_scored} samples scored, {lost} skipped", file=sys.stderr, flush=True)
+    line = f"vitkd: warning: {what} {url} ({causes}): {n_scored} samples scored, {lost} skipped"
+    print(line, file=sys.stderr, flush=True)
 
 
-def score_fingerprint(hparams: Mapping[str, Any], probe_blocks: list[int], lambda_a: list[float], precision: str) -> dict[str, Any]:
+def score_fingerprint(
+    hparams: Mapping[str, Any], probe_blocks: list[int], lambda_a: list[float], precision: str,
+) -> dict[str, Any]:
     """What the saved scores depend on, from the selector's ``hparams``: resuming with any of it changed would
     mix incomparable scores. ``probe_blocks`` in block order, each ``lambda_a`` with its block."""
     ckpt = Path(hparams["teacher_ckpt"])
     stat = ckpt.stat()
     return {
         "teacher_ckpt": str(ckpt.resolve()), "teacher_size": stat.st_size, "teacher_mtime": int(stat.st_mtime),
-        "probe_blocks": list(probe_blocks), "probe_head": hparams["probe_head"], "lambda_a": list(lambda_a), "lambda_n": hparams["lambda_n"],
+        "probe_blocks": list(probe_blocks), "probe_head": hparams["probe_head"], "lambda_a": list(lambda_a),
+        "lambda_n": hparams["lambda_n"],
         "img_size": hparams["img_size"], "in_chans": hparams["in_chans"], "precision": precision,
-        **({"compile": True} if hparams.get("compile") else {}),  # absent when off: parts scored before the switch existed resume
+        # absent when off: parts scored before the switch existed resume
+        **({"compile": True} if hparams.get("compile") else {}),
         **({"extra_scores": list(hparams["stability_views"])} if hparams.get("extra_scores") else {}),
     }
 
@@ -131,11 +144,11 @@ def check_pool_size(counts: dict[str, int] | None, urls: list[str], num_keep: in
     n = sum(counts.values())
     if n == 0:
         raise VitkdInputError(
-            f"the wild pool {urls[0]}{' ...' if len(urls) > 1 else ''} holds no samples (by its meta.json or tar headers): "
-            "check --data.init_args.wild_urls"
+            f"the wild pool {urls[0]}{' ...' if len(urls) > 1 else ''} holds no samples "
+            "(by its meta.json or tar headers): check --data.init_args.wild_urls"
         )
     if num_keep > n:
         raise VitkdInputError(
-            f"num_keep {num_keep} is larger than the wild pool ({n} samples in {len(urls)} shards, counted from their meta.json or tar headers "
-            "before scoring): lower --model.num_keep"
+            f"num_keep {num_keep} is larger than the wild pool ({n} samples in {len(urls)} shards, "
+            "counted from their meta.json or tar headers before scoring): lower --model.num_keep"
         )

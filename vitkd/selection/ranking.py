@@ -30,7 +30,8 @@ def column_stats(parts: ScoreParts, weights: dict[str, float]) -> dict[str, tupl
     missing = sorted(set(weights) - set(sums))
     if missing:
         raise VitkdInputError(
-            f"the saved scores have no {missing} column: rescore with --model.init_args.extra_scores true (a new --run_dir or --overwrite true)"
+            f"the saved scores have no {missing} column: rescore with --model.init_args.extra_scores true "
+            "(a new --run_dir or --overwrite true)"
         )
     out = {}
     for c, (n, s1, s2) in sums.items():
@@ -43,7 +44,10 @@ class RankedParts:
     """Score parts whose ``value`` column is the strategy's ranking value (V itself for ``value`` and
     ``random``); the fusion's statistics are taken over the pool once, when this is built."""
 
-    def __init__(self, parts: ScoreParts, strategy: str, positive_sources: Sequence[str] = (), fusion_weights: dict[str, float] | None = None):
+    def __init__(
+        self, parts: ScoreParts, strategy: str, positive_sources: Sequence[str] = (),
+        fusion_weights: dict[str, float] | None = None,
+    ):
         self.parts, self.strategy = parts, strategy
         self.positive_sources, self.fusion_weights = list(positive_sources), fusion_weights
         self.stats = column_stats(parts, fusion_weights or {}) if strategy == "fusion" else {}
@@ -68,21 +72,3 @@ class RankedParts:
             cols["value"] = cols["value"].astype(np.float64) + ORACLE_OFFSET * outside
         return cols
 
-
-def check_strategy(
-    strategy: str, fusion_weights: dict[str, float] | None, extra_scores: bool, probe_blocks: Sequence[int], class_balance: bool,
-) -> None:
-    """The selector's strategy arguments fit together: ``fusion`` weighs known, nonzero columns it has scores
-    for; ``class_balance`` ranks by a value."""
-    if strategy == "fusion":
-        needs = {"vn", "va", "vs", "energy"} if extra_scores else {"vn", "va"}
-        bad = sorted(set(fusion_weights or {}) - needs)
-        if not fusion_weights or bad or not any(fusion_weights.values()):
-            raise VitkdInputError(
-                f"strategy fusion needs --model.init_args.fusion_weights with nonzero weights of {sorted(needs)} (got {fusion_weights})"
-                + ("; vs and energy need extra_scores true" if bad and not extra_scores else "")
-            )
-        if "va" in fusion_weights and fusion_weights["va"] and not probe_blocks:
-            raise VitkdInputError("fusion weight va needs probe_blocks: name the blocks whose V_a enters, or drop va")
-    if class_balance and strategy not in ("value", "fusion"):
-        raise VitkdInputError(f"class_balance applies to strategy value only, not {strategy}: drop --model.init_args.class_balance")

@@ -1,11 +1,13 @@
 """Wild-data value function of the attention-probe selector (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eqs. 4–6)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vitkd.errors import VitkdInputError
 
 
 def attention_value(probe: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,15 @@ def selection_value(va: Sequence[torch.Tensor], vn: torch.Tensor, lambda_a: Sequ
     for w, a in zip(lambda_a, va, strict=True):
         v = v + w * a
     return v
+
+
+def probe_weights(blocks: Sequence[int], lambda_a: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The probed blocks in forward order, each with its λa of Eq. 6 (given in any order, each block once): an
+    attention probe's rows come in the blocks' forward order, whatever order they were named in."""
+    if len(set(blocks)) < len(blocks):
+        raise VitkdInputError(f"probe_blocks {list(blocks)} name a block twice: list each block once")
+    pairs = sorted(zip(blocks, lambda_a, strict=True))
+    return [b for b, _ in pairs], [w for _, w in pairs]
 
 
 # -- vitkd's own selection terms (not in the paper) ---------------------------------------------------------

@@ -31,13 +31,25 @@ from data_modules import shards
 from data_modules.transforms import to_tensor
 from vitkd.errors import VitkdInputError
 from vitkd.models import AttentionProbe
+from vitkd.selection.args import check_selection_args
 from vitkd.selection.examples import ExampleGatherer, ExampleRequest
 from vitkd.selection.outputs import selected_samples, selection_metrics, write_scores
-from vitkd.selection.parts import ScoreParts, check_pool_size, score_fingerprint, warn_skipped
-from vitkd.selection.ranking import RankedParts, check_strategy
+from vitkd.selection.parts import (
+    ScoreParts,
+    check_pool_size,
+    score_fingerprint,
+    warn_skipped,
+)
+from vitkd.selection.ranking import RankedParts
 from vitkd.selection.result import SelectionResult
 from vitkd.selection.scoring import (
-    STABILITY_VIEWS, attention_value, confidence_value, energy_value, selection_value, stability_value,
+    STABILITY_VIEWS,
+    attention_value,
+    confidence_value,
+    energy_value,
+    probe_weights,
+    selection_value,
+    stability_value,
 )
 from vitkd.selection.topk import choose
 from vitkd.stages.base import Stage
@@ -98,26 +110,18 @@ class AttentionProbeSelector(Stage):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if num_keep <= 0:
-            raise VitkdInputError(f"num_keep {num_keep} must be positive: pass --model.num_keep N")
-        if len(lambda_a) != len(probe_blocks):
-            raise VitkdInputError(f"lambda_a has {len(lambda_a)} weights for {len(probe_blocks)} probe_blocks: give one weight per block")
-        unknown = sorted(set(stability_views) - set(STABILITY_VIEWS))
-        if unknown:
-            raise VitkdInputError(f"stability_views {unknown} unknown: use some of {sorted(STABILITY_VIEWS)}")
-        check_strategy(strategy, fusion_weights, extra_scores, probe_blocks, class_balance)
+        check_selection_args(
+            num_keep, probe_blocks, lambda_a, stability_views, strategy, fusion_weights, extra_scores, class_balance
+        )
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
         self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
-        blocks = self.probe.blocks if self.probe else []  # indices in 0..depth-1
-        if len(set(blocks)) < len(blocks):
-            raise VitkdInputError(f"probe_blocks {list(probe_blocks)} name a block twice: list each block once")
-        # the probe's rows come in the blocks' forward order: each λa goes with its block, whatever the given order
-        pairs = sorted(zip(blocks, lambda_a))
-        self._blocks, self._lambda_a = [b for b, _ in pairs], [w for _, w in pairs]
+        # blocks in 0..depth-1, in forward order as the probe's rows, each λa with its block
+        self._blocks, self._lambda_a = probe_weights(self.probe.blocks if self.probe else [], lambda_a)
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
         self._parts: ScoreParts | None = None
         self._score = self._compiled_score if compile else self.score
-        self._compiled = torch.compile(self.score, dynamic=False) if compile else None  # a shard's short last batch: one more shape
+        # a shard's short last batch: one more shape
+        self._compiled = torch.compile(self.score, dynamic=False) if compile else None
 
     def _compiled_score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         # freezing: inductor folds the frozen teacher's weights in as constants and prepacks them for the CPU's
@@ -149,7 +153,8 @@ class AttentionProbeSelector(Stage):
         rows = self.probe.rows() if self.probe else {}
         va = [attention_value(rows[b]) for b in self._blocks]
         cols = {f"va_blk{b}": a for b, a in zip(self._blocks, va)}
-        cols.update(vn=vn, value=selection_value(va, vn, self._lambda_a, self.hparams.lambda_n), pred=logits.argmax(dim=1))
+        value = selection_value(va, vn, self._lambda_a, self.hparams.lambda_n)
+        cols.update(vn=vn, value=value, pred=logits.argmax(dim=1))
         if self.hparams.get("extra_scores"):
             views = [self.teacher(STABILITY_VIEWS[v](images)) for v in self.hparams.stability_views]
             cols.update(vs=stability_value(logits, views), energy=energy_value(logits))
@@ -157,14 +162,17 @@ class AttentionProbeSelector(Stage):
 
     def predict_step(self, batch, batch_idx):
         if len(batch["key"]):
-            cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in self._score(batch["image"]).items()}
-            cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]), label=np.array(batch["cls"], dtype=np.int64))
+            scores = self._score(batch["image"])
+            cols = {k: v.cpu().numpy() if k == "pred" else v.float().cpu().numpy() for k, v in scores.items()}
+            cols.update(key=np.array(batch["key"]), src=np.array(batch["src"]))
+            cols.update(label=np.array(batch["cls"], dtype=np.int64))
             self._pending.setdefault(batch["url"], []).append(cols)
         if batch["last"]:
             chunks = self._pending.pop(batch["url"], [])
             skipped = batch.get("skipped", {})
             self._parts.save(batch["url"], chunks, skipped)
-            warn_skipped(batch["url"], skipped, sum(len(c["key"]) for c in chunks), (self._pool_counts or {}).get(batch["url"]))
+            n_scored = sum(len(c["key"]) for c in chunks)
+            warn_skipped(batch["url"], skipped, n_scored, (self._pool_counts or {}).get(batch["url"]))
 
     def check_run_dir(self, trainer, datamodule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Before anything is written: saved scores in ``run_dir`` computed differently are refused, unless
@@ -203,7 +211,8 @@ class AttentionProbeSelector(Stage):
         metrics: dict[str, Any] = {}
         if trainer.is_global_zero:
             hooks = [cb for cb in trainer.callbacks if hasattr(cb, "on_selection_end")]
-            metrics, result = self._select(run_dir, datamodule, ExampleRequest.merge(getattr(cb, "selection_examples", None) for cb in hooks))
+            request = ExampleRequest.merge(getattr(cb, "selection_examples", None) for cb in hooks)
+            metrics, result = self._select(run_dir, datamodule, request)
             metrics.update(shards_scored_this_run=scored_now, world_size=trainer.world_size)
             for cb in hooks:  # e.g. the selection report, once the outputs exist
                 cb.on_selection_end(trainer, self, result)
@@ -211,21 +220,35 @@ class AttentionProbeSelector(Stage):
         return metrics
 
     # -- selection (rank 0) -------------------------------------------------------------------
-    def _select(self, run_dir: Path, datamodule, request: ExampleRequest | None) -> tuple[dict[str, Any], SelectionResult]:
+    def _select(self, run_dir: Path, dm, request: ExampleRequest | None) -> tuple[dict[str, Any], SelectionResult]:
+        """The kept set, ``scores.csv``, ``selected/`` and ``metrics.json``'s figures, and what the callbacks get:
+        the tallies and the teacher's outputs for the examples they asked for."""
         hp, urls = self.hparams, self._parts.urls
         n, k = self._parts.num_scored(), hp.num_keep
         if k > n:
-            raise VitkdInputError(f"num_keep {k} is larger than the wild pool ({n} samples scored): lower --model.num_keep")
+            raise VitkdInputError(
+                f"num_keep {k} is larger than the wild pool ({n} samples scored): lower --model.num_keep"
+            )
         ranked = RankedParts(self._parts, hp.strategy, hp.positive_sources, hp.fusion_weights)
         per_class = k // hp.num_classes if hp.get("class_balance") else 0
         kept = choose(ranked, k, hp.seed if hp.strategy == "random" else None, per_class)
-        tallies = write_scores(run_dir / "scores.csv", ranked, kept, self.score_names(), hp.positive_sources, hp.num_classes, self._pool_counts)
+        tallies = write_scores(
+            run_dir / "scores.csv", ranked, kept, self.score_names(), hp.positive_sources, hp.num_classes,
+            self._pool_counts,
+        )
         gather = ExampleGatherer(request, self._decode) if request else None
         samples = selected_samples(ranked, kept, _read_shard, (*shards.IMAGE_EXTS, "src"), gather)
-        written = shards.write_shards(samples, run_dir / "selected", pattern="shard-%06d.tar", maxcount=hp.shard_size, meta={"source": urls})
-        url = shards.shard_url(run_dir / "selected", len(written), "shard")
-        metrics = selection_metrics(tallies, len(urls), url, hp.strategy, bool(hp.get("class_balance")), hp.num_classes, hp.positive_sources)
-        examples = gather.features(self.teacher, original_images(datamodule, request, hp.in_chans, hp.img_size)) if gather else {}
+        out = run_dir / "selected"
+        written = shards.write_shards(
+            samples, out, pattern="shard-%06d.tar", maxcount=hp.shard_size, meta={"source": urls}
+        )  # atomic: the folder appears whole
+        metrics = selection_metrics(
+            tallies, len(urls), shards.shard_url(out, len(written), "shard"), hp.strategy,
+            bool(hp.get("class_balance")), hp.num_classes, hp.positive_sources,
+        )
+        examples = {}
+        if gather is not None:
+            examples = gather.features(self.teacher, original_images(dm, request, hp.in_chans, hp.img_size))
         return metrics, SelectionResult(run_dir, tuple(hp.positive_sources), tallies, examples)
 
     def _decode(self, sample: dict) -> torch.Tensor | None:
@@ -246,5 +269,6 @@ def original_images(dm, request: ExampleRequest, in_chans: int, img_size: int) -
         if not getattr(dm, "train_urls", None):
             return None
         return first_images(dm.train_dataloader().dataset, request.per_group)
-    idx = np.sort(np.random.default_rng(request.seed).choice(len(x), size=min(request.per_group, len(x)), replace=False))
+    rng = np.random.default_rng(request.seed)
+    idx = np.sort(rng.choice(len(x), size=min(request.per_group, len(x)), replace=False))
     return torch.stack([to_tensor(x[i], in_chans, img_size) for i in idx])
