@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.formats import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
 from data_modules.image_data import ImageDataModule
+from data_modules.readers.idx import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
 from vitkd.errors import VitkdInputError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -32,7 +32,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from data_modules.formats import FORMATS, EMNIST_SPLITS, NATIVE_SIZE, Reader, fit_size, open_reader
+from data_modules.readers import FORMATS, NATIVE_SIZE, Reader, open_reader
+from data_modules.readers.idx import EMNIST_SPLITS
+from data_modules.readers.resize import fit_size
 from data_modules.shards import encode_png, shard_url
 from vitkd.errors import OneLineParser, VitkdInputError
 from vitkd.io import atomic_path, write_json
