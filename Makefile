@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report test test-fast faults clean
+.PHONY: setup demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +61,10 @@ bench: setup
 # Comparison table and plots of the demo's runs (runs/demo/comparison/).
 report: setup
 	$(PY) -m vitkd.report runs/demo/*
+
+# The result tables of README.md and docs/*.md, rewritten from the committed results JSON (benchmarks/results/).
+docs: setup
+	$(PY) -m vitkd.demos.tables
 
 test: setup
 	$(PY) -m pytest -q -m "not soak"
