@@ -28,6 +28,7 @@ import numpy as np
 
 from data_modules.image_data import ImageDataModule
 from data_modules.readers.idx import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
+from data_modules.readers.idx import IDX_IMAGES, IDX_LABELS, read_idx
 from vitkd.errors import VitkdInputError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,7 +98,6 @@ def install_fashion() -> Path:
 def load_fashion(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The official ``train`` (60,000) and ``test`` (10,000) images (N, 28, 28) uint8 and int64 labels, read
     by the IDX reader ``vitkd.pack`` uses."""
-    from data_modules.formats import IDX_IMAGES, IDX_LABELS, read_idx
 
     out = {}
     for split, (img, lab) in FILES.items():

@@ -2,7 +2,7 @@
 
 FORMAT is one of ``mnist``, ``fashion-mnist``, ``emnist``, ``cifar10``, ``cifar100``, ``folder`` (ImageNet-style class
 folders) or ``flat`` (unlabeled images in a folder, .tar or .zip, Flickr style); the readers live in
-``data_modules/formats.py``. Output: ``OUT/{name}-%06d.tar`` shards whose samples hold ``__key__``, ``png``
+``data_modules/readers/``. Output: ``OUT/{name}-%06d.tar`` shards whose samples hold ``__key__``, ``png``
 (or ``jpg``), ``cls`` (where labels exist) and ``src`` (= ``name``, e.g. ``emnist-byclass-train``), and
 ``OUT/meta.json`` (samples per shard, classes, source, the brace URL the DataModules take). The URL is
 printed on stdout.
