@@ -3,8 +3,8 @@
     python -m vitkd.demos.tables            # rewrite every generated table in place
     python -m vitkd.demos.tables --check    # exit 1, naming the stale pages, when a table differs from its JSON
 
-A generated table sits between two markers in a page; the first names the table and the results JSON it is
-made from, relative to the repository root::
+A generated table sits between two markers, each on a line of its own; the first names the table and the
+results JSON it is made from, relative to the repository root::
 
     <!-- table: generator-sweep benchmarks/results/generator-sweep/<file>.json -->
     | teacher | generator steps | ... |
@@ -24,8 +24,8 @@ from pathlib import Path
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main
 
 PAGES = ("README.md", "docs/*.md")
-MARKER = re.compile(r"<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
-OPEN = re.compile(r"<!-- table:")
+MARKER = re.compile(r"^<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)^<!-- /table -->", re.S | re.M)
+OPEN = re.compile(r"^<!-- table:", re.M)
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[int] = ()) -> str:
