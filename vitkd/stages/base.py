@@ -68,8 +68,8 @@ class Stage(pl.LightningModule):
     def check_run_dir(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Called before the run writes anything: a ``ckpt_path`` to resume must be this stage's and fit its
         model (one line naming the first tensor that does not, instead of a long state-dict error); the data
-        module must implement ``data_contract`` (one line naming what it lacks)."""
-        require(datamodule, self.data_contract, type(self).__name__)
+        module must fit the stage (``check_data``)."""
+        self.check_data(datamodule)
         if not ckpt_path:
             return
         try:
@@ -89,6 +89,10 @@ class Stage(pl.LightningModule):
             arch = (ckpt.get("hyper_parameters") or {}).get("arch")
             hint = f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}" if arch else "pass a checkpoint of the same model"
             raise VitkdInputError(f"--ckpt_path {ckpt_path} does not fit this model ({mismatch}); {hint}")
+
+    def check_data(self, datamodule: Any) -> None:
+        """The data module implements ``data_contract`` (else one line naming what it lacks)."""
+        require(datamodule, self.data_contract, type(self).__name__)
 
     def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)

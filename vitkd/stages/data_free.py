@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import save_image
 
-from vitkd.data_contract import DataFreeData, require
+from vitkd.data_contract import DataFreeData
 from vitkd.errors import VitkdInputError
 from vitkd.generators import MemoryBank, create_generator, meta_synthesize, photometric_view
 from vitkd.io import atomic_path
@@ -183,6 +183,7 @@ class DataFreeGAN(DistillationStage):
     """
 
     monitor = "val/agree"
+    data_contract = DataFreeData
 
     def __init__(
         self,
@@ -284,7 +285,7 @@ class DataFreeGAN(DistillationStage):
 
     def execute(self, trainer, datamodule, ckpt_path: str | None = None) -> dict[str, Any]:
         hp = self.hparams
-        datamodule = require(datamodule, DataFreeData, type(self).__name__)
+        self.check_data(datamodule)
         if self.n_wild > 0:
             if not datamodule.train_urls:
                 raise VitkdInputError("wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'")

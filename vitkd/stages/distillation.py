@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vitkd.data_contract import KeyedTrainData, require
+from vitkd.data_contract import KeyedTrainData, StageData, require
 from vitkd.errors import VitkdInputError
 from vitkd.models import FeatureTap
 from vitkd.stages.base import ClassificationStage
@@ -68,16 +68,27 @@ class DistillationStage(ClassificationStage):
         raise NotImplementedError
 
     # -- the teacher-output cache ------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if self.cache is None or stage != "fit":
-            return
-        dm = require(self.trainer.datamodule, KeyedTrainData, f"--model.init_args.teacher_cache true ({type(self).__name__})")
-        if dm.augment:
+    @property
+    def data_contract(self) -> type:
+        """``KeyedTrainData`` with the teacher cache on (training batches must carry sample keys), else ``StageData``."""
+        return KeyedTrainData if self.cache is not None else StageData
+
+    def check_data(self, datamodule: Any) -> None:
+        """As ``Stage.check_data``; with the teacher cache on, also un-augmented training inputs."""
+        if self.cache is None:
+            return super().check_data(datamodule)
+        require(datamodule, self.data_contract, f"{type(self).__name__} with --model.init_args.teacher_cache true")
+        if datamodule.augment:
             raise VitkdInputError(
                 "--model.init_args.teacher_cache true needs --data.init_args.augment false: augmented inputs change every epoch, "
                 "so the teacher's outputs cannot be reused"
             )
-        dm.request_train_keys()
+
+    def setup(self, stage: str) -> None:
+        if self.cache is None or stage != "fit":
+            return
+        self.check_data(self.trainer.datamodule)
+        self.trainer.datamodule.request_train_keys()
 
     def batch_losses(self, batch) -> dict[str, torch.Tensor]:
         """A keyed batch ``(x, y, keys)`` reads the teacher's outputs through the cache; others run the teacher."""
