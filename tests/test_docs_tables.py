@@ -29,7 +29,7 @@ def test_repository_pages_have_generated_tables():
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    heads = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    heads = re.findall(r"^#+ (.+)$", page.read_text(), re.MULTILINE)
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
 
 

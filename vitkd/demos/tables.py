@@ -24,13 +24,16 @@ from pathlib import Path
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main
 
 PAGES = ("README.md", "docs/*.md")
-MARKER = re.compile(r"^<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)^<!-- /table -->", re.S | re.M)
-OPEN = re.compile(r"^<!-- table:", re.M)
+MARKER = re.compile(
+    r"^<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)^<!-- /table -->", re.DOTALL | re.MULTILINE
+)
+OPEN = re.compile(r"^<!-- table:", re.MULTILINE)
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[int] = ()) -> str:
     """A Markdown table; columns whose index is in ``right`` are right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    rule = "|".join("---:" if i in right else "---" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", f"|{rule}|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -87,7 +90,8 @@ def fusion_grid(res: dict) -> str:
         terms = tuple(sorted(k for k, w in g["weights"].items() if w))
         t = tags[terms]
         rows.append((", ".join(terms), f"{g['kept_share']:.3f}", frac(t["precision_k1"]), frac(t["auroc"])))
-    header = ("terms (weight 1 each)", f"kept share of the {res['fusion_choice']['num_val']:,} val images (the criterion)",
+    num_val = res["fusion_choice"]["num_val"]
+    header = ("terms (weight 1 each)", f"kept share of the {num_val:,} val images (the criterion)",
               "precision at k1 (pool tags; diagnosis only)", "AUROC (pool tags)")
     return md_table(header, rows, right=(1, 2, 3))
 
@@ -141,7 +145,9 @@ def _target(res: dict, key: str) -> str:
     return f"{bound} ({'met' if t['met'] else 'missed'})"
 
 
-PRECISIONS = {"bf16_true_compiled": "bf16-true + compile", "bf16_true": "bf16-true", "bf16": "bf16 autocast", "fp32": "fp32"}
+PRECISIONS = {
+    "bf16_true_compiled": "bf16-true + compile", "bf16_true": "bf16-true", "bf16": "bf16 autocast", "fp32": "fp32",
+}
 
 
 def _variants(s: dict, batch: int) -> str:
@@ -154,8 +160,9 @@ def bench_speed(res: dict) -> str:
     rows = []
     for name, s in res.get("selector", {}).items():
         b = s["vitkd_batch"]
+        target = _target(res, "selector_speedup_ratio") if name == res["headline_preset"] else ""
         rows.append((f"selector, {name} presets, batch {b}", _variants(s, b), rate(s["reference"]["images_per_s"]),
-                     ratio(s["speedup_ratio"]), _target(res, "selector_speedup_ratio") if name == res["headline_preset"] else ""))
+                     ratio(s["speedup_ratio"]), target))
     for name, d in res.get("distill", {}).items():
         head = name == res["headline_preset"]
         ref = rate(d["reference"]["images_per_s"])
@@ -179,31 +186,41 @@ def bench_speed(res: dict) -> str:
     return md_table(("figure", "vitkd img/s", "reference img/s", "ratio", "target"), rows, right=(2, 3))
 
 
+def bench_scale(res: dict) -> str:
+    """Every selection the scale benchmark ran through the CLI: its size, extra arguments, speed and memory."""
+    sc = res["scale"]
+    rows = [(f"{int(k.split('_')[0]):,}", f"`{sc[k]['args']}`" if sc[k].get("args") else "(the config's)",
+             rate(sc[k]["images_per_s"]), f"{sc[k]['wall_s']:,.0f}", f"{sc[k]['peak_rss_mb']:,.0f}")
+            for k in sorted((k for k in sc if k.split("_")[0].isdigit()), key=lambda k: (int(k.split("_")[0]), k))]
+    return md_table(("wild images", "arguments", "images/s", "wall s", "peak RSS (MB)"), rows, right=(0, 2, 3, 4))
+
+
 def bench_peak(res: dict) -> str:
     """The measured matmul peaks and the fraction of the bf16 peak each loop reaches."""
-    rows = [("bf16 / fp32 matmul peak (GFLOP/s)", f"{res['peak']['bf16']['flop_per_s'] / 1e9:,.0f} / "
-             f"{res['peak']['fp32']['flop_per_s'] / 1e9:,.0f}", "")]
+    peaks = " / ".join(f"{res['peak'][k]['flop_per_s'] / 1e9:,.0f}" for k in ("bf16", "fp32"))
+    rows = [("bf16 / fp32 matmul peak (GFLOP/s)", peaks, "")]
     for name, f in res.get("flops", {}).items():
         for what in ("selector", "distill"):
             rows.append((f"{what}, {name} presets: share of the bf16 peak",
-                         pct(f[f"{what}_vitkd_fraction_of_bf16_peak"]) + "%", pct(f[f"{what}_reference_fraction_of_bf16_peak"]) + "%"))
+                         pct(f[f"{what}_vitkd_fraction_of_bf16_peak"]) + "%",
+                         pct(f[f"{what}_reference_fraction_of_bf16_peak"]) + "%"))
     return md_table(("figure", "vitkd", "reference"), rows, right=(1, 2))
 
 
 def bench_digits(res: dict) -> str:
     """The digits-demo levers: the teacher's forward in bf16, the distillation step's precisions, the memory cache."""
     d = res["distill"]["digits"]
+    fp32, bf16 = d["vitkd_fp32"]["images_per_s"], d["vitkd_bf16"]["images_per_s"]
     rows = [
         (f"frozen teacher forward, batch {d['batch']}", rate(d["teacher_forward_fp32"]["images_per_s"]),
          rate(d["teacher_forward_bf16"]["images_per_s"]),
          ratio(d["teacher_forward_bf16"]["images_per_s"] / d["teacher_forward_fp32"]["images_per_s"])),
-        ("distillation step, teacher every step (student fp32 / all bf16)", rate(d["vitkd_fp32"]["images_per_s"]),
-         rate(d["vitkd_bf16"]["images_per_s"]), ratio(d["vitkd_bf16"]["images_per_s"] / d["vitkd_fp32"]["images_per_s"])),
+        ("distillation step, teacher every step (student fp32 / all bf16)", rate(fp32), rate(bf16), ratio(bf16 / fp32)),
     ]
     if "vitkd_fp32_teacher_bf16" in d:
         tb = d["vitkd_fp32_teacher_bf16"]["images_per_s"]
-        rows.append(("distillation step, fp32 student, teacher alone in bf16 (`teacher_bf16`)", rate(d["vitkd_fp32"]["images_per_s"]),
-                     rate(tb), ratio(tb / d["vitkd_fp32"]["images_per_s"])))
+        rows.append(("distillation step, fp32 student, teacher alone in bf16 (`teacher_bf16`)", rate(fp32), rate(tb),
+                     ratio(tb / fp32)))
     st = res.get("stream")
     if st:
         plain, mem = st["plain"]["images_per_s_per_epoch"], st["memory_cache"]["images_per_s_per_epoch"]
@@ -220,6 +237,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "generator-variants": generator_variants,
     "generator-throughput": generator_throughput,
     "bench-speed": bench_speed,
+    "bench-scale": bench_scale,
     "bench-peak": bench_peak,
     "bench-digits": bench_digits,
 }
@@ -235,7 +253,9 @@ def render(text: str, root: Path, where: str) -> str:
     """``text`` with every generated table rewritten from its JSON (``where`` names the page in errors)."""
     found = MARKER.findall(text)
     if len(found) != len(OPEN.findall(text)):
-        raise VitkdInputError(f"{where}: a '<!-- table: NAME SOURCE -->' marker lacks its name, its JSON or its '<!-- /table -->'")
+        raise VitkdInputError(
+            f"{where}: a '<!-- table: NAME SOURCE -->' marker lacks its name, its JSON or its '<!-- /table -->'"
+        )
 
     def table(m: re.Match) -> str:
         name, source = m["name"], m["source"]
@@ -245,18 +265,23 @@ def render(text: str, root: Path, where: str) -> str:
         try:
             res = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise VitkdInputError(f"{where}: table {name} reads {source}, which is not readable JSON ({err}); commit it or fix the marker") from None
+            raise VitkdInputError(
+                f"{where}: table {name} reads {source}, which is not readable JSON ({err}); commit it or fix the marker"
+            ) from None
         try:
             body = TABLES[name](res)
         except (KeyError, TypeError) as err:
-            raise VitkdInputError(f"{where}: table {name}: {source} lacks the field {err}; pass a results JSON of that kind") from None
+            raise VitkdInputError(
+                f"{where}: table {name}: {source} lacks the field {err}; pass a results JSON of that kind"
+            ) from None
         return f"<!-- table: {name} {source} -->\n{body}\n<!-- /table -->"
 
     return MARKER.sub(table, text)
 
 
 def update(root: Path, check: bool = False) -> list[str]:
-    """Rewrite (or, with ``check``, only compare) every page's generated tables; the stale pages, relative to ``root``."""
+    """Rewrite (with ``check``: only compare) every page's generated tables; return the stale pages, relative
+    to ``root``."""
     stale = []
     for page in pages(root):
         rel = page.relative_to(root).as_posix()
@@ -271,8 +296,10 @@ def update(root: Path, check: bool = False) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.demos.tables", description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a page's table differs from its JSON")
-    p.add_argument("--root", type=Path, default=Path("."), help="the repository root (README.md, docs/, benchmarks/results/)")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; exit 1 when a page's table differs from its JSON")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="the repository root (README.md, docs/, benchmarks/results/)")
     a = p.parse_args(argv)
     if not (a.root / "README.md").is_file():
         raise VitkdInputError(f"--root {a.root}: no README.md there; run from the repository root or pass --root")
