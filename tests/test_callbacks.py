@@ -1,6 +1,7 @@
 """The default callbacks: attention-probe maps, throughput, selection report; where their images go."""
 import csv
 import json
+import shutil
 from collections import Counter
 from types import SimpleNamespace
 
@@ -146,10 +147,15 @@ def test_selection_report_from_a_selection(tiny_teacher, tiny_pool, tmp_path):
                          callbacks=[report, handed])
     metrics = stage.execute(trainer, dm)
     assert (tmp_path / "report" / "selection.json").is_file(), "the selector calls on_selection_end once its outputs exist"
+    first = json.loads((tmp_path / "report" / "selection.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    # the report reads nothing back: the same report without the selection's files on disk
+    shutil.rmtree(tmp_path / "selected")
+    (tmp_path / "scores.csv").unlink()
     summary = report.on_selection_end(trainer, stage, handed.result)
 
-    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     written = json.loads((tmp_path / "report" / "selection.json").read_text())
+    assert written == first
     assert written == json.loads(json.dumps(summary))
     for src in ("digit", "noise"):
         scored = sum(r["src"] == src for r in rows)

@@ -45,7 +45,7 @@ def test_unsorted_probe_blocks_score_as_sorted(deep_teacher):
     torch.testing.assert_close(given["va_blk1"], va1)
     torch.testing.assert_close(given["va_blk3"], va3)
     torch.testing.assert_close(given["value"], 0.02 * va1 + 0.3 * va3 + 0.9 * confidence_value(logits))
-    assert sel.score_names() == ["va_blk1", "va_blk3", "vn", "value"]
+    assert sel.scorer.names() == ["va_blk1", "va_blk3", "vn", "value"]
 
 
 def test_a_block_named_twice_is_refused(deep_teacher):

@@ -7,8 +7,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitkd.errors import VitkdInputError
-
 
 def attention_value(probe: torch.Tensor) -> torch.Tensor:
     """Eq. 4: V_a(x) = cos(P(x), S_N), S_N the uniform map of value 1/N. probe: (B, N) or (B, h, w) → (B,).
@@ -33,15 +31,6 @@ def selection_value(va: Sequence[torch.Tensor], vn: torch.Tensor, lambda_a: Sequ
     for w, a in zip(lambda_a, va, strict=True):
         v = v + w * a
     return v
-
-
-def probe_weights(blocks: Sequence[int], lambda_a: Sequence[float]) -> tuple[list[int], list[float]]:
-    """The probed blocks in forward order, each with its λa of Eq. 6 (given in any order, each block once): an
-    attention probe's rows come in the blocks' forward order, whatever order they were named in."""
-    if len(set(blocks)) < len(blocks):
-        raise VitkdInputError(f"probe_blocks {list(blocks)} name a block twice: list each block once")
-    pairs = sorted(zip(blocks, lambda_a, strict=True))
-    return [b for b, _ in pairs], [w for _, w in pairs]
 
 
 # -- vitkd's own selection terms (not in the paper) ---------------------------------------------------------

@@ -30,7 +30,6 @@ from callbacks.attention_maps import first_images
 from data_modules import shards
 from data_modules.transforms import to_tensor
 from vitkd.errors import VitkdInputError
-from vitkd.models import AttentionProbe
 from vitkd.selection.args import check_selection_args
 from vitkd.selection.examples import ExampleGatherer, ExampleRequest
 from vitkd.selection.outputs import selected_samples, selection_metrics, write_scores
@@ -42,15 +41,7 @@ from vitkd.selection.parts import (
 )
 from vitkd.selection.ranking import RankedParts
 from vitkd.selection.result import SelectionResult
-from vitkd.selection.scoring import (
-    STABILITY_VIEWS,
-    attention_value,
-    confidence_value,
-    energy_value,
-    probe_weights,
-    selection_value,
-    stability_value,
-)
+from vitkd.selection.scorer import ProbeScorer
 from vitkd.selection.topk import choose
 from vitkd.stages.base import Stage
 
@@ -114,9 +105,9 @@ class AttentionProbeSelector(Stage):
             num_keep, probe_blocks, lambda_a, stability_views, strategy, fusion_weights, extra_scores, class_balance
         )
         self.load_frozen_teacher(teacher_ckpt, teacher_arch)
-        self.probe = AttentionProbe(self.teacher, probe_blocks, probe_head) if probe_blocks else None
-        # blocks in 0..depth-1, in forward order as the probe's rows, each λa with its block
-        self._blocks, self._lambda_a = probe_weights(self.probe.blocks if self.probe else [], lambda_a)
+        views = stability_views if extra_scores else None
+        self.scorer = ProbeScorer(self.teacher, probe_blocks, probe_head, lambda_a, lambda_n, views)
+        self.probe = self.scorer.probe
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
         self._parts: ScoreParts | None = None
         self._score = self._compiled_score if compile else self.score
@@ -140,25 +131,9 @@ class AttentionProbeSelector(Stage):
         # the stage defaults (the selection report) without a checkpoint: nothing here is trained
         return [cb for cb in super().configure_callbacks() if not isinstance(cb, ModelCheckpoint)]
 
-    def score_names(self) -> list[str]:
-        """The score columns of ``scores.csv``, in order."""
-        extra = ["vs", "energy"] if self.hparams.get("extra_scores") else []
-        return [*(f"va_blk{b}" for b in self._blocks), "vn", *extra, "value"]
-
-    # -- scoring (every rank) -----------------------------------------------------------------
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """V_a per probed block (Eq. 4), V_n (Eq. 5), V (Eq. 6) and the teacher's prediction for a batch."""
-        logits = self.teacher(images)
-        vn = confidence_value(logits)
-        rows = self.probe.rows() if self.probe else {}
-        va = [attention_value(rows[b]) for b in self._blocks]
-        cols = {f"va_blk{b}": a for b, a in zip(self._blocks, va)}
-        value = selection_value(va, vn, self._lambda_a, self.hparams.lambda_n)
-        cols.update(vn=vn, value=value, pred=logits.argmax(dim=1))
-        if self.hparams.get("extra_scores"):
-            views = [self.teacher(STABILITY_VIEWS[v](images)) for v in self.hparams.stability_views]
-            cols.update(vs=stability_value(logits, views), energy=energy_value(logits))
-        return cols
+        """The teacher's scores of a batch (``vitkd.selection.scorer.ProbeScorer``)."""
+        return self.scorer(images)
 
     def predict_step(self, batch, batch_idx):
         if len(batch["key"]):
@@ -193,7 +168,7 @@ class AttentionProbeSelector(Stage):
     _pool_counts: dict[str, int] | None = None
 
     def _fingerprint(self, trainer) -> dict[str, Any]:
-        return score_fingerprint(self.hparams, self._blocks, self._lambda_a, str(trainer.precision))
+        return score_fingerprint(self.hparams, self.scorer.blocks, self.scorer.lambda_a, str(trainer.precision))
 
     def execute(self, trainer, datamodule, ckpt_path=None) -> dict[str, Any]:
         run_dir = Path(trainer.default_root_dir)
@@ -233,7 +208,7 @@ class AttentionProbeSelector(Stage):
         per_class = k // hp.num_classes if hp.get("class_balance") else 0
         kept = choose(ranked, k, hp.seed if hp.strategy == "random" else None, per_class)
         tallies = write_scores(
-            run_dir / "scores.csv", ranked, kept, self.score_names(), hp.positive_sources, hp.num_classes,
+            run_dir / "scores.csv", ranked, kept, self.scorer.names(), hp.positive_sources, hp.num_classes,
             self._pool_counts,
         )
         gather = ExampleGatherer(request, self._decode) if request else None
