@@ -1,6 +1,7 @@
 """scikit-learn's digits as the embedded original data set (real handwriting that ships in the wheel)."""
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -59,8 +60,6 @@ class DigitsDataModule(ImageDataModule):
         meta = self._pool_dir() / "meta.json"
         if not meta.exists():
             self.prepare_data()
-        import json
-
         return shard_url(self._pool_dir(), json.loads(meta.read_text())["shards"], "wild")
 
 
