@@ -91,11 +91,3 @@ def test_bad_marker_is_one_line_error(tmp_path, marker, expect):
     page.write_text(marker)
     with pytest.raises(VitkdInputError, match=re.escape(expect)):
         tables.update(tmp_path, check=True)
-
-
-def test_bench_wild_table_is_the_demo_markdown():
-    """The full Fashion-MNIST table is the one ``python -m vitkd.demos.bench_wild --markdown`` prints."""
-    from vitkd.demos.bench_wild import markdown
-
-    res = json.loads((ROOT / "benchmarks/results/bench-wild/amd-epyc-2c-2026-12-02.json").read_text())
-    assert tables.bench_wild(res) == markdown(res["rows"])

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from data_modules.fashion import SELECT_VAL, VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
+from vitkd.demos import tables
 from vitkd.errors import OneLineParser, VitkdInputError, positive_int, demo_main
 from vitkd.io import write_json
 from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
@@ -217,16 +218,8 @@ def table(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The summary as a Markdown table (what the docs show, generated from the results JSON)."""
-    def f(r: dict, key: str) -> str:
-        return f"{r[key]:.3f}" if r.get(key) is not None else "–"
-
-    lines = ["| run | kept | test acc (%), mean ± std | seeds | precision | recall | precision max | V AUROC |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        kept = f"{r['num_keep']:,} ({r['kept_size']})" if r.get("num_keep") is not None else "–"
-        acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}" if r["seeds"] > 1 else f"{100 * r['test_acc_mean']:.2f}"
-        lines.append(f"| {r['run']} | {kept} | {acc} | {r['seeds']} | {f(r, 'precision')} | {f(r, 'recall')} | {f(r, 'precision_max')} | {f(r, 'value_auroc')} |")
-    return "\n".join(lines)
+    """The summary as a Markdown table (the one the docs show, generated from the results JSON)."""
+    return tables.bench_wild({"rows": rows})
 
 
 def precision_at_k(scores_csv: Path, positive: str, strategy_random: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

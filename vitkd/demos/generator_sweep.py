@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 
+from vitkd.demos import tables
 from vitkd.errors import OneLineParser, demo_main
 from vitkd.io import write_json
 from vitkd.demos.runs import mean_std, run_fit
@@ -93,13 +94,8 @@ def grouped(points: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], teachers: dict) -> str:
-    lines = ["| teacher | generator steps | seeds | test acc (%) | val/agree, G train mode | val/agree, G eval mode | s / step |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = teachers[r["teacher"]]
-        name = f"{r['teacher'].upper()} ({100 * t['test_acc']:.1f}%)"
-        lines.append(f"| {name} | {r['generator_steps']:,} | {r['seeds']} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
-                     f"{r['final_val_agree_train_mode']:.3f} | {r['final_val_agree_eval_mode']:.3f} | {r['s_per_generator_step']:.2f} |")
-    return "\n".join(lines)
+    """The sweep as the Markdown table the docs show."""
+    return tables.generator_sweep({"rows": rows, "teachers": teachers})
 
 
 def parse_point(text: str) -> tuple[str, int, int]:
