@@ -87,8 +87,11 @@ def _labelled_shards(tmp_path) -> str:
 
 def test_hybrid_through_cli(tiny_teacher, tmp_path):
     urls = _labelled_shards(tmp_path)
-    m = fit(*tiny_args(tiny_teacher, tmp_path / "run", "hybrid.yaml", "--data.init_args.train_urls", urls, "--model.init_args.wild_ratio", "0.25"))
+    m = fit(*tiny_args(tiny_teacher, tmp_path / "run", "hybrid.yaml", "--data.init_args.train_urls", urls, "--model.init_args.wild_ratio", "0.25",
+                       "--model.init_args.labelled_val", "true"))
     assert m["wild_per_batch"] == 2 and 0.0 <= m["test/acc"] <= 1.0
+    assert 0.0 <= m["labelled_val/acc"] <= 1.0 and m["labelled_val_images"] > 0  # the data module's labelled split
+    assert m["val_samples_per_epoch"] == 16  # the held-out noise bank, each sample validated once
 
 
 def test_hybrid_without_shards_is_refused(tiny_teacher, tmp_path):

@@ -124,3 +124,16 @@ def test_a_weight_field_typo_in_a_config_is_one_line(tmp_path):
     line = _error_line(_cli("--config", str(cfg), "--run_dir", str(tmp_path / "run")))
     assert "loss_weights" in line and "alpah" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_weight_groups_are_plain_numbers_in_the_hyper_parameters(tiny_teacher):
+    """hparams.yaml and the checkpoints hold each group as a dict (no pickled class); the stage rebuilds from them."""
+    stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)],
+                              loss_weights=ProbeLossWeights(alpha=0.5))
+    assert stage.hparams.loss_weights == {"ce": 1.0, "alpha": 0.5, "beta": 1.0, "projector": 0.0}
+    assert stage.hparams_initial.loss_weights == stage.hparams.loss_weights
+    again = ProbeDistillation(**stage.hparams)
+    assert again.weights == ProbeLossWeights(alpha=0.5)
+    gan = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8},
+                      generator_weights=GeneratorLossWeights(act=0.0))
+    assert gan.hparams.generator_weights["act"] == 0.0 and gan.hparams.student_weights == {"kd": 1.0, "ce": 1.0, "patch": 0.0}

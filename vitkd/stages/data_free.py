@@ -53,7 +53,7 @@ from vitkd.io import atomic_path
 from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss, total_variation_loss
 from vitkd.models import AttentionProbe, count_params, create_model
 from vitkd.stages.base import warmup_cosine
-from vitkd.stages.distillation import DistillationStage
+from vitkd.stages.distillation import DistillationStage, weight_group
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out noise bank never coincides with a training stream
 
@@ -230,7 +230,9 @@ class DataFreeGAN(DistillationStage):
         super().__init__(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        g, sw = self.g_weights, self.s_weights = generator_weights, student_weights
+        g = self.g_weights = weight_group(GeneratorLossWeights, generator_weights)
+        sw = self.s_weights = weight_group(StudentLossWeights, student_weights)
+        self.save_weight_groups(generator_weights=g, student_weights=sw)
         if not 0.0 <= wild_ratio < 1.0:
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +20,14 @@ from vitkd.errors import VitkdInputError
 from vitkd.models import FeatureTap
 from vitkd.stages.base import ClassificationStage
 from vitkd.teacher_cache import TeacherCache
+
+W = TypeVar("W")
+
+
+def weight_group(cls: type[W], value: W | dict[str, float]) -> W:
+    """``value`` as the loss-weight dataclass ``cls``; a dict (the hyper-parameters read back from a checkpoint)
+    is converted, so ``Stage.load_from_checkpoint`` rebuilds the stage."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class DistillationStage(ClassificationStage):
@@ -48,6 +57,11 @@ class DistillationStage(ClassificationStage):
         self.cache = TeacherCache() if teacher_cache else None
         self.taps: tuple[FeatureTap, FeatureTap] | None = None
         self.pairs: list[tuple[int, int]] = []
+
+    def save_weight_groups(self, **groups: Any) -> None:
+        """Stores each loss-weight dataclass of ``groups`` (argument name → instance) in the hyper-parameters as a
+        plain dict, so ``hparams.yaml`` and the checkpoints hold numbers, never a pickled class."""
+        self.save_hyperparameters({name: asdict(group) for name, group in groups.items()})
 
     # -- the teacher ------------------------------------------------------------------------------
     def teacher_precision(self, x: torch.Tensor):

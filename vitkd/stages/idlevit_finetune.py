@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.losses import kd_loss
-from vitkd.stages.distillation import DistillationStage
+from vitkd.stages.distillation import DistillationStage, weight_group
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class IdleViTFinetune(DistillationStage):
     ):
         super().__init__(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
         self.save_hyperparameters()
-        self.weights = loss_weights
+        self.weights = weight_group(IdleViTLossWeights, loss_weights)
+        self.save_weight_groups(loss_weights=self.weights)
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.model = IdleViT(student, keep_ratio, idle_layers)
         self.add_accuracy(num_classes)

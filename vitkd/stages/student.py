@@ -16,7 +16,7 @@ from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, cls_relation, kd_loss, relation_rows_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import create_model
-from vitkd.stages.distillation import DistillationStage
+from vitkd.stages.distillation import DistillationStage, weight_group
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ class ProbeDistillation(DistillationStage):
             teacher_bf16=teacher_bf16, teacher_cache=teacher_cache,
         )
         self.save_hyperparameters()
-        w = self.weights = loss_weights
+        w = self.weights = weight_group(ProbeLossWeights, loss_weights)
+        self.save_weight_groups(loss_weights=w)
         if not any((w.ce, w.alpha, w.beta, w.projector)):
             raise VitkdInputError("every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0")
         self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
