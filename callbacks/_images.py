@@ -10,16 +10,6 @@ from PIL import Image
 from vitkd.io import atomic_path
 
 
-def figure_to_array(fig) -> np.ndarray:
-    """Render a matplotlib figure to an (H, W, 3) uint8 array, then close it."""
-    import matplotlib.pyplot as plt
-
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rgb
-
-
 def save_png(image: np.ndarray, path: Path) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")

@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from callbacks._images import figure_to_array, log_image, save_png
+from callbacks._images import log_image, save_png
 from vitkd.models.probe import AttentionProbe
+from vitkd.plotting import figure_to_array, pyplot
 
 
 def as_vit(module: nn.Module | None) -> nn.Module | None:
@@ -70,10 +71,7 @@ def first_images(dataset, n: int) -> torch.Tensor | None:
 
 def render_grid(images: torch.Tensor, columns: list[tuple[str, torch.Tensor]], title: str) -> np.ndarray:
     """image | one overlay per (label, maps (B, h, w)) column, one row per image → (H, W, 3) uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n, cols = len(images), 1 + len(columns)
     fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.7 * n + 0.4), squeeze=False, dpi=100)

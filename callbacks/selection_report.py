@@ -27,8 +27,9 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from callbacks._images import figure_to_array, log_image, save_png
+from callbacks._images import log_image, save_png
 from vitkd.io import atomic_dir, write_json
+from vitkd.plotting import figure_to_array, pyplot
 from vitkd.selection.examples import ExampleRequest
 from vitkd.selection.metrics import source_precision
 from vitkd.selection.result import SelectionResult
@@ -74,18 +75,9 @@ def _mean(v: np.ndarray) -> float | None:
     return float(np.nanmean(v, dtype=np.float64)) if len(v) else None
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_histograms(columns: Mapping[str, np.ndarray], selected: np.ndarray, bins: int = 60) -> np.ndarray:
     """One panel per score column (``score_columns``): density histograms of kept vs rejected (shared bins)."""
-    plt = _plt()
+    plt = pyplot()
     cols = score_columns(columns)
     kept = np.asarray(selected, dtype=bool)
     fig, axes = plt.subplots(1, len(cols), figsize=(3.4 * len(cols), 2.9), squeeze=False, dpi=100)
@@ -112,7 +104,7 @@ def plot_histograms(columns: Mapping[str, np.ndarray], selected: np.ndarray, bin
 
 def plot_sources(summary: dict[str, Any]) -> np.ndarray:
     """Keep rate per source and the make-up of the kept set; positive sources in blue."""
-    plt = _plt()
+    plt = pyplot()
     by = summary["by_source"]
     names = list(by)
     colors = ["tab:blue" if by[s]["positive"] else "tab:gray" for s in names]
@@ -154,7 +146,7 @@ def embed_2d(features: np.ndarray, method: str, seed: int) -> np.ndarray:
 
 
 def plot_embedding(points: dict[str, np.ndarray], method: str, features: str) -> np.ndarray:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 4.4), dpi=100)
     style = {"original": ("tab:green", "o"), "rejected": ("tab:red", "x"), "kept": ("tab:blue", ".")}
     for name in ("original", "rejected", "kept"):

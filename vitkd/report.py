@@ -27,6 +27,7 @@ from typing import Any
 
 from vitkd.errors import OneLineParser, VitkdInputError
 from vitkd.io import atomic_path, write_text
+from vitkd.plotting import pyplot
 
 SEED_DIR = re.compile(r"seed\d+")
 # (metrics.json key, table header, format): the columns of the table, shown when some run has the key
@@ -176,17 +177,8 @@ def csv_text(rows: list[Row]) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -205,7 +197,7 @@ def plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Path
     pts = [r for r in rows if r.mean("test/acc") is not None and r.mean(x_key) is not None]
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(8.4, 4.4))
@@ -254,7 +246,7 @@ def plot_curves(rows: list[Row], path: Path) -> Path | None:
     curves = [(r, c) for r in rows for c in [read_curves(m) for m in r.runs] if c]
     if not curves:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(dict.fromkeys(r.name for r, _ in curves))
     colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")

@@ -26,11 +26,19 @@ from typing import Callable
 
 import numpy as np
 
-from data_modules.fashion import SELECT_VAL, VAL_PER_CLASS, WILD_MAX, find_fashion_dir, num_test_images, write_val_shards
+from data_modules.fashion import (
+    SELECT_VAL,
+    VAL_PER_CLASS,
+    WILD_MAX,
+    find_fashion_dir,
+    num_test_images,
+    write_val_shards,
+)
 from vitkd.demos import tables
-from vitkd.errors import OneLineParser, VitkdInputError, positive_int, demo_main
-from vitkd.io import write_json
 from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
+from vitkd.io import write_json
+from vitkd.plotting import pyplot
 from vitkd.selection.scoring import fusion_columns, zscore_fusion
 
 CONFIGS = Path("experiments/fashion")
@@ -237,10 +245,7 @@ def precision_at_k(scores_csv: Path, positive: str, strategy_random: bool, seed:
 
 def plot(rows: list[dict], out: Path, positive: str = "fashion") -> Path:
     """Student accuracy against kept size per selection (original-data rows as lines) beside precision@k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in SELECTIONS:
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _count_source(folder: Path, shards: int, src: str) -> int:
     """Samples tagged ``src`` in the first ``shards`` shards of a pool (read from the tar members)."""
-    from data_modules.shards import raw_samples, read_str, shard_url, expand_urls
+    from data_modules.shards import expand_urls, raw_samples, read_str, shard_url
 
     return sum(1 for s in raw_samples(expand_urls(shard_url(folder, shards, "wild")), split_by_worker=False) if read_str(s) == src)
 

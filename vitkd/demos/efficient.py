@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from data_modules import DigitsDataModule
+from vitkd.demos.runs import DEMO_RUN_FLAGS
 from vitkd.efficient.gtp import GTPViT
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.efficient.tome import ToMeViT
-from vitkd.errors import OneLineParser, positive_int, demo_main
+from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.fit import cli_main
 from vitkd.io import atomic_path, write_json
-from vitkd.demos.runs import DEMO_RUN_FLAGS
+from vitkd.plotting import pyplot
 from vitkd.teacher import load_teacher
 
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")
@@ -57,10 +58,7 @@ def fit_run(config: Path, run_dir: Path, *overrides: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = {"teacher": "k", "gtp": "tab:blue", "tome": "tab:orange", "idlevit": "tab:green", "plain": "tab:gray", "shuffle": "tab:red", "projector": "tab:purple"}
     fig, ax = plt.subplots(figsize=(8, 5.5))

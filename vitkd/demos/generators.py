@@ -20,9 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vitkd.demos.runs import mean_std, run_fit
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
 from vitkd.io import atomic_path, write_json
-from vitkd.demos.runs import mean_std, run_fit
+from vitkd.plotting import pyplot
 
 CONFIGS = Path("experiments/generator")
 ROUTES = [
@@ -103,10 +104,7 @@ def real_images(teacher: str, n: int = 64):
 
 def figure(out: Path, teacher: str, grids: list[tuple[str, Path]]) -> Path:
     """One figure: real images, then each generator's last sample grid (seed 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from torchvision.utils import make_grid
 
     panels = [("real (train split)", make_grid(real_images(teacher), nrow=8).permute(1, 2, 0).numpy())]
