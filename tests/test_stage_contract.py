@@ -1,20 +1,37 @@
 """The distillation base, the grouped loss weights and the stage-data contract (``vitkd.data_contract``)."""
 import subprocess
 import sys
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from data_modules import DigitsDataModule, FashionMNISTDataModule, ShardDataModule
-from vitkd.data_contract import DataFreeData, KeyedTrainData, ReportingData, ScoringData, StageData, missing, require
+from vitkd.data_contract import (
+    DataFreeData,
+    KeyedTrainData,
+    ReportingData,
+    ScoringData,
+    StageData,
+    missing,
+    require,
+)
 from vitkd.errors import VitkdInputError
+from vitkd.models import create_model
 from vitkd.stages import (
-    DataFreeGAN, DistillationStage, GeneratorLossWeights, IdleViTFinetune, IdleViTLossWeights, ProbeDistillation, ProbeLossWeights,
+    DataFreeGAN,
+    DistillationStage,
+    GeneratorLossWeights,
+    IdleViTFinetune,
+    IdleViTLossWeights,
+    ProbeDistillation,
+    ProbeLossWeights,
 )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitkd.fit", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "vitkd.fit", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def _error_line(proc) -> str:
@@ -89,6 +106,19 @@ def test_every_distillation_stage_holds_a_frozen_teacher(tiny_teacher):
         assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
 
 
+def test_the_student_draws_its_initial_weights_before_the_teacher_is_loaded(tiny_teacher):
+    """A seeded run starts from the same student whatever the teacher: the student is built first."""
+    pl.seed_everything(0)
+    stage = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8})
+    pl.seed_everything(0)
+    ref = create_model("test_vit_patch4_16", img_size=16, in_chans=1, num_classes=10)
+    got = stage.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+    pl.seed_everything(1)
+    other = create_model("test_vit_patch4_16", img_size=16, in_chans=1, num_classes=10)
+    assert not torch.equal(other.state_dict()["head.weight"], got["head.weight"])
+
+
 def test_loss_weights_scale_their_terms(tiny_teacher):
     """Doubling a group's field doubles that term and leaves the others (the weights are read from the group)."""
     x, y = torch.rand(4, 1, 16, 16) * 2 - 1, torch.arange(4)
@@ -110,7 +140,7 @@ def test_loss_weights_scale_their_terms(tiny_teacher):
 
 def test_print_config_shows_the_weight_groups_as_nested_keys():
     out = subprocess.run([sys.executable, "-m", "vitkd.fit", "--config", "experiments/generator/dafl.yaml", "--print_config"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "    generator_weights:\n      oh: 1.0\n      ie: 5.0\n      act: 0.1\n" in out.stdout
     assert "    student_weights:\n      kd: 1.0\n      ce: 1.0\n      patch: 0.0\n" in out.stdout
@@ -118,7 +148,7 @@ def test_print_config_shows_the_weight_groups_as_nested_keys():
 
 def test_a_weight_field_typo_in_a_config_is_one_line(tmp_path):
     cfg = tmp_path / "typo.yaml"
-    text = open("experiments/digits/dfnd.yaml").read()
+    text = Path("experiments/digits/dfnd.yaml").read_text()
     assert "      alpha: 0.0\n" in text
     cfg.write_text(text.replace("      alpha: 0.0\n", "      alpah: 0.0\n"))
     line = _error_line(_cli("--config", str(cfg), "--run_dir", str(tmp_path / "run")))

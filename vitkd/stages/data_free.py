@@ -227,12 +227,8 @@ class DataFreeGAN(DistillationStage):
         labelled_val: bool = False,
         model_kwargs: dict[str, Any] | None = None,
     ):
-        super().__init__(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        g = self.g_weights = weight_group(GeneratorLossWeights, generator_weights)
-        sw = self.s_weights = weight_group(StudentLossWeights, student_weights)
-        self.save_weight_groups(generator_weights=g, student_weights=sw)
+        g = weight_group(GeneratorLossWeights, generator_weights)
+        sw = weight_group(StudentLossWeights, student_weights)
         if not 0.0 <= wild_ratio < 1.0:
             raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
@@ -250,7 +246,14 @@ class DataFreeGAN(DistillationStage):
             raise VitkdInputError("the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args")
         if not any((sw.kd, sw.ce, sw.patch)):
             raise VitkdInputError("every student loss term is switched off: set one of --model.init_args.student_weights.{kd,ce,patch} above 0")
-        self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
+        super().__init__(
+            create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
+            teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+        )
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.g_weights, self.s_weights = g, sw
+        self.save_weight_groups(generator_weights=g, student_weights=sw)
         self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
         # the teacher's logits are banked with the images unless the student loss needs its features too
         self.reuse_logits = sw.patch == 0

@@ -9,11 +9,12 @@ loss terms and steps: ``teacher_outputs(x)`` (what its terms read from the teach
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from vitkd.data_contract import KeyedTrainData, StageData, require
 from vitkd.errors import VitkdInputError
@@ -34,6 +35,9 @@ class DistillationStage(ClassificationStage):
     """A student distilled from a frozen teacher.
 
     Args:
+        student: the student ``self.model``, or a function of the loaded teacher that builds it (a student
+            initialised from the teacher). A student built before the teacher is loaded draws its initial
+            weights from the seeded generator first, as the stages always have.
         teacher_ckpt: the trained teacher (a vitkd checkpoint, or a state dict with ``teacher_arch``).
         teacher_arch: arch of a plain state-dict teacher.
         img_size, in_chans, num_classes: the teacher is built for these (set from the data module).
@@ -43,16 +47,20 @@ class DistillationStage(ClassificationStage):
             in later epochs; needs a data module whose training batches carry sample keys and do not change
             between epochs (``KeyedTrainData`` with ``augment`` off).
 
-    The subclass sets ``self.model`` (the student) after this constructor, then ``pair_taps`` if a loss
-    term compares blocks.
+    The subclass calls ``save_hyperparameters`` after this constructor, then ``pair_taps`` if a loss term
+    compares blocks.
     """
 
     def __init__(
-        self, teacher_ckpt: str, teacher_arch: str | None = None, *, img_size: int, in_chans: int, num_classes: int,
-        teacher_bf16: bool = False, teacher_cache: bool = False,
+        self, student: nn.Module | Callable[[nn.Module], nn.Module], teacher_ckpt: str, teacher_arch: str | None = None, *,
+        img_size: int, in_chans: int, num_classes: int, teacher_bf16: bool = False, teacher_cache: bool = False,
     ):
         super().__init__()
+        if isinstance(student, nn.Module):
+            self.model = student
         self.load_frozen_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        if not isinstance(student, nn.Module):
+            self.model = student(self.teacher)
         self.teacher_bf16 = teacher_bf16
         self.cache = TeacherCache() if teacher_cache else None
         self.taps: tuple[FeatureTap, FeatureTap] | None = None

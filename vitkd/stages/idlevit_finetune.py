@@ -67,12 +67,13 @@ class IdleViTFinetune(DistillationStage):
         warmup_epochs: float = 0.0,
         measure_batch_size: int = 256,
     ):
-        super().__init__(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        def student(teacher: torch.nn.Module) -> IdleViT:
+            return IdleViT(copy.deepcopy(teacher).train().requires_grad_(True), keep_ratio, idle_layers)
+
+        super().__init__(student, teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
         self.save_hyperparameters()
         self.weights = weight_group(IdleViTLossWeights, loss_weights)
         self.save_weight_groups(loss_weights=self.weights)
-        student = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.model = IdleViT(student, keep_ratio, idle_layers)
         self.add_accuracy(num_classes)
 
     @torch.no_grad()

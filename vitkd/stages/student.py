@@ -89,16 +89,17 @@ class ProbeDistillation(DistillationStage):
         teacher_cache: bool = False,
         teacher_bf16: bool = False,
     ):
+        w = weight_group(ProbeLossWeights, loss_weights)
+        if not any((w.ce, w.alpha, w.beta, w.projector)):
+            raise VitkdInputError("every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0")
         super().__init__(
+            create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
             teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
             teacher_bf16=teacher_bf16, teacher_cache=teacher_cache,
         )
         self.save_hyperparameters()
-        w = self.weights = weight_group(ProbeLossWeights, loss_weights)
+        self.weights = w
         self.save_weight_groups(loss_weights=w)
-        if not any((w.ce, w.alpha, w.beta, w.projector)):
-            raise VitkdInputError("every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0")
-        self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
         if noisy_adaptation and w.ce > 0:
             diag = q_diagonal if q_diagonal is not None else self.teacher_info.get("val_acc")
             if diag is None:
