@@ -37,7 +37,8 @@ class DistillationStage(ClassificationStage):
     Args:
         student: the student ``self.model``, or a function of the loaded teacher that builds it (a student
             initialised from the teacher). A student built before the teacher is loaded draws its initial
-            weights from the seeded generator first, as the stages always have.
+            weights first from the seeded generator, so a seeded run starts from the same student whatever the
+            teacher.
         teacher_ckpt: the trained teacher (a vitkd checkpoint, or a state dict with ``teacher_arch``).
         teacher_arch: arch of a plain state-dict teacher.
         img_size, in_chans, num_classes: the teacher is built for these (set from the data module).
