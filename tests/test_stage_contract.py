@@ -156,6 +156,13 @@ def test_a_weight_field_typo_in_a_config_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_weight_field_typo_on_the_command_line_is_one_line(tmp_path):
+    args = ("--config", "experiments/digits/dfnd.yaml", "--model.init_args.loss_weights.alpah", "0.5")
+    line = _error_line(_cli(*args, "--run_dir", str(tmp_path / "run")))
+    assert "unrecognized arguments" in line and "loss_weights.alpah" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_weight_groups_are_plain_numbers_in_the_hyper_parameters(tiny_teacher):
     """hparams.yaml and the checkpoints hold each group as a dict (no pickled class); the stage rebuilds from them."""
     stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)],

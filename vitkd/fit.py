@@ -203,7 +203,7 @@ def _one_line(err: BaseException) -> str:
     text = str(err)
     lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
     reason = None
-    for marker in ("is not accepted", "not expected", "Unrecognized", "No action", "does not", "Expected"):
+    for marker in ("is not accepted", "not expected", "Unrecognized", "unrecognized arguments", "No action", "does not", "Expected"):
         reason = next((ln for ln in lines if marker in ln and "Union subtypes" not in ln), None)
         if reason is not None:
             break

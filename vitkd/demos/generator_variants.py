@@ -18,20 +18,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vitkd.demos.runs import mean_std, run_fit
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
-from vitkd.demos.runs import mean_std, run_fit
 
 CONFIG = "experiments/generator/transformer_gan.yaml"
 OWN_CONFIG = {"dafl": "experiments/generator/dafl.yaml"}  # variants not built on CONFIG
 # the loss settings transformer_gan.yaml had before the redesign (each variant states all it changes)
-BEFORE = ["--model.init_args.act_weight", "0.0", "--model.init_args.attention_lambda", "1.0", "--model.init_args.patch_weight", "0.8"]
-LAM1 = ["--model.init_args.attention_lambda", "1.0"]
+BEFORE = ["--model.init_args.generator_weights.act", "0.0", "--model.init_args.generator_weights.attention", "1.0", "--model.init_args.student_weights.patch", "0.8"]
+LAM1 = ["--model.init_args.generator_weights.attention", "1.0"]
 PATCH = "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 4, head: patch}"
 CONV = "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 4, head: conv}"
 # DAFL's losses and width (dafl.yaml) with two attention blocks between its linear map and its conv head
 BLOCKS = ["--model.init_args.generator_kwargs", "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 4, head: conv, conv_width: 64}",
-          "--model.init_args.act_weight", "0.1", "--model.init_args.patch_weight", "0"]
+          "--model.init_args.generator_weights.act", "0.1", "--model.init_args.student_weights.patch", "0"]
 BLOCKS_LS = ["--model.init_args.generator_kwargs", "{patch_size: 4, embed_dim: 64, depth: 2, num_heads: 4, head: conv, conv_width: 64, init_values: 1.0e-5}",
              *BLOCKS[2:]]
 FAST = ["--model.init_args.synthesizer", "fast", "--model.init_args.fast_inner_steps", "2", "--model.init_args.fast_lr_z", "0.015",
@@ -39,17 +39,17 @@ FAST = ["--model.init_args.synthesizer", "fast", "--model.init_args.fast_inner_s
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dafl": ("the DAFL row itself (dafl.yaml), for comparison", []),
     "patch_head_attn": ("today's design: per-token pixel head + seam conv, λ = 1 (peak + consistency)", [*BEFORE, "--model.init_args.generator_kwargs", PATCH]),
-    "conv_head": ("attention blocks, then DAFL's conv upsampling head; λ = 0", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.attention_lambda", "0"]),
+    "conv_head": ("attention blocks, then DAFL's conv upsampling head; λ = 0", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.generator_weights.attention", "0"]),
     "conv_head_attn": ("conv head, λ = 1 (peak + consistency)", [*BEFORE, "--model.init_args.generator_kwargs", CONV]),
-    "conv_head_attn_tv": ("conv head, λ = 1, total-variation prior 0.05", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.tv_weight", "0.05"]),
-    "conv_head_attn_disc": ("conv head, λ = 1, adversarial discrepancy term 0.5", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.disc_weight", "0.5"]),
-    "dafl_blocks": ("DAFL's losses (act 0.1, no L_patch) with attention blocks before its conv head; λ = 0", [*BLOCKS, "--model.init_args.attention_lambda", "0"]),
+    "conv_head_attn_tv": ("conv head, λ = 1, total-variation prior 0.05", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.generator_weights.tv", "0.05"]),
+    "conv_head_attn_disc": ("conv head, λ = 1, adversarial discrepancy term 0.5", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.generator_weights.disc", "0.5"]),
+    "dafl_blocks": ("DAFL's losses (act 0.1, no L_patch) with attention blocks before its conv head; λ = 0", [*BLOCKS, "--model.init_args.generator_weights.attention", "0"]),
     "dafl_blocks_attn": ("as dafl_blocks, λ = 1 (peak + consistency)", [*BLOCKS, *LAM1]),
-    "dafl_blocks_ls": ("as dafl_blocks, blocks with LayerScale 1e-5 (they start near the identity); λ = 0", [*BLOCKS_LS, "--model.init_args.attention_lambda", "0"]),
+    "dafl_blocks_ls": ("as dafl_blocks, blocks with LayerScale 1e-5 (they start near the identity); λ = 0", [*BLOCKS_LS, "--model.init_args.generator_weights.attention", "0"]),
     "dafl_blocks_ls_attn": ("as dafl_blocks_ls, λ = 1", [*BLOCKS_LS, *LAM1]),
-    "dafl_blocks_ls_attn01": ("as dafl_blocks_ls, λ = 0.1", [*BLOCKS_LS, "--model.init_args.attention_lambda", "0.1"]),
+    "dafl_blocks_ls_attn01": ("as dafl_blocks_ls, λ = 0.1", [*BLOCKS_LS, "--model.init_args.generator_weights.attention", "0.1"]),
     "dafl_blocks_ls_attn_fast": ("as dafl_blocks_ls_attn, with the fast synthesizer of fast.yaml", [*BLOCKS_LS, *LAM1, *FAST]),
-    "conv_head_attn_tv_fast": ("as conv_head_attn_tv, with the fast synthesizer of fast.yaml", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.tv_weight", "0.05", *FAST]),
+    "conv_head_attn_tv_fast": ("as conv_head_attn_tv, with the fast synthesizer of fast.yaml", [*BEFORE, "--model.init_args.generator_kwargs", CONV, "--model.init_args.generator_weights.tv", "0.05", *FAST]),
 }
 
 
