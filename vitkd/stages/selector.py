@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.attention_maps import first_images
 from data_modules import shards
 from data_modules.transforms import to_tensor
+from vitkd.data_contract import ScoringData
 from vitkd.errors import VitkdInputError
 from vitkd.selection.args import check_selection_args
 from vitkd.selection.examples import ExampleGatherer, ExampleRequest
@@ -76,6 +77,8 @@ class AttentionProbeSelector(Stage):
         fusion_weights: weight of each z-scored column for ``strategy: fusion``: ``vn``, ``va`` (the mean of
             the probed blocks' V_a), ``vs``, ``energy``; lower fused value = kept.
     """
+
+    data_contract = ScoringData
 
     def __init__(
         self,
