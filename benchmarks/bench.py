@@ -13,6 +13,7 @@ asserted. Timings: warm-up, then the median of per-iteration wall times, the dev
 One benchmark per module: ``selector``, ``distill``, ``flops``, ``scale``, ``generator``, ``pack_bench``,
 ``stream``; what they share (presets, timer, machine name, ``finish()``) is ``benchmarks.common``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,29 @@ TARGETS = {"selector_speedup_ratio": 5.0, "distill_speedup_ratio": 3.0, "scale_m
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = OneLineParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="few iterations, smaller paper-pair batches, selector at 100k only")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads on CPU (default 1, the project's setting for these models)")
-    ap.add_argument("--scale", choices=["none", "100k", "1m"], default=None,
-                    help="selector-at-scale runs (default 100k; 1m adds the 1M-sample run, ~15 min on one CPU core)")
+    ap.add_argument(
+        "--quick", action="store_true", help="few iterations, smaller paper-pair batches, selector at 100k only"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default 1, the project's setting for these models)",
+    )
+    ap.add_argument(
+        "--scale",
+        choices=["none", "100k", "1m"],
+        default=None,
+        help="selector-at-scale runs (default 100k; 1m adds the 1M-sample run, ~15 min on one CPU core)",
+    )
     ap.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", choices=["all", "generator"], default="all",
-                    help="generator: only the data-free generator row (a results file of its own)")
+    ap.add_argument(
+        "--only",
+        choices=["all", "generator"],
+        default="all",
+        help="generator: only the data-free generator row (a results file of its own)",
+    )
     return ap.parse_args(argv)
 
 
@@ -68,8 +82,9 @@ def bench_presets(res: dict[str, Any], presets: dict[str, dict], device: torch.d
     with tempfile.TemporaryDirectory() as tmp:
         for name, p in presets.items():
             ckpt = Path(tmp) / f"{name}_teacher.pt"
-            teacher = create_model(p["teacher"], img_size=p["img_size"], in_chans=p["in_chans"],
-                                   num_classes=p["num_classes"])
+            teacher = create_model(
+                p["teacher"], img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"]
+            )
             torch.save(teacher.state_dict(), ckpt)
             it = p.get("iters", iters)
             print(f"[{name}] selector ...", flush=True)
@@ -114,8 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     presets = chosen_presets(args.presets, args.quick, device)
     torch.manual_seed(0)
     res = header(device, threads, args.quick, presets)
-    print(f"bench on {res['machine']} ({res['device']}, {threads} threads), load {res['load_average_before']}",
-          flush=True)
+    print(
+        f"bench on {res['machine']} ({res['device']}, {threads} threads), load {res['load_average_before']}", flush=True
+    )
     res["peak"] = {"bf16": matmul_peak(device, torch.bfloat16), "fp32": matmul_peak(device, torch.float32, reps=3)}
     quick = "-quick" if args.quick else ""
     if args.only == "generator":

@@ -1,6 +1,7 @@
 """What every benchmark of ``make bench`` shares: the model presets, the timer, the machine's name and the
 header of a results file, and ``finish()``, which writes ``<out>/<machine>-<date><suffix>.json`` and prints
 the table."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,14 +26,30 @@ from vitkd.io import write_json
 # at the reference's batch (256).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
-        teacher="digits_teacher_patch4_16", student="digits_student_patch4_16", img_size=16, in_chans=1,
-        num_classes=10, probe_blocks=[1, 3], probe_pairs=[[1, 1], [3, 3], [5, 5]], relation_norm="channel",
-        select_batch={"cpu": 1024, "cuda": 1024}, ref_select_batch=256, distill_batch=128,
+        teacher="digits_teacher_patch4_16",
+        student="digits_student_patch4_16",
+        img_size=16,
+        in_chans=1,
+        num_classes=10,
+        probe_blocks=[1, 3],
+        probe_pairs=[[1, 1], [3, 3], [5, 5]],
+        relation_norm="channel",
+        select_batch={"cpu": 1024, "cuda": 1024},
+        ref_select_batch=256,
+        distill_batch=128,
     ),
     "paper": dict(
-        teacher="deit_xsmall_patch4_32", student="deit_xtiny_patch4_32", img_size=32, in_chans=3, num_classes=10,
-        probe_blocks=[3, 7], probe_pairs=[[3, 3], [7, 7], [11, 11]], relation_norm="token",
-        select_batch={"cpu": 64, "cuda": 1024}, ref_select_batch=256, distill_batch=64,
+        teacher="deit_xsmall_patch4_32",
+        student="deit_xtiny_patch4_32",
+        img_size=32,
+        in_chans=3,
+        num_classes=10,
+        probe_blocks=[3, 7],
+        probe_pairs=[[3, 3], [7, 7], [11, 11]],
+        relation_norm="token",
+        select_batch={"cpu": 64, "cuda": 1024},
+        ref_select_batch=256,
+        distill_batch=64,
     ),
 }
 HEADLINE_PRESET = "paper"
@@ -92,11 +109,20 @@ def header(device: torch.device, threads: int, quick: bool, presets: dict[str, d
     """The first keys of a results file: the machine, the software, the date and the presets measured."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "machine": machine_name(device), "cpu": cpu_model(), "cores": psutil.cpu_count(logical=True),
-        "torch": torch.__version__, "python": platform.python_version(), "device": gpu or "cpu",
-        "gpu": gpu or "not lent to this task", "threads": threads, "date": dt.date.today().isoformat(),
-        "quick": quick, "load_average_before": load_average(), "timing": TIMING,
-        "headline_preset": HEADLINE_PRESET, "presets": presets,
+        "machine": machine_name(device),
+        "cpu": cpu_model(),
+        "cores": psutil.cpu_count(logical=True),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": gpu or "cpu",
+        "gpu": gpu or "not lent to this task",
+        "threads": threads,
+        "date": dt.date.today().isoformat(),
+        "quick": quick,
+        "load_average_before": load_average(),
+        "timing": TIMING,
+        "headline_preset": HEADLINE_PRESET,
+        "presets": presets,
     }
 
 

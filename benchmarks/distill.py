@@ -1,4 +1,5 @@
 """One distillation training step: ``ProbeDistillation`` against the reference-style training loop."""
+
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,27 @@ from vitkd.teacher_cache import TeacherCache
 
 DEMO_EPOCHS = 20  # the digits students' epochs: the cache's one teacher forward per sample is spread over them
 # (precision, teacher-output cache warm, teacher in bf16) of each variant timed
-VARIANTS = [("fp32", False, False), ("bf16", False, False), ("fp32", False, True), ("fp32", True, False),
-            ("bf16", True, False)]
+VARIANTS = [
+    ("fp32", False, False),
+    ("bf16", False, False),
+    ("fp32", False, True),
+    ("fp32", True, False),
+    ("bf16", True, False),
+]
 
 
 def distill_stage(p: dict, teacher_ckpt: Path, device: torch.device, **kwargs) -> ProbeDistillation:
     return ProbeDistillation(
-        arch=p["student"], teacher_ckpt=str(teacher_ckpt), teacher_arch=p["teacher"], img_size=p["img_size"],
-        in_chans=p["in_chans"], num_classes=p["num_classes"], q_diagonal=0.9,
-        probe_pairs=[tuple(q) for q in p["probe_pairs"]], relation_norm=p["relation_norm"], measure_batch_size=0,
+        arch=p["student"],
+        teacher_ckpt=str(teacher_ckpt),
+        teacher_arch=p["teacher"],
+        img_size=p["img_size"],
+        in_chans=p["in_chans"],
+        num_classes=p["num_classes"],
+        q_diagonal=0.9,
+        probe_pairs=[tuple(q) for q in p["probe_pairs"]],
+        relation_norm=p["relation_norm"],
+        measure_batch_size=0,
         **kwargs,
     ).to(device)
 
@@ -38,8 +51,9 @@ def distill_optimizer(stage: ProbeDistillation) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
-def train_step(stage: ProbeDistillation, opt: torch.optim.Optimizer, batch: tuple, device: torch.device,
-               precision: str) -> Callable[[], None]:
+def train_step(
+    stage: ProbeDistillation, opt: torch.optim.Optimizer, batch: tuple, device: torch.device, precision: str
+) -> Callable[[], None]:
     def step():  # what training_step runs; no .item(): the loss stays on the device
         with autocast(device, precision):
             loss = sum(stage.batch_losses(batch).values())
@@ -50,8 +64,9 @@ def train_step(stage: ProbeDistillation, opt: torch.optim.Optimizer, batch: tupl
     return step
 
 
-def bench_distill(p: dict, teacher_ckpt: Path, device: torch.device, warmup: int, iters: int,
-                  compile_variant: bool = True) -> dict[str, Any]:
+def bench_distill(
+    p: dict, teacher_ckpt: Path, device: torch.device, warmup: int, iters: int, compile_variant: bool = True
+) -> dict[str, Any]:
     """One training step of ProbeDistillation vs the reference loop. Variants: fp32/bf16 with the teacher run
     every step (the path when inputs are augmented); with the teacher-output cache warm (``--model.init_args.
     teacher_cache true``, un-augmented inputs: the step the stage runs from the second epoch on), also
@@ -119,8 +134,9 @@ def ratios(out: dict[str, Any], b: int, compile_variant: bool) -> dict[str, Any]
     best = max(every, key=lambda k: out[k]["images_per_s"])
     res: dict[str, Any] = {}
     config = best[6:].replace("_teacher_bf16", " student, bf16 teacher").replace("_", ", ")
-    res["teacher_every_step_best_config"] = (f"{config}, teacher forward every step, "
-                                             "fused attention, no .item() per step")
+    res["teacher_every_step_best_config"] = (
+        f"{config}, teacher forward every step, fused attention, no .item() per step"
+    )
     res["vitkd_teacher_every_step_best"] = out[best]
     res["speedup_ratio_teacher_every_step"] = out[best]["images_per_s"] / ref_rate
     res["speedup_ratio_fp32"] = out["vitkd_fp32"]["images_per_s"] / ref_rate
@@ -131,8 +147,10 @@ def ratios(out: dict[str, Any], b: int, compile_variant: bool) -> dict[str, Any]
     # the headline: vitkd's fastest training step, the cache amortised over the demo's epochs (un-augmented inputs)
     if out[amortised]["images_per_s"] > out[best]["images_per_s"]:
         res["vitkd_best"] = {**out[amortised], "batch": b}
-        res["vitkd_best_config"] = (f"{c}, teacher-output cache (un-augmented inputs), its one teacher forward per "
-                                    f"sample amortised over {DEMO_EPOCHS} epochs")
+        res["vitkd_best_config"] = (
+            f"{c}, teacher-output cache (un-augmented inputs), its one teacher forward per "
+            f"sample amortised over {DEMO_EPOCHS} epochs"
+        )
     else:
         res["vitkd_best"] = out[best]
         res["vitkd_best_config"] = res["teacher_every_step_best_config"]

@@ -1,5 +1,6 @@
 """FLOPs per image of the selector's and the distillation step's models, and the fraction of this device's
 matmul peak (measured here too) that the timed rates achieve."""
+
 from __future__ import annotations
 
 import copy
@@ -44,12 +45,14 @@ def bench_flops(p: dict, device: torch.device, sel: dict, dis: dict, peak: float
         "student_forward_backward_flops_per_image": s_train,
         "distill_step_flops_per_image": step,
         "convention": "torch.utils.flop_counter matmul/conv FLOPs (2 per multiply-add), unfused attention; "
-                      "the probe and losses are not counted",
+        "the probe and losses are not counted",
     }
     for name, fl, r in (
-        ("selector_vitkd", t_fwd, sel["vitkd_best"]), ("selector_reference", t_fwd, sel["reference"]),
+        ("selector_vitkd", t_fwd, sel["vitkd_best"]),
+        ("selector_reference", t_fwd, sel["reference"]),
         # achieved FLOP/s of the step that does all of its FLOPs (the cached step skips the teacher's)
-        ("distill_vitkd", step, dis["vitkd_teacher_every_step_best"]), ("distill_reference", step, dis["reference"]),
+        ("distill_vitkd", step, dis["vitkd_teacher_every_step_best"]),
+        ("distill_reference", step, dis["reference"]),
     ):
         out[f"{name}_flop_per_s"] = fl * r["images_per_s"]
         out[f"{name}_fraction_of_bf16_peak"] = fl * r["images_per_s"] / peak

@@ -1,4 +1,5 @@
 """The data-free generator step: the reference-style DAFL loop against vitkd's generator stage through its CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -14,27 +15,59 @@ from vitkd.fit import cli_main
 from vitkd.generators import DAFLGenerator
 from vitkd.models import create_model
 
-FAST_ARGS = ["--model.init_args.synthesizer", "fast", "--model.init_args.fast_synth_every", "5",
-             "--model.init_args.fast_inner_steps", "2", "--model.init_args.lr_g", "5e-3"]
+FAST_ARGS = [
+    "--model.init_args.synthesizer",
+    "fast",
+    "--model.init_args.fast_synth_every",
+    "5",
+    "--model.init_args.fast_inner_steps",
+    "2",
+    "--model.init_args.lr_g",
+    "5e-3",
+]
 
 
-def generator_stage_rate(ckpt: Path, teacher_arch: str, extra: list[str], steps: int, batch: int,
-                         threads: int) -> dict[str, float]:
+def generator_stage_rate(
+    ckpt: Path, teacher_arch: str, extra: list[str], steps: int, batch: int, threads: int
+) -> dict[str, float]:
     """The generator stage through the real CLI (``dafl_reference.yaml``) for two epochs of ``steps`` steps;
     the second epoch's training throughput (``perf/images_per_s``: student images, validation excluded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        m = cli_main([
-            "--config", "experiments/generator/dafl_reference.yaml", "--run_dir", tmp,
-            "--model.init_args.teacher_ckpt", str(ckpt), "--model.init_args.teacher_arch", teacher_arch,
-            "--model.init_args.batch_size", str(batch), "--model.init_args.steps_per_epoch", str(steps),
-            "--model.init_args.val_samples", "64", "--model.init_args.grid_samples", "0", "--trainer.max_epochs", "2",
-            "--torch_threads", str(threads), "--trainer.enable_progress_bar", "false", *extra,
-        ])
+        m = cli_main(
+            [
+                "--config",
+                "experiments/generator/dafl_reference.yaml",
+                "--run_dir",
+                tmp,
+                "--model.init_args.teacher_ckpt",
+                str(ckpt),
+                "--model.init_args.teacher_arch",
+                teacher_arch,
+                "--model.init_args.batch_size",
+                str(batch),
+                "--model.init_args.steps_per_epoch",
+                str(steps),
+                "--model.init_args.val_samples",
+                "64",
+                "--model.init_args.grid_samples",
+                "0",
+                "--trainer.max_epochs",
+                "2",
+                "--torch_threads",
+                str(threads),
+                "--trainer.enable_progress_bar",
+                "false",
+                *extra,
+            ]
+        )
         with open(Path(tmp) / "metrics.csv", newline="") as f:
             rates = [float(r["perf/images_per_s"]) for r in csv.DictReader(f) if r.get("perf/images_per_s")]
     seconds = batch * steps / rates[-1]
-    return {"distilled_images_per_s": rates[-1], "generated_images_per_s": m["generator_steps"] / 2 * batch / seconds,
-            "generator_steps_per_epoch": m["generator_steps"] / 2}
+    return {
+        "distilled_images_per_s": rates[-1],
+        "generated_images_per_s": m["generator_steps"] / 2 * batch / seconds,
+        "generator_steps_per_epoch": m["generator_steps"] / 2,
+    }
 
 
 def bench_generator(device: torch.device, warmup: int, iters: int, threads: int, quick: bool) -> dict[str, Any]:
@@ -46,8 +79,12 @@ def bench_generator(device: torch.device, warmup: int, iters: int, threads: int,
     batch = 128 if quick else 512
     kw = dict(img_size=p["img_size"], in_chans=p["in_chans"], num_classes=p["num_classes"])
     teacher = create_model(p["teacher"], **kw)
-    out: dict[str, Any] = {"batch": batch, "generator": "dafl width 128, final BN", "teacher": p["teacher"],
-                           "student": p["student"]}
+    out: dict[str, Any] = {
+        "batch": batch,
+        "generator": "dafl width 128, final BN",
+        "teacher": p["teacher"],
+        "student": p["student"],
+    }
     torch.manual_seed(0)
     generator = DAFLGenerator(p["img_size"], p["in_chans"], 100, width=128, final_bn=True)
     ref = ReferenceDAFL(generator, teacher, create_model(p["student"], **kw), batch, 100)

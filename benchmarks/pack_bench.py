@@ -9,6 +9,7 @@ back and decoding every image to an array in one process (what one DataLoader wo
 ``run(tmp_dir, n=...)`` returns the figures as a dict (``bench_pack()``: in a temporary folder, for ``make bench``);
 ``python -m benchmarks.pack_bench`` prints them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def _strokes(rng: np.random.Generator, size: int = 28) -> np.ndarray:
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(2, 5))):
-        draw.line([tuple(rng.integers(4, size - 4, 2).tolist()) for _ in range(3)], fill=255, width=int(rng.integers(2, 4)))
+        draw.line(
+            [tuple(rng.integers(4, size - 4, 2).tolist()) for _ in range(3)], fill=255, width=int(rng.integers(2, 4))
+        )
     return np.asarray(img)
 
 
@@ -52,7 +55,9 @@ def write_jpeg_folder(root: Path, n: int, seed: int = 0, size: tuple[int, int] =
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(n):
         a = rng.uniform(0.005, 0.03, 3)
-        rgb = np.stack([127 + 100 * np.sin(a[c] * (xx + rng.uniform(0, w)) + a[(c + 1) % 3] * yy) for c in range(3)], -1)
+        rgb = np.stack(
+            [127 + 100 * np.sin(a[c] * (xx + rng.uniform(0, w)) + a[(c + 1) % 3] * yy) for c in range(3)], -1
+        )
         rgb += rng.normal(0, 12, rgb.shape)
         path = root / f"n{i % 10:08d}" / f"img_{i:06d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,15 +72,26 @@ def _decode_rate(url: str) -> tuple[float, int]:
     return k / (time.perf_counter() - t0), k
 
 
-def run(tmp_dir: str | Path, n: int = 4000, n_jpeg: int | None = None, workers: int | None = None, shard_size: int = 500) -> dict:
+def run(
+    tmp_dir: str | Path, n: int = 4000, n_jpeg: int | None = None, workers: int | None = None, shard_size: int = 500
+) -> dict:
     """Pack and decode rates for ``n`` MNIST-format and ``n_jpeg`` (default n // 8) JPEG-folder images."""
     tmp = Path(tmp_dir)
     workers = workers or default_workers()
     n_jpeg = n_jpeg or max(1, n // 8)
     write_mnist(tmp / "mnist_src", n)
     write_jpeg_folder(tmp / "jpeg_src", n_jpeg)
-    out: dict = {"workers": workers, "shard_size": shard_size, "n_mnist": n, "n_jpeg": n_jpeg, "jpeg_source_size": [500, 375]}
-    for tag, fmt, src, size in (("mnist", "mnist", tmp / "mnist_src", None), ("jpeg_folder", "folder", tmp / "jpeg_src", 32)):
+    out: dict = {
+        "workers": workers,
+        "shard_size": shard_size,
+        "n_mnist": n,
+        "n_jpeg": n_jpeg,
+        "jpeg_source_size": [500, 375],
+    }
+    for tag, fmt, src, size in (
+        ("mnist", "mnist", tmp / "mnist_src", None),
+        ("jpeg_folder", "folder", tmp / "jpeg_src", 32),
+    ):
         t0 = time.perf_counter()
         meta = pack(fmt, src, tmp / f"{tag}_shards", size=size, shard_size=shard_size, workers=workers, progress=False)
         seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ What makes them "reference style", on purpose:
   relation loss forms the full N×N Gram matrix before taking its CLS row, Q is assembled row by row in a
   Python loop, θ has its own Adam, and the loss is printed (``.item()``, a host sync) every step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,9 @@ def full_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q @ k.transpose(-2, -1)) * (c // h) ** -0.5).softmax(dim=-1)
 
 
-def reference_scores(model: nn.Module, hooks: HookedAttention, x: torch.Tensor, blocks: Sequence[int], head, lambda_a, lambda_n) -> dict[str, torch.Tensor]:
+def reference_scores(
+    model: nn.Module, hooks: HookedAttention, x: torch.Tensor, blocks: Sequence[int], head, lambda_a, lambda_n
+) -> dict[str, torch.Tensor]:
     """One scoring batch: forward, full attention of the probed blocks, CLS row, cosine to uniform, CE to argmax."""
     logits = model(x)
     va = []
@@ -66,15 +69,31 @@ def reference_scores(model: nn.Module, hooks: HookedAttention, x: torch.Tensor, 
         va.append(F.cosine_similarity(probe, uniform, dim=1))
     vn = F.cross_entropy(logits, logits.argmax(1), reduction="none")
     value = lambda_n * vn + sum(w * a for w, a in zip(lambda_a, va))
-    return {"value": value.cpu(), "vn": vn.cpu(), "pred": logits.argmax(1).cpu(), **{f"va_blk{b}": a.cpu() for b, a in zip(blocks, va)}}
+    return {
+        "value": value.cpu(),
+        "vn": vn.cpu(),
+        "pred": logits.argmax(1).cpu(),
+        **{f"va_blk{b}": a.cpu() for b, a in zip(blocks, va)},
+    }
 
 
 class ReferenceDistiller:
     """The authors' training step (``DFND_DeiT-train.py`` ``train()``), on vitkd's timm models."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, pairs: Sequence[tuple[int, int]], num_classes: int,
-                 q_diagonal: float = 0.9, alpha: float = 0.8, beta: float = 1.0, temperature: float = 4.0,
-                 relation_norm: str = "token", lr: float = 7e-4, weight_decay: float = 0.025):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        pairs: Sequence[tuple[int, int]],
+        num_classes: int,
+        q_diagonal: float = 0.9,
+        alpha: float = 0.8,
+        beta: float = 1.0,
+        temperature: float = 4.0,
+        relation_norm: str = "token",
+        lr: float = 7e-4,
+        weight_decay: float = 0.025,
+    ):
         self.teacher = reference_model(teacher).eval().requires_grad_(False)
         self.student = reference_model(student).train()
         self.pairs, self.alpha, self.beta, self.t = list(pairs), alpha, beta, temperature
@@ -117,7 +136,11 @@ class ReferenceDistiller:
         s_logits = self.student(x)
         target = t_logits.argmax(1)
         p = s_logits.softmax(1) @ self.noisy()
-        loss = F.nll_loss(torch.log(p), target) + self.beta * self.kd(s_logits, t_logits) + self.alpha * self.relation_loss()
+        loss = (
+            F.nll_loss(torch.log(p), target)
+            + self.beta * self.kd(s_logits, t_logits)
+            + self.alpha * self.relation_loss()
+        )
         self.opt.zero_grad()
         self.opt_q.zero_grad()
         loss.backward()
@@ -134,8 +157,19 @@ class ReferenceDAFL:
     optimisers stepped, and every loss read with ``.item()`` each step (the authors print them).
     """
 
-    def __init__(self, generator: nn.Module, teacher: nn.Module, student: nn.Module, batch: int, latent: int,
-                 lr_g: float = 0.2, lr_s: float = 2e-3, oh: float = 1.0, ie: float = 5.0, a: float = 0.1):
+    def __init__(
+        self,
+        generator: nn.Module,
+        teacher: nn.Module,
+        student: nn.Module,
+        batch: int,
+        latent: int,
+        lr_g: float = 0.2,
+        lr_s: float = 2e-3,
+        oh: float = 1.0,
+        ie: float = 5.0,
+        a: float = 0.1,
+    ):
         self.generator, self.student = generator.train(), student.train()
         self.teacher = reference_model(teacher).eval().requires_grad_(True)
         self.batch, self.latent, self.oh, self.ie, self.a = batch, latent, oh, ie, a

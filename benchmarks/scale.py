@@ -1,5 +1,6 @@
 """The selector at scale: wall time and peak RSS of the real selection CLI, in a child process, on 100k and
 1M synthetic wild samples (``benchmarks.wild``), and the CLI levers tried on the 100k selection."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,13 +38,27 @@ def teacher_for_cli(tmp: Path) -> tuple[Path, list[str]]:
     return path, ["--model.init_args.teacher_arch", "digits_teacher_patch4_16"]
 
 
-def run_selection(urls: str, num_keep: int, ckpt: Path, extra: list[str], run_dir: Path,
-                  threads: int) -> dict[str, Any]:
+def run_selection(
+    urls: str, num_keep: int, ckpt: Path, extra: list[str], run_dir: Path, threads: int
+) -> dict[str, Any]:
     """Wall time and peak RSS (sum over the child's process tree, polled every 50 ms) of one CLI selection."""
     cmd = [
-        sys.executable, "-m", "vitkd.fit", "--config", "experiments/digits/select.yaml",
-        "--data.init_args.wild_urls", urls, "--model.init_args.num_keep", str(num_keep),
-        "--model.init_args.teacher_ckpt", str(ckpt), *extra, "--torch_threads", str(threads), "--run_dir", str(run_dir),
+        sys.executable,
+        "-m",
+        "vitkd.fit",
+        "--config",
+        "experiments/digits/select.yaml",
+        "--data.init_args.wild_urls",
+        urls,
+        "--model.init_args.num_keep",
+        str(num_keep),
+        "--model.init_args.teacher_ckpt",
+        str(ckpt),
+        *extra,
+        "--torch_threads",
+        str(threads),
+        "--run_dir",
+        str(run_dir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     log_path = run_dir.with_name(run_dir.name + ".log")  # a file, not a pipe: a full pipe would stall the child
@@ -84,8 +99,9 @@ def bench_scale(scale: str, threads: int, levers: bool = True) -> dict[str, Any]
             out[str(n)] = r
         if levers and 100_000 in sizes:
             for name, args in SCALE_LEVERS.items():
-                r = run_selection(pool_urls(100_000), 10_000, ckpt, [*extra, *args], Path(tmp) / f"sel-100k-{name}",
-                                  threads)
+                r = run_selection(
+                    pool_urls(100_000), 10_000, ckpt, [*extra, *args], Path(tmp) / f"sel-100k-{name}", threads
+                )
                 r.update(images_per_s=100_000 / r["wall_s"], args=" ".join(args))
                 out[f"100000_{name}"] = r
     if "1000000" in out:

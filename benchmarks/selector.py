@@ -1,4 +1,5 @@
 """The selector's scoring rate: ``AttentionProbeSelector`` against the reference-style scoring loop."""
+
 from __future__ import annotations
 
 import time
@@ -22,8 +23,14 @@ def bench_selector(p: dict, teacher_ckpt: Path, device: torch.device, warmup: in
     with inductor's weight freezing)."""
     lambda_a = [0.05] * len(p["probe_blocks"])
     sel = AttentionProbeSelector(
-        teacher_ckpt=str(teacher_ckpt), teacher_arch=p["teacher"], num_keep=1, img_size=p["img_size"],
-        in_chans=p["in_chans"], num_classes=p["num_classes"], probe_blocks=p["probe_blocks"], probe_head="mean",
+        teacher_ckpt=str(teacher_ckpt),
+        teacher_arch=p["teacher"],
+        num_keep=1,
+        img_size=p["img_size"],
+        in_chans=p["in_chans"],
+        num_classes=p["num_classes"],
+        probe_blocks=p["probe_blocks"],
+        probe_head="mean",
         lambda_a=lambda_a,
     ).to(device)
     shape = (p["in_chans"], p["img_size"], p["img_size"])
@@ -76,8 +83,9 @@ def bench_selector(p: dict, teacher_ckpt: Path, device: torch.device, warmup: in
         t0 = time.perf_counter()
         vitkd_fn(b, "bf16_true", comp._score)()
         out["compile_s"][str(b)] = time.perf_counter() - t0
-        time_vitkd(f"vitkd_bf16_true_compiled_b{b}", b, "bf16-true, torch.compile (weight freezing)", "bf16_true",
-                   comp._score)
+        time_vitkd(
+            f"vitkd_bf16_true_compiled_b{b}", b, "bf16-true, torch.compile (weight freezing)", "bf16_true", comp._score
+        )
     sel.float()
     hooks.remove()
     ratios = {k: out[k]["images_per_s"] / out[f"reference_b{b}"]["images_per_s"] for k, (b, _) in timings.items()}
@@ -85,13 +93,15 @@ def bench_selector(p: dict, teacher_ckpt: Path, device: torch.device, warmup: in
     b, variant = timings[best]
     out["vitkd_best"], out["vitkd_best_key"] = out[best], best
     variant = "bf16 autocast" if variant == "bf16" else variant
-    out["vitkd_best_config"] = (f"{variant}, batch {b}, inference_mode, fused attention, "
-                                "probe on probed blocks' CLS row only")
+    out["vitkd_best_config"] = (
+        f"{variant}, batch {b}, inference_mode, fused attention, probe on probed blocks' CLS row only"
+    )
     out["reference"] = out[f"reference_b{b}"]
     out["speedup_ratio"] = ratios[best]  # at equal batch
     fastest_ref = max(out[f"reference_b{n}"]["images_per_s"] for n in batches)
     fastest_vitkd = max(out[k]["images_per_s"] for k in timings)
     out["speedup_ratio_fastest_vs_fastest"] = fastest_vitkd / fastest_ref
-    out["speedup_ratio_fp32"] = max(out[f"vitkd_fp32_b{n}"]["images_per_s"] / out[f"reference_b{n}"]["images_per_s"]
-                                    for n in batches)
+    out["speedup_ratio_fp32"] = max(
+        out[f"vitkd_fp32_b{n}"]["images_per_s"] / out[f"reference_b{n}"]["images_per_s"] for n in batches
+    )
     return out

@@ -1,4 +1,5 @@
 """Training samples per second of ``ShardStream`` over the digits demo's kept-set size."""
+
 from __future__ import annotations
 
 import tempfile
@@ -19,8 +20,10 @@ def bench_stream(epochs: int = 3) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"samples": STREAM_SAMPLES, "shard_size": STREAM_SHARD, "img": "8x8 grey PNG -> 16x16"}
     with tempfile.TemporaryDirectory() as tmp:
-        samples = ({"__key__": f"s{i:06d}", "png": encode_png((rng.random((8, 8)) * 255).astype(np.uint8)),
-                    "cls": str(i % 10)} for i in range(STREAM_SAMPLES))
+        samples = (
+            {"__key__": f"s{i:06d}", "png": encode_png((rng.random((8, 8)) * 255).astype(np.uint8)), "cls": str(i % 10)}
+            for i in range(STREAM_SAMPLES)
+        )
         write_shards(samples, tmp, pattern="shard-%06d.tar", maxcount=STREAM_SHARD)
         urls = expand_urls(f"{tmp}/shard-{{000000..{STREAM_SAMPLES // STREAM_SHARD - 1:06d}}}.tar")
         for cache in (False, True):

@@ -3,6 +3,7 @@
 Shards are written in parallel (one process per shard, each renamed into place when complete), and
 reused when already present, so the 1M-sample pool is built once per machine.
 """
+
 from __future__ import annotations
 
 from multiprocessing import Pool

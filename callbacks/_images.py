@@ -1,4 +1,5 @@
 """Where a callback's figure goes: W&B and TensorBoard when they are on, else PNG files in the run directory."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ image-capable logger (W&B, TensorBoard); with none of those on it is written as
 ``RUN_DIR/probe_maps/epoch{E:03d}.png``. Rank 0 only, a separate ``no_grad`` forward in eval mode with
 the probe hooks attached only for it, so training keeps the fused attention kernel.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -64,7 +65,11 @@ def _image_of(item) -> torch.Tensor | None:
 
 def first_images(dataset, n: int) -> torch.Tensor | None:
     """The first ``n`` images of a dataset (read from the dataset, so no loader workers start)."""
-    items = itertools.islice(iter(dataset), n) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(min(n, len(dataset))))
+    items = (
+        itertools.islice(iter(dataset), n)
+        if isinstance(dataset, IterableDataset)
+        else (dataset[i] for i in range(min(n, len(dataset))))
+    )
     images = [im for im in map(_image_of, items) if im is not None]
     return torch.stack(images) if images else None
 
@@ -111,7 +116,14 @@ class AttentionProbeLogger(Callback):
     validation images but with a ``generator`` (the data-free GAN) show the generator's images on fixed noise.
     """
 
-    def __init__(self, every_n_epochs: int = 5, blocks: list[int] | None = None, num_images: int = 4, head: str | int = "mean", key: str = "probe_maps"):
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        blocks: list[int] | None = None,
+        num_images: int = 4,
+        head: str | int = "mean",
+        key: str = "probe_maps",
+    ):
         self.every_n_epochs, self.blocks, self.num_images = every_n_epochs, blocks, num_images
         self.head, self.key = head, key
         self._images: torch.Tensor | None = None
@@ -157,7 +169,9 @@ class AttentionProbeLogger(Callback):
         if not self.active:
             return False
         epoch = trainer.current_epoch + 1
-        last = trainer.should_stop or (trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs)
+        last = trainer.should_stop or (
+            trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+        )
         return epoch % self.every_n_epochs == 0 or last
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

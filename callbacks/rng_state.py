@@ -1,4 +1,5 @@
 """The random state of a run in its checkpoints, so a resumed run continues as the uninterrupted one would."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,7 +37,9 @@ class RngState(Callback):
         states["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
         return {"rng": states}
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # the log holds what the checkpoint holds: a run killed after this save resumes with these rows written
         for logger in trainer.loggers:
             logger.save()
@@ -53,7 +56,13 @@ class RngState(Callback):
         _set_rng_states(states)
         self._pending = None
         loader = trainer.train_dataloader
-        loaders = loader if isinstance(loader, (list, tuple)) else list(loader.values()) if isinstance(loader, dict) else [loader]
+        loaders = (
+            loader
+            if isinstance(loader, (list, tuple))
+            else list(loader.values())
+            if isinstance(loader, dict)
+            else [loader]
+        )
         for dl in loaders:
             if isinstance(dl, torch.utils.data.DataLoader) and not (dl.persistent_workers and dl.num_workers > 0):
                 torch.empty((), dtype=torch.int64).random_(generator=dl.generator)  # the base-seed draw of its iterator

@@ -17,6 +17,7 @@ the report asks for in ``selection_examples``. It reads nothing back from disk a
 
 The figures are also sent to W&B/TensorBoard when those loggers are on (rank 0 only).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -110,14 +111,20 @@ def plot_sources(summary: dict[str, Any]) -> np.ndarray:
     colors = ["tab:blue" if by[s]["positive"] else "tab:gray" for s in names]
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(names) + 3), 3.0), dpi=100)
     panels = (
-        (axes[0], "keep_rate", "fraction of each source kept"), (axes[1], "share_of_kept", "make-up of the kept set"),
+        (axes[0], "keep_rate", "fraction of each source kept"),
+        (axes[1], "share_of_kept", "make-up of the kept set"),
     )
     for ax, field, title in panels:
         vals = [by[s][field] for s in names]
         bars = ax.bar(names, vals, color=colors)
         for b, s in zip(bars, names):
-            ax.annotate(f"{by[s]['kept']}/{by[s]['scored']}" if field == "keep_rate" else f"{by[s][field]:.2f}",
-                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                f"{by[s]['kept']}/{by[s]['scored']}" if field == "keep_rate" else f"{by[s][field]:.2f}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         ax.set_ylim(0, 1.08)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -198,7 +205,10 @@ class SelectionReport(Callback):
 
     @rank_zero_only
     def on_selection_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: SelectionResult,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        result: SelectionResult,
     ) -> dict[str, Any]:
         """Write ``result.run_dir/report/`` from what the selector hands over; returns ``selection.json``'s content."""
         if not self.enabled:

@@ -3,6 +3,7 @@
 Lightning's own ``ThroughputMonitor`` synchronises the device after every batch; this one reads the clock
 at epoch boundaries only (one synchronisation per epoch on a GPU) and leaves validation time out.
 """
+
 from __future__ import annotations
 
 import time

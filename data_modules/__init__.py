@@ -3,6 +3,7 @@
 The data modules are imported on first use, so tools that only need the shard format or the readers
 (``python -m vitkd.pack``) start without loading Lightning.
 """
+
 from importlib import import_module
 
 _LAZY = {

@@ -8,6 +8,7 @@ atomically, as COCO JSON + PNG images with fixed train/val/test splits under
 ``data/aerial-v{VERSION}-{sizes}-s{seed}/``. Backgrounds come from the same few photos in every split (the
 crops differ); objects, colours and places are drawn independently per image.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -54,17 +55,29 @@ def object_mask(kind: str, size: int, rng: np.random.Generator, glyphs: np.ndarr
         d.polygon([(0, s), (s, s), (s / 2, 0)], fill=255)
     else:
         g = glyphs[rng.integers(len(glyphs))]
-        m = Image.fromarray((g * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR).point(lambda v: 255 if v > 90 else 0)
+        m = (
+            Image.fromarray((g * 255).astype(np.uint8))
+            .resize((size, size), Image.BILINEAR)
+            .point(lambda v: 255 if v > 90 else 0)
+        )
     return m
 
 
-def make_image(rng: np.random.Generator, photos: list[np.ndarray], glyphs: np.ndarray, img_size: int, max_objects: int, min_size: int, max_size: int):
+def make_image(
+    rng: np.random.Generator,
+    photos: list[np.ndarray],
+    glyphs: np.ndarray,
+    img_size: int,
+    max_objects: int,
+    min_size: int,
+    max_size: int,
+):
     """One image and its COCO annotations (bbox xywh pixels, category index)."""
     photo = photos[rng.integers(len(photos))]
     h, w = photo.shape[:2]
     crop = int(rng.integers(96, min(320, h, w) + 1))
     y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-    bg = Image.fromarray(photo[y0:y0 + crop, x0:x0 + crop]).resize((img_size, img_size), Image.BILINEAR)
+    bg = Image.fromarray(photo[y0 : y0 + crop, x0 : x0 + crop]).resize((img_size, img_size), Image.BILINEAR)
     bg = Image.fromarray((np.asarray(bg, dtype=np.float32) * 0.7).astype(np.uint8))  # dimmed: objects stand out
     anns, taken = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -80,14 +93,24 @@ def make_image(rng: np.random.Generator, photos: list[np.ndarray], glyphs: np.nd
         bbox = mask.getbbox()
         if bbox is None:
             continue
-        rgb = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(float(rng.random()), 0.8 + 0.2 * float(rng.random()), 1.0))
+        rgb = tuple(
+            int(255 * v) for v in colorsys.hsv_to_rgb(float(rng.random()), 0.8 + 0.2 * float(rng.random()), 1.0)
+        )
         bg.paste(Image.new("RGB", (size, size), rgb), (x, y), mask)
         taken.append((x, y, size, size))
         anns.append(([x + bbox[0], y + bbox[1], bbox[2] - bbox[0], bbox[3] - bbox[1]], k))
     return bg, anns
 
 
-def generate_aerial(out_dir: str | Path, sizes: dict[str, int], seed: int = 0, img_size: int = 64, max_objects: int = 4, min_size: int = 6, max_size: int = 14) -> Path:
+def generate_aerial(
+    out_dir: str | Path,
+    sizes: dict[str, int],
+    seed: int = 0,
+    img_size: int = 64,
+    max_objects: int = 4,
+    min_size: int = 6,
+    max_size: int = 14,
+) -> Path:
     """Write ``{split}.json`` (COCO) and ``images/{split}/*.png`` for each split, atomically."""
     photos, glyphs = backgrounds(), _glyphs()
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
@@ -102,8 +125,16 @@ def generate_aerial(out_dir: str | Path, sizes: dict[str, int], seed: int = 0, i
                 image.save(tmp / "images" / name)
                 images.append({"id": i + 1, "file_name": name, "width": img_size, "height": img_size})
                 for bbox, k in anns:
-                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": k + 1, "bbox": bbox,
-                                        "area": bbox[2] * bbox[3], "iscrowd": 0})
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": i + 1,
+                            "category_id": k + 1,
+                            "bbox": bbox,
+                            "area": bbox[2] * bbox[3],
+                            "iscrowd": 0,
+                        }
+                    )
             write_json(tmp / f"{split}.json", {"images": images, "annotations": annotations, "categories": categories})
     return Path(out_dir)
 
@@ -121,20 +152,44 @@ class AerialDataModule(CocoDataModule):
 
     num_classes = len(CLASSES)
 
-    def __init__(self, data_dir: str = "data", num_train: int = 1200, num_val: int = 200, num_test: int = 200, seed: int = 0,
-                 img_size: int = 64, in_chans: int = 3, batch_size: int = 32, num_workers: int = 0):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        num_train: int = 1200,
+        num_val: int = 200,
+        num_test: int = 200,
+        seed: int = 0,
+        img_size: int = 64,
+        in_chans: int = 3,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ):
         self.root = Path(data_dir) / f"aerial-v{VERSION}-{num_train}-{num_val}-{num_test}-{img_size}px-s{seed}"
-        self.sizes, self.seed, self.aerial_img_size = {"train": num_train, "val": num_val, "test": num_test}, seed, img_size
+        self.sizes, self.seed, self.aerial_img_size = (
+            {"train": num_train, "val": num_val, "test": num_test},
+            seed,
+            img_size,
+        )
         r = self.root
         super().__init__(
-            train_images=str(r / "images"), val_images=str(r / "images"), test_images=str(r / "images"),
-            num_classes=len(CLASSES), img_size=img_size, in_chans=in_chans, batch_size=batch_size, num_workers=num_workers,
+            train_images=str(r / "images"),
+            val_images=str(r / "images"),
+            test_images=str(r / "images"),
+            num_classes=len(CLASSES),
+            img_size=img_size,
+            in_chans=in_chans,
+            batch_size=batch_size,
+            num_workers=num_workers,
         )
         self.sources = {s: (str(r / "images"), str(r / f"{s}.json"), None) for s in ("train", "val", "test")}
         self.categories = list(range(1, len(CLASSES) + 1))
 
     def prepare_data(self) -> None:
-        build_once(self.root, lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size), done=self.root / "test.json")
+        build_once(
+            self.root,
+            lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size),
+            done=self.root / "test.json",
+        )
 
     def dataset(self, split: str):
         self.prepare_data()

@@ -11,6 +11,7 @@ already the class index 0..K-1. ``coco_to_shards`` writes them from a COCO set.
 Bad entries fail early with one line naming them: a missing image file (checked for every image when the set
 is opened), an annotation outside its image or of non-positive size, an unknown image or category id.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def check_box(bbox, width: float, height: float, where: str) -> None:
     if w <= 0 or h <= 0:
         raise VitkdInputError(f"{where}: bbox {list(bbox)} has non-positive size: fix or drop the annotation")
     if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE or y + h > height + BOX_TOLERANCE:
-        raise VitkdInputError(f"{where}: bbox {list(bbox)} lies outside the {width:g}x{height:g} image: fix or clip the annotation")
+        raise VitkdInputError(
+            f"{where}: bbox {list(bbox)} lies outside the {width:g}x{height:g} image: fix or clip the annotation"
+        )
 
 
 def to_tensor(image: Image.Image, img_size: int, in_chans: int) -> torch.Tensor:
@@ -72,7 +75,9 @@ def load_json(ann_file: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise VitkdInputError(f"COCO annotation file {path} is not valid JSON ({err.msg} at line {err.lineno}): repair or re-export it") from err
+        raise VitkdInputError(
+            f"COCO annotation file {path} is not valid JSON ({err.msg} at line {err.lineno}): repair or re-export it"
+        ) from err
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise VitkdInputError(f"COCO annotation file {path} has no '{key}' list: give a COCO instances JSON")
@@ -86,8 +91,15 @@ class CocoDetection(Dataset):
     categories); only the parsed entries are kept, not the JSON.
     """
 
-    def __init__(self, image_root: str | Path, ann_file: str | Path, img_size: int, in_chans: int = 3, categories: list[int] | None = None,
-                 data: dict | None = None):
+    def __init__(
+        self,
+        image_root: str | Path,
+        ann_file: str | Path,
+        img_size: int,
+        in_chans: int = 3,
+        categories: list[int] | None = None,
+        data: dict | None = None,
+    ):
         self.root, self.ann_file, self.img_size, self.in_chans = Path(image_root), Path(ann_file), img_size, in_chans
         data = data if data is not None else load_json(ann_file)
         cats = categories if categories is not None else category_ids(data)
@@ -96,9 +108,16 @@ class CocoDetection(Dataset):
         by_id = {}
         for img in data["images"]:
             try:
-                entry = {"id": int(img["id"]), "file_name": str(img["file_name"]), "width": float(img["width"]), "height": float(img["height"])}
+                entry = {
+                    "id": int(img["id"]),
+                    "file_name": str(img["file_name"]),
+                    "width": float(img["width"]),
+                    "height": float(img["height"]),
+                }
             except (KeyError, TypeError, ValueError) as err:
-                raise VitkdInputError(f"{self.ann_file}: image entry {img!r} lacks id/file_name/width/height: fix the entry") from err
+                raise VitkdInputError(
+                    f"{self.ann_file}: image entry {img!r} lacks id/file_name/width/height: fix the entry"
+                ) from err
             if not (self.root / entry["file_name"]).is_file():
                 raise VitkdInputError(
                     f"{self.ann_file}: image id {entry['id']} file {entry['file_name']!r} not found under {self.root}: add the file or remove the entry"
@@ -130,9 +149,23 @@ class CocoDetection(Dataset):
 class DetectionShards(IterableDataset):
     """Detection webdataset shards (format in the module docstring), in shard order (``shuffle`` buffers samples)."""
 
-    def __init__(self, urls: str | list[str], img_size: int, in_chans: int = 3, num_classes: int | None = None, shuffle: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        urls: str | list[str],
+        img_size: int,
+        in_chans: int = 3,
+        num_classes: int | None = None,
+        shuffle: int = 0,
+        seed: int = 0,
+    ):
         self.urls = expand_urls(urls)
-        self.img_size, self.in_chans, self.num_classes, self.shuffle, self.seed = img_size, in_chans, num_classes, shuffle, seed
+        self.img_size, self.in_chans, self.num_classes, self.shuffle, self.seed = (
+            img_size,
+            in_chans,
+            num_classes,
+            shuffle,
+            seed,
+        )
         self.epoch = 0
 
     def decode(self, sample: dict, index: int):
@@ -150,9 +183,13 @@ class DetectionShards(IterableDataset):
             check_box(ann.get("bbox"), width, height, where)
             k = int(ann.get("category_id", -1))
             if k < 0 or (self.num_classes is not None and k >= self.num_classes):
-                raise VitkdInputError(f"{where}: category_id {k} is not a class index 0..{(self.num_classes or 1) - 1}: repack with class indices")
+                raise VitkdInputError(
+                    f"{where}: category_id {k} is not a class index 0..{(self.num_classes or 1) - 1}: repack with class indices"
+                )
             anns.append((list(ann["bbox"]), k))
-        return to_tensor(image, self.img_size, self.in_chans), make_target(anns, width, height, int(meta.get("image_id", index)))
+        return to_tensor(image, self.img_size, self.in_chans), make_target(
+            anns, width, height, int(meta.get("image_id", index))
+        )
 
     def __iter__(self) -> Iterator:
         rng = np.random.default_rng(self.seed + self.epoch)
@@ -170,7 +207,9 @@ class DetectionShards(IterableDataset):
             yield buf.pop(int(rng.integers(len(buf))))
 
 
-def coco_to_shards(image_root: str | Path, ann_file: str | Path, out_dir: str | Path, prefix: str = "det", maxcount: int = 1000) -> list[Path]:
+def coco_to_shards(
+    image_root: str | Path, ann_file: str | Path, out_dir: str | Path, prefix: str = "det", maxcount: int = 1000
+) -> list[Path]:
     """Write a COCO set as detection shards (original image bytes; class indices in ``category_id``)."""
     ds = CocoDetection(image_root, ann_file, img_size=1)
     inv = {i: c for c, i in ds.cat_index.items()}
@@ -183,7 +222,13 @@ def coco_to_shards(image_root: str | Path, ann_file: str | Path, out_dir: str | 
             meta = {"width": img["width"], "height": img["height"], "image_id": img["id"], "annotations": anns}
             yield {"__key__": f"{img['id']:08d}", ext: path.read_bytes(), "json": json.dumps(meta)}
 
-    return write_shards(samples(), out_dir, pattern=f"{prefix}-%06d.tar", maxcount=maxcount, meta={"categories": [inv[i] for i in sorted(inv)]})
+    return write_shards(
+        samples(),
+        out_dir,
+        pattern=f"{prefix}-%06d.tar",
+        maxcount=maxcount,
+        meta={"categories": [inv[i] for i in sorted(inv)]},
+    )
 
 
 def collate(batch: list) -> tuple[torch.Tensor, list[dict]]:
@@ -204,23 +249,45 @@ class CocoDataModule(pl.LightningDataModule):
         shuffle_buffer: sample shuffle buffer for training shards.
     """
 
-    def __init__(self, train_images: str | None = None, train_json: str | None = None, val_images: str | None = None, val_json: str | None = None,
-                 test_images: str | None = None, test_json: str | None = None, train_urls: str | None = None, val_urls: str | None = None,
-                 test_urls: str | None = None, num_classes: int | None = None, img_size: int = 64, in_chans: int = 3,
-                 batch_size: int = 32, num_workers: int = 0, shuffle_buffer: int = 500):
+    def __init__(
+        self,
+        train_images: str | None = None,
+        train_json: str | None = None,
+        val_images: str | None = None,
+        val_json: str | None = None,
+        test_images: str | None = None,
+        test_json: str | None = None,
+        train_urls: str | None = None,
+        val_urls: str | None = None,
+        test_urls: str | None = None,
+        num_classes: int | None = None,
+        img_size: int = 64,
+        in_chans: int = 3,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle_buffer: int = 500,
+    ):
         super().__init__()
         self.sources = {
             "train": (train_images, train_json, train_urls),
             "val": (val_images, val_json, val_urls),
             "test": (test_images, test_json, test_urls),
         }
-        self.img_size, self.in_chans, self.batch_size, self.num_workers, self.shuffle_buffer = img_size, in_chans, batch_size, num_workers, shuffle_buffer
+        self.img_size, self.in_chans, self.batch_size, self.num_workers, self.shuffle_buffer = (
+            img_size,
+            in_chans,
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+        )
         # the train JSON is read once: its categories are needed now (num_classes), its entries at setup
         self._loaded = {"train": load_json(train_json)} if train_json else {}
         self.categories = category_ids(self._loaded["train"]) if train_json else None
         if num_classes is None:
             if self.categories is None:
-                raise VitkdInputError("CocoDataModule needs num_classes with shards: pass --data.init_args.num_classes K")
+                raise VitkdInputError(
+                    "CocoDataModule needs num_classes with shards: pass --data.init_args.num_classes K"
+                )
             num_classes = len(self.categories)
         self.num_classes = num_classes
         self.datasets: dict = {}
@@ -230,12 +297,24 @@ class CocoDataModule(pl.LightningDataModule):
             images, ann_file, urls = self.sources[split]
             if ann_file:
                 if not images:
-                    raise VitkdInputError(f"{split}_json is given without {split}_images: pass the image folder of the split")
-                self.datasets[split] = CocoDetection(images, ann_file, self.img_size, self.in_chans, self.categories, self._loaded.pop(split, None))
+                    raise VitkdInputError(
+                        f"{split}_json is given without {split}_images: pass the image folder of the split"
+                    )
+                self.datasets[split] = CocoDetection(
+                    images, ann_file, self.img_size, self.in_chans, self.categories, self._loaded.pop(split, None)
+                )
             elif urls:
-                self.datasets[split] = DetectionShards(urls, self.img_size, self.in_chans, self.num_classes, shuffle=self.shuffle_buffer if split == "train" else 0)
+                self.datasets[split] = DetectionShards(
+                    urls,
+                    self.img_size,
+                    self.in_chans,
+                    self.num_classes,
+                    shuffle=self.shuffle_buffer if split == "train" else 0,
+                )
             else:
-                raise VitkdInputError(f"no {split} data: pass --data.init_args.{split}_json and {split}_images, or {split}_urls")
+                raise VitkdInputError(
+                    f"no {split} data: pass --data.init_args.{split}_json and {split}_images, or {split}_urls"
+                )
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:
@@ -245,8 +324,15 @@ class CocoDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         ds = self.dataset(split)
         shuffle = split == "train" and not isinstance(ds, IterableDataset)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate,
-                          drop_last=False, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

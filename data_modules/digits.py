@@ -1,4 +1,5 @@
 """scikit-learn's digits as the embedded original data set (real handwriting that ships in the wheel)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from data_modules.image_data import ImageDataModule
 from data_modules.shards import shard_url
 from data_modules.wild_pool import POOL_VERSION, generate_pool
-from vitkd.errors import OneLineParser, VitkdInputError, non_negative_int, positive_int, demo_main
+from vitkd.errors import OneLineParser, VitkdInputError, demo_main, non_negative_int, positive_int
 from vitkd.io import build_once
 
 SPLIT_SEED = 0  # fixed: every run sees the same train/val/test split
@@ -54,7 +55,9 @@ class DigitsDataModule(ImageDataModule):
     def prepare_data(self) -> None:
         if self.wild_urls is None:
             pool = self._pool_dir()
-            build_once(pool, lambda: generate_pool(pool, self.wild_pool_size, self.wild_pool_seed), done=pool / "meta.json")
+            build_once(
+                pool, lambda: generate_pool(pool, self.wild_pool_size, self.wild_pool_seed), done=pool / "meta.json"
+            )
 
     def embedded_wild_urls(self) -> str:
         meta = self._pool_dir() / "meta.json"
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dm.prepare_data()
     except OSError as err:
-        raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
+        raise VitkdInputError(
+            f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder"
+        ) from None
     print(dm.embedded_wild_urls())
 
 

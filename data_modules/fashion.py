@@ -16,6 +16,7 @@ Splits, fixed (``SPLIT_SEED``), so every run sees the same ones:
   labelled split on which vitkd's own selection settings are chosen.
 * ``train``: the rest of the train images: the teacher's data, and the original-data baselines'.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,16 +61,23 @@ def missing_message(where: str) -> str:
 def find_fashion_dir(fashion_dir: str | Path | None = None) -> Path:
     """The folder holding the four IDX files: ``fashion_dir``, else ``$FASHION_MNIST_DIR``, else Debian's.
     A folder named explicitly that lacks a file is an error naming the file (it is not silently skipped)."""
-    named = [(fashion_dir, "--data.init_args.fashion_dir"), (os.environ.get("FASHION_MNIST_DIR") or None, "FASHION_MNIST_DIR")]
+    named = [
+        (fashion_dir, "--data.init_args.fashion_dir"),
+        (os.environ.get("FASHION_MNIST_DIR") or None, "FASHION_MNIST_DIR"),
+    ]
     for folder, what in named:
         if folder is None:
             continue
         folder = Path(folder)
         if not folder.is_dir():
-            raise VitkdInputError(f"{what} {folder} is not a folder: {missing_message('name the folder that holds the files')}")
+            raise VitkdInputError(
+                f"{what} {folder} is not a folder: {missing_message('name the folder that holds the files')}"
+            )
         lacking = _present(folder)
         if lacking:
-            raise VitkdInputError(f"{what} {folder} lacks {', '.join(lacking)} (plain or .gz): {missing_message('partial folder')}")
+            raise VitkdInputError(
+                f"{what} {folder} lacks {', '.join(lacking)} (plain or .gz): {missing_message('partial folder')}"
+            )
         return folder
     if not _present(DEBIAN_DIR):
         return DEBIAN_DIR
@@ -87,7 +95,9 @@ def install_fashion() -> Path:
     print(f"installing Debian's {DEBIAN_PACKAGE} (apt-get install -y {DEBIAN_PACKAGE})", flush=True)
     done = subprocess.run(["apt-get", "install", "-y", DEBIAN_PACKAGE], capture_output=True, text=True)
     if done.returncode != 0:
-        done = subprocess.run(["sh", "-c", f"apt-get update -qq && apt-get install -y {DEBIAN_PACKAGE}"], capture_output=True, text=True)
+        done = subprocess.run(
+            ["sh", "-c", f"apt-get update -qq && apt-get install -y {DEBIAN_PACKAGE}"], capture_output=True, text=True
+        )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise VitkdInputError(f"apt-get install {DEBIAN_PACKAGE} failed ({last}): {missing_message('apt-get failed')}")
@@ -104,21 +114,27 @@ def load_fashion(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         path = {n: Path(folder) / n if (Path(folder) / n).is_file() else Path(folder) / f"{n}.gz" for n in (img, lab)}
         x, y = np.asarray(read_idx(path[img], IDX_IMAGES)), np.asarray(read_idx(path[lab], IDX_LABELS)).astype(np.int64)
         if x.ndim != 3 or len(x) != len(y):
-            raise VitkdInputError(f"{path[img]} {tuple(x.shape)} and {path[lab]} {tuple(y.shape)} do not match: pass the original Fashion-MNIST files")
+            raise VitkdInputError(
+                f"{path[img]} {tuple(x.shape)} and {path[lab]} {tuple(y.shape)} do not match: pass the original Fashion-MNIST files"
+            )
         if len(y) and (y.min() < 0 or y.max() >= len(CLASSES)):
             raise VitkdInputError(f"{path[lab]} has labels outside 0..9: it is not a Fashion-MNIST labels file")
         out[split] = (x, y)
     return out
 
 
-def wild_class_counts(num_classes: int = 10, largest: int = WILD_MAX, ratio: float = WILD_RATIO, seed: int = SPLIT_SEED) -> np.ndarray:
+def wild_class_counts(
+    num_classes: int = 10, largest: int = WILD_MAX, ratio: float = WILD_RATIO, seed: int = SPLIT_SEED
+) -> np.ndarray:
     """Held-out images per class for the wild pool: geometric from ``largest`` down to ``largest / ratio``,
     the classes in a seeded order (so which class is rare is not chosen by hand)."""
     ranks = np.random.default_rng(seed).permutation(num_classes)
     return np.round(largest * float(ratio) ** (-ranks / max(num_classes - 1, 1))).astype(np.int64)
 
 
-def split_indices(labels: np.ndarray, wild_counts: np.ndarray, val_per_class: int, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, wild_counts: np.ndarray, val_per_class: int, seed: int = SPLIT_SEED
+) -> dict[str, np.ndarray]:
     """Indices of the official train images in ``wild``, ``val`` and ``train`` (disjoint, all of them);
     per class, a seeded permutation gives the wild images first, then val, then train."""
     rng = np.random.default_rng(seed + 1)
@@ -127,7 +143,9 @@ def split_indices(labels: np.ndarray, wild_counts: np.ndarray, val_per_class: in
         idx = rng.permutation(np.flatnonzero(labels == c))
         w, v = int(wild_counts[c]), val_per_class
         if len(idx) < w + v + 1:
-            raise VitkdInputError(f"class {c} has {len(idx)} train images, fewer than the {w} wild + {v} val it needs: pass the full Fashion-MNIST train files")
+            raise VitkdInputError(
+                f"class {c} has {len(idx)} train images, fewer than the {w} wild + {v} val it needs: pass the full Fashion-MNIST train files"
+            )
         parts["wild"].append(idx[:w])
         parts["val"].append(idx[w : w + v])
         parts["train"].append(idx[w + v :])
@@ -162,8 +180,14 @@ class FashionMNISTDataModule(ImageDataModule):
     num_classes = 10
 
     def __init__(
-        self, *args, fashion_dir: str | None = None, val_limit: int | None = None, img_size: int = 28, wild_max: int = WILD_MAX,
-        val_per_class: int = VAL_PER_CLASS, **kwargs,
+        self,
+        *args,
+        fashion_dir: str | None = None,
+        val_limit: int | None = None,
+        img_size: int = 28,
+        wild_max: int = WILD_MAX,
+        val_per_class: int = VAL_PER_CLASS,
+        **kwargs,
     ):
         super().__init__(*args, img_size=img_size, **kwargs)
         for name, value in (("val_limit", val_limit), ("wild_max", wild_max), ("val_per_class", val_per_class)):
@@ -182,7 +206,9 @@ class FashionMNISTDataModule(ImageDataModule):
         find_fashion_dir(self.fashion_dir)  # a missing data set is named before any work
 
     def embedded_wild_urls(self) -> str:
-        raise VitkdInputError("FashionMNISTDataModule has no embedded wild pool: run 'make data-fashion' and pass --data.init_args.wild_urls 'data/fashion-wild-v1/wild-{000000..000020}.tar'")
+        raise VitkdInputError(
+            "FashionMNISTDataModule has no embedded wild pool: run 'make data-fashion' and pass --data.init_args.wild_urls 'data/fashion-wild-v1/wild-{000000..000020}.tar'"
+        )
 
 
 def write_val_shards(out: str | Path, limit: int, wild_max: int = WILD_MAX, val_per_class: int = VAL_PER_CLASS) -> str:
@@ -192,8 +218,15 @@ def write_val_shards(out: str | Path, limit: int, wild_max: int = WILD_MAX, val_
     from data_modules.shards import encode_png, shard_url, write_shards
 
     x, y = fashion_splits(str(find_fashion_dir()), wild_max=wild_max, val_per_class=val_per_class)["val"]
-    samples = ({"__key__": f"val{i:07d}", "png": encode_png(x[i]), "src": "fashion-val", "cls": str(int(y[i]))} for i in range(min(limit, len(x))))
-    return shard_url(out, len(write_shards(samples, out, pattern="wild-%06d.tar", maxcount=1000, meta={"split": "val", "limit": limit})), "wild")
+    samples = (
+        {"__key__": f"val{i:07d}", "png": encode_png(x[i]), "src": "fashion-val", "cls": str(int(y[i]))}
+        for i in range(min(limit, len(x)))
+    )
+    return shard_url(
+        out,
+        len(write_shards(samples, out, pattern="wild-%06d.tar", maxcount=1000, meta={"split": "val", "limit": limit})),
+        "wild",
+    )
 
 
 def num_test_images() -> int:

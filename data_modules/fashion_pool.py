@@ -31,11 +31,12 @@ Sources (``src`` tag, default count):
 pool. ``meta.json`` holds the counts per source and per Fashion-MNIST class, the seed and ``POOL_VERSION``.
 The pool is built once under ``data/fashion-wild-v{POOL_VERSION}`` (``fashion_pool_urls``).
 """
+
 from __future__ import annotations
 
 import json
-import sys
 import string
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,7 +44,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
-from data_modules.fashion import CLASSES, VAL_PER_CLASS, WILD_MAX, WILD_RATIO, fashion_splits, find_fashion_dir, install_fashion
+from data_modules.fashion import (
+    CLASSES,
+    VAL_PER_CLASS,
+    WILD_MAX,
+    WILD_RATIO,
+    fashion_splits,
+    find_fashion_dir,
+    install_fashion,
+)
 from data_modules.shards import encode_png, shard_url, write_shards
 from data_modules.wild_pool import _FONTS, _natural_images
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, non_negative_int, positive_int
@@ -52,11 +61,21 @@ from vitkd.io import build_once
 POOL_VERSION = 1  # bump when a source's rendering or the sample fields change, so built pools are rebuilt
 SIZE = 28
 SOURCES = ("fashion", "digit", "glyph", "shape", "photo", "texture", "noise")
-DEFAULT_COUNTS = {"fashion": None, "digit": 6000, "glyph": 8000, "shape": 4000, "photo": 8000, "texture": 3000, "noise": 2000}  # fashion None: all wild images
+DEFAULT_COUNTS = {
+    "fashion": None,
+    "digit": 6000,
+    "glyph": 8000,
+    "shape": 4000,
+    "photo": 8000,
+    "texture": 3000,
+    "noise": 2000,
+}  # fashion None: all wild images
 _SYMBOLS = string.ascii_letters + "!#$%&*+/<=>?@^~{}§¶©®±×÷µß∞≈≠≤≥∑∏√∫Ωπλ♠♣♥♦★☆●■▲◆→←↑↓♪☺✓✗"
 
 
-def _warp(image: np.ndarray, scale: float, angle: float, shift: tuple[float, float], shear: float = 0.0, out: int = SIZE) -> np.ndarray:
+def _warp(
+    image: np.ndarray, scale: float, angle: float, shift: tuple[float, float], shear: float = 0.0, out: int = SIZE
+) -> np.ndarray:
     """``image`` (float32, H×W) scaled, sheared and rotated (degrees) about its centre, which lands on the
     output's centre plus ``shift``; bilinear, zero outside."""
     h, w = image.shape
@@ -66,7 +85,9 @@ def _warp(image: np.ndarray, scale: float, angle: float, shift: tuple[float, flo
     centre_out = np.array([out / 2 + shift[0], out / 2 + shift[1]])
     offset = np.array([w / 2, h / 2]) - inv @ centre_out
     coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
-    warped = Image.fromarray(image.astype(np.float32), mode="F").transform((out, out), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+    warped = Image.fromarray(image.astype(np.float32), mode="F").transform(
+        (out, out), Image.AFFINE, coeffs, resample=Image.BILINEAR
+    )
     return np.asarray(warped, dtype=np.float32)
 
 
@@ -91,7 +112,9 @@ def _digits(n: int, rng: np.random.Generator) -> np.ndarray:
     source = load_digits().images.astype(np.float32) / 16.0
     out = np.empty((n, SIZE, SIZE), np.uint8)
     for i, k in enumerate(rng.integers(len(source), size=n)):
-        x = _warp(source[k], rng.uniform(2.2, 3.0), rng.uniform(-15, 15), tuple(rng.uniform(-2, 2, 2)), rng.uniform(-0.2, 0.2))
+        x = _warp(
+            source[k], rng.uniform(2.2, 3.0), rng.uniform(-15, 15), tuple(rng.uniform(-2, 2, 2)), rng.uniform(-0.2, 0.2)
+        )
         out[i] = _to_uint8(gaussian_filter(x, rng.uniform(0.3, 0.8)) * rng.uniform(0.7, 1.0))
     return out
 
@@ -119,7 +142,15 @@ def _glyphs(n: int, rng: np.random.Generator) -> np.ndarray:
     for i in range(n):
         path, chars = fonts[rng.integers(len(fonts))]
         canvas = Image.new("L", (96, 96), 0)
-        ImageDraw.Draw(canvas).text((48, 48), chars[rng.integers(len(chars))], fill=255, font=_font(path, int(rng.choice([40, 56]))), anchor="mm", stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
+        ImageDraw.Draw(canvas).text(
+            (48, 48),
+            chars[rng.integers(len(chars))],
+            fill=255,
+            font=_font(path, int(rng.choice([40, 56]))),
+            anchor="mm",
+            stroke_width=int(rng.integers(0, 3)),
+            stroke_fill=255,
+        )
         canvas = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
         box = canvas.getbbox() or (40, 40, 56, 56)
         glyph = canvas.crop(box)
@@ -147,7 +178,9 @@ def _shape_mask(rng: np.random.Generator, up: int = 4) -> np.ndarray:
         canvas = ellipse.rotate(rng.uniform(0, 180), resample=Image.BILINEAR, translate=(cx - big / 2, cy - big / 2))
     else:
         corners = 4 if kind == 1 else int(rng.integers(3, 9))
-        angles = np.sort(rng.uniform(0, 2 * np.pi, corners)) if kind == 2 else np.array([0.25, 0.75, 1.25, 1.75]) * np.pi
+        angles = (
+            np.sort(rng.uniform(0, 2 * np.pi, corners)) if kind == 2 else np.array([0.25, 0.75, 1.25, 1.75]) * np.pi
+        )
         radii = rng.uniform(0.15, 0.42, corners) * big if kind == 2 else np.full(corners, rng.uniform(0.15, 0.4) * big)
         stretch = np.array([1.0, rng.uniform(0.4, 1.0)]) if kind == 1 else np.ones(2)
         turn = rng.uniform(0, np.pi)
@@ -180,7 +213,11 @@ def _photos(n: int, rng: np.random.Generator) -> np.ndarray:
         img = images[rng.integers(len(images))]
         side = int(rng.integers(SIZE, max(SIZE + 1, min(img.shape[:2]) // 2)))
         y, x = int(rng.integers(0, img.shape[0] - side + 1)), int(rng.integers(0, img.shape[1] - side + 1))
-        crop = np.asarray(Image.fromarray(img[y : y + side, x : x + side].astype(np.float32), mode="F").resize((SIZE, SIZE), Image.BOX))
+        crop = np.asarray(
+            Image.fromarray(img[y : y + side, x : x + side].astype(np.float32), mode="F").resize(
+                (SIZE, SIZE), Image.BOX
+            )
+        )
         out[i] = _to_uint8(crop[:, ::-1] if rng.random() < 0.5 else crop)
     return out
 
@@ -215,11 +252,23 @@ def _noise(n: int, rng: np.random.Generator) -> np.ndarray:
     return _to_uint8(np.where(kind == 0, gauss, np.where(kind == 1, uniform, salt)))
 
 
-_RENDER = {"digit": _digits, "glyph": _glyphs, "shape": _shapes, "photo": _photos, "texture": _textures, "noise": _noise}
+_RENDER = {
+    "digit": _digits,
+    "glyph": _glyphs,
+    "shape": _shapes,
+    "photo": _photos,
+    "texture": _textures,
+    "noise": _noise,
+}
 
 
 def generate_fashion_pool(
-    out_dir: str | Path, fashion_dir: str | Path | None = None, seed: int = 0, shard_size: int = 2000, counts: dict[str, int | None] | None = None, split_sizes: dict | None = None
+    out_dir: str | Path,
+    fashion_dir: str | Path | None = None,
+    seed: int = 0,
+    shard_size: int = 2000,
+    counts: dict[str, int | None] | None = None,
+    split_sizes: dict | None = None,
 ) -> str:
     """Write the pool (see the module docstring) as ``wild-%06d.tar`` shards plus ``meta.json`` in
     ``out_dir``; returns the brace URL of the shards.
@@ -235,9 +284,18 @@ def generate_fashion_pool(
     wild_x, wild_y = fashion_splits(str(folder), **(split_sizes or {}))["wild"]
     n_fashion = len(wild_x) if counts["fashion"] is None else min(int(counts["fashion"]), len(wild_x))
     counts = {**counts, "fashion": n_fashion}
-    rngs = dict(zip(SOURCES + ("order",), (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SOURCES) + 1))))
+    rngs = dict(
+        zip(
+            SOURCES + ("order",),
+            (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SOURCES) + 1)),
+        )
+    )
 
-    parts = [np.stack([reacquire(img, rngs["fashion"]) for img in wild_x[:n_fashion]]) if n_fashion else np.empty((0, SIZE, SIZE), np.uint8)]
+    parts = [
+        np.stack([reacquire(img, rngs["fashion"]) for img in wild_x[:n_fashion]])
+        if n_fashion
+        else np.empty((0, SIZE, SIZE), np.uint8)
+    ]
     parts += [_RENDER[src](int(counts[src]), rngs[src]) for src in SOURCES[1:]]
     images = np.concatenate(parts)
     tags = np.repeat(np.array(SOURCES), [counts[s] for s in SOURCES])
@@ -253,31 +311,54 @@ def generate_fashion_pool(
 
     per_class = np.bincount(wild_y[:n_fashion], minlength=len(CLASSES))
     meta = {
-        "version": POOL_VERSION, "seed": seed, "sources": counts, "image_size": SIZE, "classes": CLASSES,
-        "fashion_per_class": {c: int(k) for c, k in zip(CLASSES, per_class)}, "fashion_dir": str(folder),
+        "version": POOL_VERSION,
+        "seed": seed,
+        "sources": counts,
+        "image_size": SIZE,
+        "classes": CLASSES,
+        "fashion_per_class": {c: int(k) for c, k in zip(CLASSES, per_class)},
+        "fashion_dir": str(folder),
     }
     shards = write_shards(samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size, meta=meta)
     return shard_url(out_dir, len(shards), "wild")
 
 
-def pool_dir(data_dir: str | Path = "data", seed: int = 0, split_sizes: dict | None = None, ood_scale: float = 1.0) -> Path:
+def pool_dir(
+    data_dir: str | Path = "data", seed: int = 0, split_sizes: dict | None = None, ood_scale: float = 1.0
+) -> Path:
     """Where the pool of ``seed`` is built: ``data_dir/fashion-wild-v{POOL_VERSION}`` (``-s{seed}`` appended
     for a seed other than the benchmark's 0, and the sizes for other split sizes or an ``ood_scale``)."""
-    sizes = {k: v for k, v in (split_sizes or {}).items() if v != {"wild_max": WILD_MAX, "val_per_class": VAL_PER_CLASS, "wild_ratio": WILD_RATIO}.get(k)}
+    sizes = {
+        k: v
+        for k, v in (split_sizes or {}).items()
+        if v != {"wild_max": WILD_MAX, "val_per_class": VAL_PER_CLASS, "wild_ratio": WILD_RATIO}.get(k)
+    }
     tail = "".join(f"-{k}{v}" for k, v in sorted(sizes.items())) + (f"-ood{ood_scale:g}" if ood_scale != 1.0 else "")
     return Path(data_dir) / (f"fashion-wild-v{POOL_VERSION}" + (f"-s{seed}" if seed else "") + tail)
 
 
 def fashion_pool_urls(
-    data_dir: str | Path = "data", fashion_dir: str | Path | None = None, seed: int = 0, split_sizes: dict | None = None, ood_scale: float = 1.0
+    data_dir: str | Path = "data",
+    fashion_dir: str | Path | None = None,
+    seed: int = 0,
+    split_sizes: dict | None = None,
+    ood_scale: float = 1.0,
 ) -> str:
     """The brace URL of the pool under ``data_dir``, built first if it is not there (once, under a lock).
     ``ood_scale`` scales every out-of-distribution source's count (for tests)."""
     if not ood_scale > 0:
         raise VitkdInputError(f"--ood_scale {ood_scale} must be positive")
     pool = pool_dir(data_dir, seed, split_sizes, ood_scale)
-    counts = {s: max(1, round(n * ood_scale)) for s, n in DEFAULT_COUNTS.items() if s != "fashion"} if ood_scale != 1.0 else None
-    build_once(pool, lambda: generate_fashion_pool(pool, fashion_dir, seed, counts=counts, split_sizes=split_sizes), done=pool / "meta.json")
+    counts = (
+        {s: max(1, round(n * ood_scale)) for s, n in DEFAULT_COUNTS.items() if s != "fashion"}
+        if ood_scale != 1.0
+        else None
+    )
+    build_once(
+        pool,
+        lambda: generate_fashion_pool(pool, fashion_dir, seed, counts=counts, split_sizes=split_sizes),
+        done=pool / "meta.json",
+    )
     return shard_url(pool, json.loads((pool / "meta.json").read_text())["shards"], "wild")
 
 
@@ -287,16 +368,39 @@ def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m data_modules.fashion_pool", description=main.__doc__)
     p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
-    p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")
-    p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
-    p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of every out-of-distribution source's count (smaller only for tests)")
+    p.add_argument(
+        "--wild_max",
+        type=positive_int,
+        default=WILD_MAX,
+        help="split size: the largest class's held-out wild images (smaller only for tests)",
+    )
+    p.add_argument(
+        "--val_per_class",
+        type=positive_int,
+        default=VAL_PER_CLASS,
+        help="split size: validation images per class (smaller only for tests)",
+    )
+    p.add_argument(
+        "--ood_scale",
+        type=float,
+        default=1.0,
+        help="fraction of every out-of-distribution source's count (smaller only for tests)",
+    )
     a = p.parse_args(argv)
     folder = install_fashion()
     print(f"Fashion-MNIST: {folder}", file=sys.stderr, flush=True)
     try:
-        url = fashion_pool_urls(a.data_dir, fashion_dir=folder, seed=a.seed, split_sizes={"wild_max": a.wild_max, "val_per_class": a.val_per_class}, ood_scale=a.ood_scale)
+        url = fashion_pool_urls(
+            a.data_dir,
+            fashion_dir=folder,
+            seed=a.seed,
+            split_sizes={"wild_max": a.wild_max, "val_per_class": a.val_per_class},
+            ood_scale=a.ood_scale,
+        )
     except OSError as err:
-        raise VitkdInputError(f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder") from None
+        raise VitkdInputError(
+            f"--data_dir {a.data_dir}: cannot write the pool there ({err.strerror or err}); name a writable folder"
+        ) from None
     print(url)
 
 

@@ -4,6 +4,7 @@
 stream into train and held-out validation, and the wild stream the selector scores. Subclasses give
 the original train/val/test arrays (``DigitsDataModule`` here; real formats in later modules).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,10 +72,20 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         data_dir: str = "data",
     ):
         super().__init__()
-        for name, value in (("img_size", img_size), ("in_chans", in_chans), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (
+            ("img_size", img_size),
+            ("in_chans", in_chans),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if value < 1:
                 raise VitkdInputError(f"--data.init_args.{name} {value} must be a positive integer")
-        for name, value in (("train_urls", train_urls), ("val_urls", val_urls), ("test_urls", test_urls), ("wild_urls", wild_urls)):
+        for name, value in (
+            ("train_urls", train_urls),
+            ("val_urls", val_urls),
+            ("test_urls", test_urls),
+            ("wild_urls", wild_urls),
+        ):
             if value is not None and not str(value).strip():
                 raise VitkdInputError(
                     f"--data.init_args.{name} is empty: pass shard URLs like 'dir/shard-{{000000..000009}}.tar', or leave it unset"
@@ -101,7 +112,9 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
 
     def embedded_wild_urls(self) -> str:
         """Shard URL of the data set's embedded wild pool, written on first use."""
-        raise VitkdInputError(f"{type(self).__name__} has no embedded wild pool: pass --data.wild_urls 'dir/wild-{{000000..000009}}.tar'")
+        raise VitkdInputError(
+            f"{type(self).__name__} has no embedded wild pool: pass --data.wild_urls 'dir/wild-{{000000..000009}}.tar'"
+        )
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -135,7 +148,9 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
 
     def _stream(self, urls: str, **kw) -> ShardStream:
         rank, world = self._rank()
-        return ShardStream(shards.expand_urls(urls), self.in_chans, self.img_size, rank=rank, world_size=world, skips=self.skips, **kw)
+        return ShardStream(
+            shards.expand_urls(urls), self.in_chans, self.img_size, rank=rank, world_size=world, skips=self.skips, **kw
+        )
 
     def train_epoch_samples(self) -> int:
         """Training samples per rank per epoch on ``train_urls``: equal on every rank (with several DataLoader
@@ -145,14 +160,18 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         if total is None:
             counts = shards.shard_counts(shards.expand_urls(self.train_urls))
             if counts is None:
-                raise VitkdInputError(f"cannot count the samples of remote shards {self.train_urls}: set --data.init_args.epoch_samples")
+                raise VitkdInputError(
+                    f"cannot count the samples of remote shards {self.train_urls}: set --data.init_args.epoch_samples"
+                )
             total = int(sum(counts.values()) * (1.0 - (0.0 if self.val_urls else self.val_fraction)))
         per_rank = total // world
         step = self.batch_size * self.num_workers
         if self.num_workers > 1 and per_rank >= step:
             per_rank = per_rank // step * step  # whole batches per worker, so the loader's length is exact
         if per_rank == 0:
-            raise VitkdInputError(f"{total} training samples in {self.train_urls} are fewer than the {world} ranks: use fewer devices or more data")
+            raise VitkdInputError(
+                f"{total} training samples in {self.train_urls} are fewer than the {world} ranks: use fewer devices or more data"
+            )
         return per_rank
 
     def train_dataloader(self) -> DataLoader:
@@ -160,14 +179,21 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
             seed = torch.initial_seed() % (2**31)  # the same on every rank after seed_everything
             part = "all" if self.val_urls else "train"
             stream = self._stream(
-                self.train_urls, part=part, val_fraction=self.val_fraction, shuffle_seed=seed, epoch_samples=self.train_epoch_samples(), keys=self.train_keys,
+                self.train_urls,
+                part=part,
+                val_fraction=self.val_fraction,
+                shuffle_seed=seed,
+                epoch_samples=self.train_epoch_samples(),
+                keys=self.train_keys,
                 memory_cache=self.memory_cache,
             )
             # a resumed run continues the shard permutations at its next epoch (the stream counts epochs from here)
             stream.epoch = self._resume_epochs or 0
             return self._loader(stream, self.batch_size)
         ds = self._original("train", keys=self.train_keys)
-        if self.epoch_samples is not None:  # a fixed budget per epoch on the original data too: that many drawn without replacement
+        if (
+            self.epoch_samples is not None
+        ):  # a fixed budget per epoch on the original data too: that many drawn without replacement
             sampler = torch.utils.data.RandomSampler(ds, num_samples=min(self.epoch_samples, len(ds)))
             return self._loader(ds, self.batch_size, sampler=sampler)
         return self._loader(ds, self.batch_size, shuffle=True)
@@ -193,7 +219,12 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         if self.val_urls:
             return self._loader(self._stream(self.val_urls, memory_cache=self.memory_cache), self.eval_batch_size)
         if self.train_urls:
-            return self._loader(self._stream(self.train_urls, part="val", val_fraction=self.val_fraction, memory_cache=self.memory_cache), self.eval_batch_size)
+            return self._loader(
+                self._stream(
+                    self.train_urls, part="val", val_fraction=self.val_fraction, memory_cache=self.memory_cache
+                ),
+                self.eval_batch_size,
+            )
         return self._eval_loader(self._original("val"))
 
     def train_stream(self, trainer: pl.Trainer, batch_size: int) -> DataLoader:

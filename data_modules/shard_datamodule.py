@@ -1,5 +1,6 @@
 """A data set that lives entirely in shards: the packers' output (MNIST, EMNIST, CIFAR, ImageNet folders,
 Flickr-style image dumps) and the selector's kept shards, read by one DataModule."""
+
 from __future__ import annotations
 
 from data_modules.image_data import ImageDataModule
@@ -23,4 +24,6 @@ class ShardDataModule(ImageDataModule):
 
     def original_split(self, split: str):
         flag = {"train": "train_urls", "val": "val_urls", "test": "test_urls"}[split]
-        raise VitkdInputError(f"ShardDataModule has no {split} split: pass --data.init_args.{flag} 'dir/name-{{000000..000009}}.tar'")
+        raise VitkdInputError(
+            f"ShardDataModule has no {split} split: pass --data.init_args.{flag} 'dir/name-{{000000..000009}}.tar'"
+        )

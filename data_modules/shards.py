@@ -4,6 +4,7 @@ Each sample: ``__key__``; the image as ``png`` or ``jpg``; optional ``cls`` (int
 ``src`` (source tag, ASCII). In a wild set the selector never chooses by ``src`` or ``cls``: they only
 measure a selection (precision by source; how often the teacher's pseudo-label equals ``cls``).
 """
+
 from __future__ import annotations
 
 import io
@@ -67,7 +68,7 @@ def raw_samples(urls: list[str], skips: "SkipCounter | None" = None, split_by_wo
     if split_by_worker:
         info = torch_worker_info()
         if info is not None:
-            urls = list(urls)[info.id::info.num_workers]
+            urls = list(urls)[info.id :: info.num_workers]
     for url in urls:
         damage: list[Exception] = []
 
@@ -76,7 +77,9 @@ def raw_samples(urls: list[str], skips: "SkipCounter | None" = None, split_by_wo
             return skips.shard_error(exn)
 
         seen: set[str] = set()
-        ds = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False, handler=handler)
+        ds = wds.WebDataset(
+            url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False, handler=handler
+        )
         for sample in ds:
             seen.add(sample["__key__"])
             yield sample
@@ -120,7 +123,7 @@ def recovered_samples(path: str, seen: set[str]) -> Iterator[dict]:
         key, group, pos = None, {}, 0
         while pos + tarfile.BLOCKSIZE <= len(data):
             try:
-                info = tarfile.TarInfo.frombuf(data[pos:pos + tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+                info = tarfile.TarInfo.frombuf(data[pos : pos + tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
             except tarfile.HeaderError:
                 pos += tarfile.BLOCKSIZE
                 continue
@@ -171,11 +174,13 @@ class SkipCounter:
     def shard_error(self, exn: Exception) -> bool:
         """webdataset handler: True = go on with the next shard."""
         if self.strict:
-            raise VitkdInputError(f"damaged shard ({exn}): repack or remove it, or set --data.init_args.strict false to skip damaged data")
+            raise VitkdInputError(
+                f"damaged shard ({exn}): repack or remove it, or set --data.init_args.strict false to skip damaged data"
+            )
         with self._shards.get_lock():
             self._shards.value += 1
         self.causes.append(_cause(exn))
-        warnings.warn(f"skipped the damaged part of a shard: {exn}")
+        warnings.warn(f"skipped the damaged part of a shard: {exn}", stacklevel=2)
         return True
 
     def image_error(self, sample: dict, exn: Exception) -> None:
@@ -186,7 +191,9 @@ class SkipCounter:
             )
         with self._images.get_lock():
             self._images.value += 1
-        self.image_causes.append(f"sample {sample.get('__key__')!r}: {_cause(exn) if not isinstance(exn, VitkdInputError) else 'no png or jpg entry'}")
+        self.image_causes.append(
+            f"sample {sample.get('__key__')!r}: {_cause(exn) if not isinstance(exn, VitkdInputError) else 'no png or jpg entry'}"
+        )
 
     def add(self, other: "SkipCounter") -> None:
         for mine, theirs in ((self._shards, other._shards), (self._images, other._images)):
@@ -285,7 +292,11 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def write_shards(
-    samples: Iterable[dict], out_dir: str | Path, pattern: str = "shard-%06d.tar", maxcount: int = 2000, meta: dict | None = None
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    pattern: str = "shard-%06d.tar",
+    maxcount: int = 2000,
+    meta: dict | None = None,
 ) -> list[Path]:
     """Write samples (dicts with ``__key__`` and byte/str/int fields) as tar shards in ``out_dir``, with a
     ``meta.json`` holding ``meta`` plus ``num_samples`` and ``shard_counts`` (samples per shard file).

@@ -1,5 +1,6 @@
 """Datasets behind the data modules: in-memory arrays, and shard streams split by process, worker and
 held-out fraction (``ShardStream`` yields samples, ``ShardBatches`` yields whole per-shard batches for scoring)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -106,7 +107,9 @@ class ShardStream(IterableDataset):
             return
         yield from self._read(mine, sample_split, worker_split)
 
-    def _read(self, urls: list[str], sample_split: tuple[int, int] = (0, 1), worker_split: tuple[int, int] = (0, 1)) -> Iterator:
+    def _read(
+        self, urls: list[str], sample_split: tuple[int, int] = (0, 1), worker_split: tuple[int, int] = (0, 1)
+    ) -> Iterator:
         """Samples of ``urls`` in order, keeping this rank's and worker's share and ``part``, decoded."""
         stream = shards.raw_samples(urls, skips=self.skips, split_by_worker=False)
         for i, sample in enumerate(stream):
@@ -154,7 +157,9 @@ class ShardStream(IterableDataset):
                 n += 1
                 yield item
             if n == 0:
-                raise VitkdInputError(f"no {self.part} samples in shards {self.urls[:3]}...: check the shard URLs and --data.init_args.val_fraction")
+                raise VitkdInputError(
+                    f"no {self.part} samples in shards {self.urls[:3]}...: check the shard URLs and --data.init_args.val_fraction"
+                )
 
     def _decode(self, sample: dict):
         image = shards.decode_or_skip(sample, self.skips)
@@ -179,7 +184,13 @@ class ShardBatches(IterableDataset):
     ``read`` from it, and the ``causes`` (the shard's damage, the first skipped images')."""
 
     def __init__(self, urls: list[str], in_chans: int, img_size: int, batch_size: int, skips: shards.SkipCounter):
-        self.urls, self.in_chans, self.img_size, self.batch_size, self.skips = urls, in_chans, img_size, batch_size, skips
+        self.urls, self.in_chans, self.img_size, self.batch_size, self.skips = (
+            urls,
+            in_chans,
+            img_size,
+            batch_size,
+            skips,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
@@ -193,7 +204,14 @@ class ShardBatches(IterableDataset):
                 if image is None:
                     continue
                 cls = shards.read_int(sample)
-                pending.append((to_tensor(image, self.in_chans, self.img_size), sample["__key__"], shards.read_str(sample) or "", -1 if cls is None else cls))
+                pending.append(
+                    (
+                        to_tensor(image, self.in_chans, self.img_size),
+                        sample["__key__"],
+                        shards.read_str(sample) or "",
+                        -1 if cls is None else cls,
+                    )
+                )
                 if len(pending) == self.batch_size:
                     yield self._batch(pending, url)
                     pending = []
@@ -202,5 +220,14 @@ class ShardBatches(IterableDataset):
             yield {**self._batch(pending, url), "last": True, "skipped": skipped}
 
     def _batch(self, items: list, url: str) -> dict:
-        image = torch.stack([i[0] for i in items]) if items else torch.zeros(0, self.in_chans, self.img_size, self.img_size)
-        return {"image": image, "key": [i[1] for i in items], "src": [i[2] for i in items], "cls": [i[3] for i in items], "url": url, "last": False}
+        image = (
+            torch.stack([i[0] for i in items]) if items else torch.zeros(0, self.in_chans, self.img_size, self.img_size)
+        )
+        return {
+            "image": image,
+            "key": [i[1] for i in items],
+            "src": [i[2] for i in items],
+            "cls": [i[3] for i in items],
+            "url": url,
+            "last": False,
+        }

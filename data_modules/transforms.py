@@ -1,4 +1,5 @@
 """Image → model input, shared by original data and every shard stream so both see the same pipeline."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,13 @@ def to_tensor(img: Image.Image | np.ndarray, in_chans: int, img_size: int) -> to
     return t.sub_(0.5).div_(0.5)
 
 
-def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1), fill: float = -1.0) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    fill: float = -1.0,
+) -> torch.Tensor:
     """Mild random shift/rotate/scale of a whole batch (B, C, H, W) at once, one draw per image.
 
     Done on the batch with ``affine_grid``/``grid_sample`` rather than per sample in the loader: on a

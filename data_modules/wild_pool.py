@@ -7,6 +7,7 @@ scikit-learn; ``noise``. Every image passes through the same acquisition as scik
 content differs from the original data, as EMNIST differs from MNIST. Digits carry their digit in ``cls``
 (as EMNIST's do), which measures the teacher's pseudo-labels; the selector never chooses by it.
 """
+
 from __future__ import annotations
 
 import string
@@ -18,12 +19,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_modules.shards import encode_png, shard_url, write_shards
 
-POOL_VERSION = 3  # bump when the rendering or the sample fields change, so cached pools are rebuilt (3: digits carry cls)
+POOL_VERSION = (
+    3  # bump when the rendering or the sample fields change, so cached pools are rebuilt (3: digits carry cls)
+)
 DEFAULT_MIX = {"digit": 0.4, "letter": 0.3, "natural": 0.2, "noise": 0.1}
 _FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 _FONTS = sorted(
     [p for p in _FONT_DIR.glob("DejaVu*.ttf") if "Display" not in p.name]  # Display fonts lack most glyphs
-    + [_FONT_DIR / f for f in ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf")]
+    + [
+        _FONT_DIR / f
+        for f in ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf")
+    ]
 )
 _LETTERS = string.ascii_letters
 
@@ -65,7 +71,24 @@ def _natural_images() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     images = []
-    for name in ("camera", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon", "page", "horse", "grass", "gravel", "brick", "immunohistochemistry", "hubble_deep_field", "retina", "motorcycle_left"):
+    for name in (
+        "camera",
+        "coffee",
+        "chelsea",
+        "astronaut",
+        "rocket",
+        "coins",
+        "moon",
+        "page",
+        "horse",
+        "grass",
+        "gravel",
+        "brick",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "retina",
+        "motorcycle_left",
+    ):
         fn = getattr(data, name, None)
         if fn is None:
             continue
@@ -91,7 +114,9 @@ def render_natural(images: list[np.ndarray], rng: np.random.Generator) -> np.nda
     side = int(rng.integers(24, max(25, min(img.shape[:2]) // 2)))
     y = int(rng.integers(0, img.shape[0] - side + 1))
     x = int(rng.integers(0, img.shape[1] - side + 1))
-    crop = np.asarray(Image.fromarray((img[y : y + side, x : x + side] * 255).astype(np.uint8)).resize((32, 32), Image.BILINEAR))
+    crop = np.asarray(
+        Image.fromarray((img[y : y + side, x : x + side] * 255).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+    )
     thresh = np.quantile(crop, rng.uniform(0.2, 0.6))
     bitmap = crop < thresh
     return ~bitmap if rng.random() < 0.5 else bitmap
@@ -101,7 +126,9 @@ def render_noise(rng: np.random.Generator) -> np.ndarray:
     return rng.random((32, 32)) < rng.uniform(0.05, 0.5)
 
 
-def generate_pool(out_dir: str | Path, size: int = 20000, seed: int = 0, shard_size: int = 2000, mix: dict[str, float] | None = None) -> str:
+def generate_pool(
+    out_dir: str | Path, size: int = 20000, seed: int = 0, shard_size: int = 2000, mix: dict[str, float] | None = None
+) -> str:
     """Write the pool as ``wild-%06d.tar`` shards plus ``meta.json``; returns the brace URL of the shards."""
     out_dir = Path(out_dir)
     mix = mix or DEFAULT_MIX
@@ -129,6 +156,7 @@ def generate_pool(out_dir: str | Path, size: int = 20000, seed: int = 0, shard_s
                 sample["cls"] = str(label)
             yield sample
 
-    shards = write_shards(samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size, meta={"sources": counts, "seed": seed})
+    shards = write_shards(
+        samples(), out_dir, pattern="wild-%06d.tar", maxcount=shard_size, meta={"sources": counts, "seed": seed}
+    )
     return shard_url(out_dir, len(shards), "wild")
-

@@ -20,11 +20,16 @@ def tiny_teacher(tmp_path_factory) -> Path:
     """A 2-block teacher trained for one short epoch through the CLI; returns its best checkpoint."""
     run = tmp_path_factory.mktemp("teacher")
     fit(
-        "--config", "experiments/digits/teacher.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "4",
-        "--run_dir", str(run),
+        "--config",
+        "experiments/digits/teacher.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--run_dir",
+        str(run),
     )
     return run / "checkpoints" / "best.ckpt"
 

@@ -1,6 +1,7 @@
 """``python -m vitkd.demos.bench_wild --quick`` end to end through the CLI on tiny IDX files written here: every row
 of the summary, the fusion weights chosen on validation images, the plot, and one-line errors for a missing
 data set and for a kept size larger than the pool."""
+
 import json
 import os
 import subprocess
@@ -36,17 +37,47 @@ def bench(tmp_path: Path, *args: str, env_dir: Path | None) -> subprocess.Comple
     env.pop("FASHION_MNIST_DIR", None)
     if env_dir is not None:
         env["FASHION_MNIST_DIR"] = str(env_dir)
-    return subprocess.run([sys.executable, "-m", "vitkd.demos.bench_wild", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "vitkd.demos.bench_wild", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     data = tiny_fashion(tmp_path / "fashion")
     out = tmp_path / "bench"
-    tiny = ["--wild_max", "10", "--val_per_class", "5", "--ood_scale", "0.005", "--val_limit", "20", "--data_dir", str(tmp_path / "data")]
+    tiny = [
+        "--wild_max",
+        "10",
+        "--val_per_class",
+        "5",
+        "--ood_scale",
+        "0.005",
+        "--val_limit",
+        "20",
+        "--data_dir",
+        str(tmp_path / "data"),
+    ]
     common = "--trainer.max_epochs 1 --data.init_args.epoch_samples 64 --data.init_args.eval_batch_size 64"
     # two rows and the one whose scores both reuse (attention_probe): every kind of job, fewer processes
-    done = bench(tmp_path, "--quick", "--out", str(out), *tiny, "--common", common, "--selections", "oracle", "vitkd_fusion", env_dir=data)
+    done = bench(
+        tmp_path,
+        "--quick",
+        "--out",
+        str(out),
+        *tiny,
+        "--common",
+        common,
+        "--selections",
+        "oracle",
+        "vitkd_fusion",
+        env_dir=data,
+    )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     rows = json.loads((out / "summary.json").read_text())
     names = [(r["run"], r.get("kept_size")) for r in rows]
@@ -72,10 +103,31 @@ def test_quick_bench_end_to_end(tmp_path):
     # a kept size larger than the pool: one line, before any score is written
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FASHION_MNIST_DIR": str(data)}
     pool = json.loads((out / "run_info.json").read_text())["pool"]["urls"]
-    sel = subprocess.run([sys.executable, "-m", "vitkd.fit", "--config", "experiments/fashion/select.yaml", "--run_dir", str(tmp_path / "big"),
-                          "--model.init_args.teacher_ckpt", str(out / "teacher" / "checkpoints" / "best.ckpt"), "--data.init_args.wild_urls", pool,
-                          "--data.init_args.wild_max", "10", "--data.init_args.val_per_class", "5", "--model.init_args.num_keep", "100000"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    sel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitkd.fit",
+            "--config",
+            "experiments/fashion/select.yaml",
+            "--run_dir",
+            str(tmp_path / "big"),
+            "--model.init_args.teacher_ckpt",
+            str(out / "teacher" / "checkpoints" / "best.ckpt"),
+            "--data.init_args.wild_urls",
+            pool,
+            "--data.init_args.wild_max",
+            "10",
+            "--data.init_args.val_per_class",
+            "5",
+            "--model.init_args.num_keep",
+            "100000",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     err = [ln for ln in sel.stderr.splitlines() if ln.startswith("vitkd: error")]
     assert sel.returncode != 0 and len(err) == 1 and "num_keep" in err[0], sel.stderr[-2000:]
     assert not list((tmp_path / "big").glob("score_parts/part-*.npz"))

@@ -1,5 +1,6 @@
 """Data under DDP and at scale: exact-once evaluation, equal training lengths per rank, resumable and
 rank-count-independent selection, damaged data counted. Multi-process runs use torchrun on loopback (gloo, CPU)."""
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,11 @@ def _pool(out: Path, sizes: list[int], classes: int = 10) -> str:
         with wds.TarWriter(str(out / f"wild-{s:06d}.tar")) as w:
             for _ in range(n):
                 img = (rng.random((8, 8)) * 255).astype(np.uint8)
-                sample = {"__key__": f"k{i:05d}", "png": shards.encode_png(img), "src": "digit" if i % 3 == 0 else "noise"}
+                sample = {
+                    "__key__": f"k{i:05d}",
+                    "png": shards.encode_png(img),
+                    "src": "digit" if i % 3 == 0 else "noise",
+                }
                 sample["cls"] = str(i % classes)
                 w.write(sample)
                 i += 1
@@ -59,7 +64,7 @@ def test_eval_stream_every_sample_once_over_ranks(tmp_path, sizes):
 
 def test_train_stream_same_length_on_every_rank_and_reshuffled(tmp_path):
     urls = shards.expand_urls(_pool(tmp_path, [30, 5, 50, 17, 41]))
-    per_rank = (143 // 2)
+    per_rank = 143 // 2
     epochs = {}
     for rank in range(2):
         ds = ShardStream(urls, 1, 8, rank=rank, world_size=2, shuffle_seed=7, epoch_samples=per_rank)
@@ -82,11 +87,38 @@ def _torchrun_2_nodes(args: list[str], timeout: int = 300) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
-             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "vitkd.fit", *args,
-             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
-             "--trainer.enable_progress_bar", "false"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "vitkd.fit",
+                *args,
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.devices",
+                "1",
+                "--trainer.strategy",
+                "ddp",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.enable_progress_bar",
+                "false",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(2)
     ]
@@ -96,9 +128,22 @@ def _torchrun_2_nodes(args: list[str], timeout: int = 300) -> None:
 
 
 def _select_args(teacher, urls, run_dir, keep=60) -> list[str]:
-    return ["--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(teacher),
-            "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", str(keep),
-            "--data.init_args.wild_urls", urls, "--data.init_args.eval_batch_size", "16", "--run_dir", str(run_dir)]
+    return [
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        str(keep),
+        "--data.init_args.wild_urls",
+        urls,
+        "--data.init_args.eval_batch_size",
+        "16",
+        "--run_dir",
+        str(run_dir),
+    ]
 
 
 @pytest.mark.slow
@@ -120,13 +165,30 @@ def test_two_node_selection_equals_one_process(tiny_teacher, tmp_path):
 @pytest.mark.slow
 def test_two_node_student_fit_equal_batches_and_exact_validation(tiny_teacher, tmp_path):
     urls = _pool(tmp_path / "pool", [40, 7, 33, 40, 25])
-    _torchrun_2_nodes([
-        "--config", "experiments/digits/attention_probe.yaml", "--model.init_args.arch", "test_vit_patch4_16",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher), "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-        "--model.init_args.measure_batch_size", "0",
-        "--data.init_args.train_urls", urls, "--data.init_args.val_fraction", "0.2", "--data.init_args.batch_size", "16",
-        "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "student"),
-    ])
+    _torchrun_2_nodes(
+        [
+            "--config",
+            "experiments/digits/attention_probe.yaml",
+            "--model.init_args.arch",
+            "test_vit_patch4_16",
+            "--model.init_args.teacher_ckpt",
+            str(tiny_teacher),
+            "--model.init_args.probe_pairs",
+            "[[0, 0], [1, 1]]",
+            "--model.init_args.measure_batch_size",
+            "0",
+            "--data.init_args.train_urls",
+            urls,
+            "--data.init_args.val_fraction",
+            "0.2",
+            "--data.init_args.batch_size",
+            "16",
+            "--trainer.max_epochs",
+            "2",
+            "--run_dir",
+            str(tmp_path / "student"),
+        ]
+    )
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
     held_out = sum(_held_out(f"k{i:05d}", 0.2) for i in range(145))
     per_rank = int(145 * 0.8) // 2
@@ -153,7 +215,9 @@ def test_selection_resumes_without_rescoring(tiny_teacher, tmp_path):
     (run / "metrics.json").unlink()
     again = fit(*_select_args(tiny_teacher, urls, run, keep=10))
     assert again["shards_scored_this_run"] == 1
-    assert {p.name: p.stat().st_mtime_ns for p in parts if p.name != parts[2].name} == {k: v for k, v in before.items() if k != parts[2].name}
+    assert {p.name: p.stat().st_mtime_ns for p in parts if p.name != parts[2].name} == {
+        k: v for k, v in before.items() if k != parts[2].name
+    }
     assert (run / "scores.csv").read_text() == scores
     # a different teacher setting must not silently mix with the saved scores, and the refused run writes nothing
     (run / "metrics.json").unlink()
@@ -162,10 +226,14 @@ def test_selection_resumes_without_rescoring(tiny_teacher, tmp_path):
         fit(*_select_args(tiny_teacher, urls, run, keep=10), "--model.init_args.lambda_n", "0.5")
     assert (run / "config.yaml").read_text() == config
     # --overwrite rescores everything with the new setting
-    fresh = fit(*_select_args(tiny_teacher, urls, run, keep=10), "--model.init_args.lambda_n", "0.5", "--overwrite", "true")
+    fresh = fit(
+        *_select_args(tiny_teacher, urls, run, keep=10), "--model.init_args.lambda_n", "0.5", "--overwrite", "true"
+    )
     assert fresh["shards_scored_this_run"] == 4 and "lambda_n: 0.5" in (run / "config.yaml").read_text()
     # ... and keeps scores computed the same way: another num_keep only re-selects
-    fewer = fit(*_select_args(tiny_teacher, urls, run, keep=5), "--model.init_args.lambda_n", "0.5", "--overwrite", "true")
+    fewer = fit(
+        *_select_args(tiny_teacher, urls, run, keep=5), "--model.init_args.lambda_n", "0.5", "--overwrite", "true"
+    )
     assert fewer["shards_scored_this_run"] == 0 and fewer["num_kept"] == 5
 
 
@@ -175,6 +243,7 @@ def _damaged_pool(out: Path) -> str:
     Path(urls[1]).write_bytes(data[: len(data) // 2])  # truncated mid-shard
     # a sample whose png bytes do not decode
     import webdataset as wds
+
     samples = list(wds.WebDataset(urls[2], shardshuffle=False))
     with wds.TarWriter(urls[2]) as w:
         for s in samples:
@@ -189,7 +258,9 @@ def test_damaged_shard_and_corrupt_image_are_counted_or_raise(tiny_teacher, tmp_
     urls = _damaged_pool(tmp_path / "pool")
     m = fit(*_select_args(tiny_teacher, urls, tmp_path / "run", keep=5))
     assert m["damaged_shards"] == 1 and m["corrupt_images"] == 1
-    assert 20 + 19 < m["num_scored"] < 60 - 1  # the intact shard, the readable half of the truncated one, all but one of the third
+    assert (
+        20 + 19 < m["num_scored"] < 60 - 1
+    )  # the intact shard, the readable half of the truncated one, all but one of the third
     with pytest.raises(VitkdInputError, match="damaged shard|undecodable image"):
         fit(*_select_args(tiny_teacher, urls, tmp_path / "strict", keep=5), "--data.init_args.strict", "true")
 

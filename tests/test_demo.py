@@ -1,12 +1,27 @@
 """The demo's table: every row, selection columns only where a selection was used."""
+
 from vitkd.demos.pipeline import table
 
 
 def test_table_shows_selection_bounds():
     rows = [
-        {"run": "teacher", "data": "original (labels)", "params": 675562, "test_acc_mean": 0.98333, "test_acc_std": 0.0},
-        {"run": "attention_probe", "data": "wild", "params": 77000, "test_acc_mean": 0.9574, "test_acc_std": 0.0212,
-         "precision": 0.4611, "precision_max": 2 / 3, "value_auroc": 0.6371},
+        {
+            "run": "teacher",
+            "data": "original (labels)",
+            "params": 675562,
+            "test_acc_mean": 0.98333,
+            "test_acc_std": 0.0,
+        },
+        {
+            "run": "attention_probe",
+            "data": "wild",
+            "params": 77000,
+            "test_acc_mean": 0.9574,
+            "test_acc_std": 0.0212,
+            "precision": 0.4611,
+            "precision_max": 2 / 3,
+            "value_auroc": 0.6371,
+        },
     ]
     head, rule, teacher, ap = table(rows).splitlines()
     assert head.split()[-4:] == ["precision", "(max)", "V", "AUROC"] and set(rule) == {"-"}
@@ -22,8 +37,18 @@ def test_a_demo_runs_again_over_its_own_runs(tiny_teacher, tiny_pool, tmp_path):
 
     from vitkd.demos.runs import run_fit
 
-    args = ("--model.init_args.teacher_ckpt", str(tiny_teacher), "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "10",
-            "--data.init_args.wild_urls", tiny_pool, "--wandb.enabled", "false")
+    args = (
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        "10",
+        "--data.init_args.wild_urls",
+        tiny_pool,
+        "--wandb.enabled",
+        "false",
+    )
     first = run_fit("experiments/digits/select.yaml", tmp_path / "sel", *args)
     os.utime(tiny_teacher)  # as if the demo's teacher had been trained again: the saved scores no longer fit
     second = run_fit("experiments/digits/select.yaml", tmp_path / "sel", *args)
@@ -59,7 +84,12 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
         name = run_dir.relative_to(tmp_path).as_posix()
         ended.add(name)
         if name.startswith("select"):
-            return {"selected_urls": f"{name}/selected/shard-000000.tar", "num_kept": 5, "precision": 0.5, "precision_max": 0.6}
+            return {
+                "selected_urls": f"{name}/selected/shard-000000.tar",
+                "num_kept": 5,
+                "precision": 0.5,
+                "precision_max": 0.6,
+            }
         seed = int(name.rsplit("seed", 1)[1]) if "seed" in name else 0
         return {"test/acc": 0.9 + 0.01 * seed + 0.001 * len(name), "params": 7}
 
@@ -71,7 +101,11 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
     runs = {name: (cfg, args, before) for name, cfg, args, before in calls}
     # one at a time, the first listed of the ready jobs: teacher, pool, selections, long students, short ones
     order = [c[0] for c in calls]
-    assert order[:4] == ["teacher", "select_ap", "select_dfnd", "select_random"] and order[-3:] == ["scratch/seed0", "scratch/seed1", "scratch/seed2"]
+    assert order[:4] == ["teacher", "select_ap", "select_dfnd", "select_random"] and order[-3:] == [
+        "scratch/seed0",
+        "scratch/seed1",
+        "scratch/seed2",
+    ]
     teacher_arg = ["--model.init_args.teacher_ckpt", str(tmp_path / "teacher" / "checkpoints" / "best.ckpt")]
     for name, cfg, _, sel in STUDENTS:
         for seed in (0, 1, 2):
@@ -79,13 +113,23 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
             assert got_cfg == cfg and args[:2] == ["--seed_everything", str(seed)]
             assert (args[2:4] == teacher_arg) == (name != "scratch")
             waits = jobs[f"{name}/seed{seed}"][0]
-            assert waits == (() if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)) and set(waits) <= before
+            assert (
+                waits == (() if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel))
+                and set(waits) <= before
+            )
             if sel is not None:
-                assert args[-2:] == ["--data.init_args.train_urls", f"{sel}/selected/shard-000000.tar"] and sel in before
+                assert (
+                    args[-2:] == ["--data.init_args.train_urls", f"{sel}/selected/shard-000000.tar"] and sel in before
+                )
             else:
                 assert "--data.init_args.train_urls" not in args
     for sel, cfg in SELECTIONS.items():
-        assert runs[sel][0] == cfg and runs[sel][1] == teacher_arg and jobs[sel][0] == ("teacher", "pool") and {"teacher", "pool"} <= runs[sel][2]
+        assert (
+            runs[sel][0] == cfg
+            and runs[sel][1] == teacher_arg
+            and jobs[sel][0] == ("teacher", "pool")
+            and {"teacher", "pool"} <= runs[sel][2]
+        )
     # as the demo runs it, several at a time: every job still finds the results it is handed
     calls.clear(), ended.clear()
     assert run_graph(demo_jobs(tmp_path, [0, 1, 2], fit=fake_fit, pool=fake_pool), workers=8).keys() == done.keys()
@@ -93,7 +137,9 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
 
     rows = {r["run"]: r for r in summary_rows(done, [0, 1, 2])}
     accs = [done[f"dfnd/seed{s}"]["test/acc"] for s in (0, 1, 2)]
-    assert rows["dfnd"]["test_acc_mean"] == statistics.fmean(accs) and rows["dfnd"]["test_acc_std"] == statistics.stdev(accs)
+    assert rows["dfnd"]["test_acc_mean"] == statistics.fmean(accs) and rows["dfnd"]["test_acc_std"] == statistics.stdev(
+        accs
+    )
     assert rows["dfnd"]["precision"] == 0.5 and rows["dfnd"]["num_kept"] == 5 and "precision" not in rows["scratch"]
     assert list(rows) == ["teacher", "scratch", "kd_original", "dfnd", "random_wild", "attention_probe"]
 
@@ -105,7 +151,9 @@ def test_the_demo_writes_the_pool_its_selection_config_names(tmp_path, monkeypat
     configs = tmp_path / "configs"
     configs.mkdir()
     data_dir = tmp_path / "data"
-    (configs / "select.yaml").write_text(f"data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n")
+    (configs / "select.yaml").write_text(
+        f"data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n"
+    )
     monkeypatch.setattr(vitkd.demos.pipeline, "CONFIGS", configs)
     vitkd.demos.pipeline.write_pool(tmp_path / "out")
     pool = f"digits-wild-v{POOL_VERSION}-7-s3"

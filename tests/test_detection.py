@@ -1,17 +1,18 @@
 """Detection: box ops, matcher, criterion, COCO evaluation, data errors, and each stage through the CLI."""
+
 from __future__ import annotations
 
-import itertools
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit
 from PIL import Image
 
-from conftest import fit
 from vitkd.detection.box_ops import (
     coco_to_normalized,
     cxcywh_to_xyxy,
@@ -61,7 +62,7 @@ def test_matcher_equals_brute_force(seed):
     logits, boxes = torch.randn(1, q, k + 1, generator=g), random_boxes(g, q)[None]
     tgt = {"labels": torch.randint(0, k, (t,), generator=g), "boxes": random_boxes(g, t)}
     matcher = HungarianMatcher()
-    (rows, cols), = matcher({"pred_logits": logits, "pred_boxes": boxes}, [tgt])
+    ((rows, cols),) = matcher({"pred_logits": logits, "pred_boxes": boxes}, [tgt])
     cost = matcher.cost_matrix(logits[0], boxes[0], tgt["labels"], tgt["boxes"])
     assert len(rows) == t and sorted(cols.tolist()) == list(range(t))
     best = min(sum(cost[p[j], j].item() for j in range(t)) for p in itertools.permutations(range(q), t))
@@ -70,8 +71,14 @@ def test_matcher_equals_brute_force(seed):
 
 def test_matcher_and_criterion_fp32_under_autocast():
     g = torch.Generator().manual_seed(0)
-    outputs = {"pred_logits": torch.randn(2, 6, 4, generator=g).bfloat16(), "pred_boxes": random_boxes(g, 12).view(2, 6, 4).bfloat16()}
-    targets = [{"labels": torch.tensor([0, 2]), "boxes": random_boxes(g, 2)}, {"labels": torch.tensor([1]), "boxes": random_boxes(g, 1)}]
+    outputs = {
+        "pred_logits": torch.randn(2, 6, 4, generator=g).bfloat16(),
+        "pred_boxes": random_boxes(g, 12).view(2, 6, 4).bfloat16(),
+    }
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": random_boxes(g, 2)},
+        {"labels": torch.tensor([1]), "boxes": random_boxes(g, 1)},
+    ]
     crit = SetCriterion(3, HungarianMatcher())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = crit(outputs, targets)
@@ -82,7 +89,10 @@ def test_matcher_and_criterion_fp32_under_autocast():
 def test_criterion_zero_on_perfect_predictions():
     g = torch.Generator().manual_seed(1)
     k, q = 3, 6
-    targets = [{"labels": torch.tensor([0, 2, 1]), "boxes": random_boxes(g, 3)}, {"labels": torch.tensor([2]), "boxes": random_boxes(g, 1)}]
+    targets = [
+        {"labels": torch.tensor([0, 2, 1]), "boxes": random_boxes(g, 3)},
+        {"labels": torch.tensor([2]), "boxes": random_boxes(g, 1)},
+    ]
     logits = torch.full((2, q, k + 1), -30.0)
     logits[..., k] = 30.0  # every query says "no object" …
     boxes = random_boxes(g, 2 * q).view(2, q, 4)
@@ -91,7 +101,11 @@ def test_criterion_zero_on_perfect_predictions():
         logits[i, slots] = -30.0
         logits[i, slots, t["labels"]] = 30.0
         boxes[i, slots] = t["boxes"]
-    out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [{"pred_logits": logits.clone(), "pred_boxes": boxes.clone()}]}
+    out = {
+        "pred_logits": logits,
+        "pred_boxes": boxes,
+        "aux_outputs": [{"pred_logits": logits.clone(), "pred_boxes": boxes.clone()}],
+    }
     terms = SetCriterion(k, HungarianMatcher())(out, targets)
     assert set(terms) == {"ce", "bbox", "giou", "ce_aux0", "bbox_aux0", "giou_aux0"}
     assert all(v.item() < 1e-5 for v in terms.values())
@@ -143,7 +157,7 @@ def crit_hand_values(eos_coef: float = 0.1) -> dict[str, float]:
 def test_criterion_hand_values_with_no_object_query():
     out = {"pred_logits": torch.tensor([CRIT_LOGITS]), "pred_boxes": torch.tensor([CRIT_BOXES])}
     targets = [{"labels": torch.tensor(CRIT_TARGET["labels"]), "boxes": torch.tensor(CRIT_TARGET["boxes"])}]
-    (rows, cols), = HungarianMatcher()(out, targets)
+    ((rows, cols),) = HungarianMatcher()(out, targets)
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 0, 2: 1}  # q1 is left to no-object
     hand = crit_hand_values()
     # NLLs: q0 log(e² + 2) − 2 ≈ 0.2395, q1 (no-object) log(e + 1 + 1/e) + 1 ≈ 2.4076, q2 log(e + 1 + √e) − 1 ≈ 0.6803
@@ -179,7 +193,9 @@ def test_teacher_set_hand_made():
     sets = teacher_set({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.5)
     assert len(sets) == 2
     assert sets[0]["labels"].tolist() == [0, 1] and sets[1]["labels"].tolist() == [1]
-    assert torch.equal(sets[0]["boxes"], torch.tensor([BOX_A, BOX_B])) and torch.equal(sets[1]["boxes"], torch.tensor([BOX_A_NEAR]))
+    assert torch.equal(sets[0]["boxes"], torch.tensor([BOX_A, BOX_B])) and torch.equal(
+        sets[1]["boxes"], torch.tensor([BOX_A_NEAR])
+    )
     assert torch.equal(sets[0]["logits"], logits[0, [0, 2]]) and torch.equal(sets[1]["logits"], logits[1, [1]])
     e = math.e
     assert sets[0]["scores"].tolist() == pytest.approx([e**2 / (e**2 + 2), e**3 / (e**3 + 2)], rel=1e-6)
@@ -200,18 +216,27 @@ def test_detr_kd_losses_hand_values():
     kd = detr_kd_losses(student, teacher, HungarianMatcher(), kd_threshold=0.5, temperature=tau)
     # teacher set at 0.5: q0 (A, class 0) and q2 (B, class 1), N_T = 2; matched: s2 ↔ q0, s0 ↔ q2
     kl = hand_kl(KD_T_LOGITS[0], KD_S_LOGITS[2], tau) + hand_kl(KD_T_LOGITS[2], KD_S_LOGITS[0], tau)
-    assert kd["kd_cls"].item() == pytest.approx(tau**2 * kl / 2, rel=1e-5)  # (D1) τ² · mean KL ≈ 4·(0.0229 + 0.1339)/2 ≈ 0.3135
+    assert kd["kd_cls"].item() == pytest.approx(
+        tau**2 * kl / 2, rel=1e-5
+    )  # (D1) τ² · mean KL ≈ 4·(0.0229 + 0.1339)/2 ≈ 0.3135
     assert kd["kd_bbox"].item() == pytest.approx((0.1 + 0.2) / 2, rel=1e-5)  # (D2) Σ L1 / N_T
-    assert kd["kd_giou"].item() == pytest.approx((14 / 23 + 0.08 + 10 / 19 + 0.05) / 2, rel=1e-5)  # (D3) Σ (1 − GIoU) / N_T
+    assert kd["kd_giou"].item() == pytest.approx(
+        (14 / 23 + 0.08 + 10 / 19 + 0.05) / 2, rel=1e-5
+    )  # (D3) Σ (1 − GIoU) / N_T
     # a one-query student (s2 only) matches q0 alone: KL is averaged over the 1 matched pair, the box terms still / N_T = 2
     one = {"pred_logits": torch.tensor([KD_S_LOGITS[2:]]), "pred_boxes": torch.tensor([KD_S_BOXES[2:]])}
     kd1 = detr_kd_losses(one, teacher, HungarianMatcher(), kd_threshold=0.5, temperature=tau)
-    assert kd1["kd_cls"].item() == pytest.approx(tau**2 * hand_kl(KD_T_LOGITS[0], KD_S_LOGITS[2], tau), rel=1e-5)  # ≈ 0.0914
+    assert kd1["kd_cls"].item() == pytest.approx(
+        tau**2 * hand_kl(KD_T_LOGITS[0], KD_S_LOGITS[2], tau), rel=1e-5
+    )  # ≈ 0.0914
     assert kd1["kd_bbox"].item() == pytest.approx(0.1 / 2, rel=1e-5)
     assert kd1["kd_giou"].item() == pytest.approx((14 / 23 + 0.08) / 2, rel=1e-5)
     # a student that copies the teacher's confident queries has all three terms 0
     same = {"pred_logits": torch.tensor([KD_T_LOGITS]), "pred_boxes": torch.tensor([KD_T_BOXES])}
-    assert all(v.item() == pytest.approx(0.0, abs=1e-6) for v in detr_kd_losses(same, teacher, HungarianMatcher(), 0.5, tau).values())
+    assert all(
+        v.item() == pytest.approx(0.0, abs=1e-6)
+        for v in detr_kd_losses(same, teacher, HungarianMatcher(), 0.5, tau).values()
+    )
 
 
 def test_probe_loss_hand_values():
@@ -246,8 +271,16 @@ def test_distill_stage_with_teacher_labels_uses_the_teacher_set(monkeypatch):
     # teacher: q0 class 1 on A (≈ 0.787), q1 below 0.5 (e³/(21e³ + 1) ≈ 0.048), q2 class 0 on B (≈ 0.909) → labels [1, 0], boxes [A, B]
     teacher = Fixed([[0.0, 2.0, 0.0], [3.0, 0.0, 3.0 + math.log(20)], [3.0, 0.0, 0.0]], [BOX_A, BOX_FAR, BOX_B])
     monkeypatch.setattr(stages, "load_detr", lambda *a, **k: (teacher, {"arch": "stub"}))
-    stage = stages.DetrDistillation("unused.ckpt", arch="detr_test", num_classes=2, label_source="teacher",
-                                    pseudo_threshold=0.5, kd_cls_weight=0.0, kd_bbox_weight=0.0, kd_giou_weight=0.0)
+    stage = stages.DetrDistillation(
+        "unused.ckpt",
+        arch="detr_test",
+        num_classes=2,
+        label_source="teacher",
+        pseudo_threshold=0.5,
+        kd_cls_weight=0.0,
+        kd_bbox_weight=0.0,
+        kd_giou_weight=0.0,
+    )
     stage.model = Fixed(CRIT_LOGITS, CRIT_BOXES)
     wrong = [{"labels": torch.tensor([0]), "boxes": torch.tensor([BOX_FAR])}]  # the given labels must be ignored
     terms = stage.losses(torch.zeros(1, 3, 64, 64), wrong)
@@ -271,13 +304,19 @@ def small_coco() -> dict:
 
 def test_cocoeval_ground_truth_against_itself_is_one():
     gt = small_coco()
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in gt["annotations"]]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"]
+    ]
     assert coco_map(gt, dets) == {"map": pytest.approx(1.0), "map50": pytest.approx(1.0)}
     shifted = [{**d, "bbox": [d["bbox"][0] + 6, *d["bbox"][1:]]} for d in dets]
     assert coco_map(gt, shifted)["map"] < 0.5
     metric = detection_map()
     boxes = torch.tensor([[4.0, 4, 14, 14], [30, 20, 38, 32]])
-    metric.update([{"boxes": boxes, "scores": torch.ones(2), "labels": torch.tensor([0, 1])}], [{"boxes": boxes, "labels": torch.tensor([0, 1])}])
+    metric.update(
+        [{"boxes": boxes, "scores": torch.ones(2), "labels": torch.tensor([0, 1])}],
+        [{"boxes": boxes, "labels": torch.tensor([0, 1])}],
+    )
     r = metric.compute()
     assert r["map"].item() == pytest.approx(1.0) and r["map_50"].item() == pytest.approx(1.0)
 
@@ -296,7 +335,9 @@ def test_coco_missing_image_names_the_entry(tmp_path):
     from data_modules.coco import CocoDataModule
 
     ann = write_set(tmp_path, small_coco(), skip={"2.png"})
-    dm = CocoDataModule(train_images=str(tmp_path / "img"), train_json=str(ann), val_images=str(tmp_path / "img"), val_json=str(ann))
+    dm = CocoDataModule(
+        train_images=str(tmp_path / "img"), train_json=str(ann), val_images=str(tmp_path / "img"), val_json=str(ann)
+    )
     with pytest.raises(VitkdInputError, match=r"image id 2 file '2.png' not found") as err:
         dm.setup("fit")
     assert "\n" not in str(err.value)
@@ -309,7 +350,9 @@ def test_coco_train_json_is_read_once(tmp_path, monkeypatch):
     reads = []
     real = coco_mod.load_json
     monkeypatch.setattr(coco_mod, "load_json", lambda f: reads.append(str(f)) or real(f))
-    dm = coco_mod.CocoDataModule(train_images=str(tmp_path / "img"), train_json=str(ann), val_images=str(tmp_path / "img"), val_json=str(ann))
+    dm = coco_mod.CocoDataModule(
+        train_images=str(tmp_path / "img"), train_json=str(ann), val_images=str(tmp_path / "img"), val_json=str(ann)
+    )
     dm.setup("fit")
     assert reads == [str(ann), str(ann)]  # once for train (categories and entries), once for val
     assert dm.num_classes == len(small_coco()["categories"]) and len(dm.dataset("train")) == len(small_coco()["images"])
@@ -338,7 +381,11 @@ def test_coco_set_and_shards_give_the_same_targets(tmp_path):
     assert len(items) == 2
     for (xs, ts), i in zip(items, range(2)):
         xc, tc = ds[i]
-        assert torch.allclose(xs, xc) and torch.equal(ts["labels"], tc["labels"]) and torch.allclose(ts["boxes"], tc["boxes"])
+        assert (
+            torch.allclose(xs, xc)
+            and torch.equal(ts["labels"], tc["labels"])
+            and torch.allclose(ts["boxes"], tc["boxes"])
+        )
 
 
 def test_shard_box_outside_image_names_the_sample(tmp_path):
@@ -350,7 +397,11 @@ def test_shard_box_outside_image_names_the_sample(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="PNG")
     meta = {"width": 32, "height": 32, "annotations": [{"bbox": [20, 20, 20, 5], "category_id": 0}]}
-    write_shards([{"__key__": "bad0001", "png": buf.getvalue(), "json": json.dumps(meta)}], tmp_path / "s", pattern="det-%06d.tar")
+    write_shards(
+        [{"__key__": "bad0001", "png": buf.getvalue(), "json": json.dumps(meta)}],
+        tmp_path / "s",
+        pattern="det-%06d.tar",
+    )
     with pytest.raises(VitkdInputError, match=r"'bad0001'.*outside the 32x32 image"):
         list(DetectionShards(str(tmp_path / "s" / "det-000000.tar"), img_size=32, num_classes=1))
 
@@ -372,16 +423,45 @@ def test_aerial_set_is_fixed_and_valid(tmp_path):
 
 
 # -- stages through the CLI -----------------------------------------------------------------------------
-TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.limit_test_batches", "1", "--model.init_args.arch", "detr_test", "--model.init_args.measure_batch_size", "4",
-        "--data.init_args.num_train", "16", "--data.init_args.num_val", "8", "--data.init_args.num_test", "8",
-        "--data.init_args.batch_size", "4", "--trainer.callbacks+=callbacks.AttentionProbeLogger", "--trainer.callbacks.every_n_epochs", "0"]
+TINY = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
+    "--model.init_args.arch",
+    "detr_test",
+    "--model.init_args.measure_batch_size",
+    "4",
+    "--data.init_args.num_train",
+    "16",
+    "--data.init_args.num_val",
+    "8",
+    "--data.init_args.num_test",
+    "8",
+    "--data.init_args.batch_size",
+    "4",
+    "--trainer.callbacks+=callbacks.AttentionProbeLogger",
+    "--trainer.callbacks.every_n_epochs",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def det_teacher(tmp_path_factory) -> Path:
     data, run = tmp_path_factory.mktemp("aerial"), tmp_path_factory.mktemp("det_teacher")
-    metrics = fit("--config", "experiments/detection/teacher.yaml", *TINY, "--data.init_args.data_dir", str(data), "--run_dir", str(run))
+    metrics = fit(
+        "--config",
+        "experiments/detection/teacher.yaml",
+        *TINY,
+        "--data.init_args.data_dir",
+        str(data),
+        "--run_dir",
+        str(run),
+    )
     for key in ("test/map", "test/map50", "params", "gflops", "images_per_s"):
         assert math.isfinite(metrics[key])
     assert 0.0 <= metrics["test/map"] <= 1.0 and metrics["params"] > 0 and metrics["gflops"] > 0
@@ -401,19 +481,43 @@ def test_teacher_stage_through_cli(det_teacher):
 
 
 def test_student_scratch_stage_through_cli(tmp_path):
-    m = fit("--config", "experiments/detection/student_scratch.yaml", *TINY, "--data.init_args.data_dir", str(tmp_path / "d"), "--run_dir", str(tmp_path / "r"))
+    m = fit(
+        "--config",
+        "experiments/detection/student_scratch.yaml",
+        *TINY,
+        "--data.init_args.data_dir",
+        str(tmp_path / "d"),
+        "--run_dir",
+        str(tmp_path / "r"),
+    )
     assert {"test/map", "test/map50", "params", "gflops", "images_per_s"} <= set(m)
 
 
 @pytest.mark.parametrize("label_source", ["data", "teacher"])
 def test_distill_stage_through_cli(det_teacher, tmp_path, label_source):
     run = tmp_path / "r"
-    m = fit("--config", "experiments/detection/distill.yaml", *TINY, "--data.init_args.data_dir", str(tmp_path / "d"),
-            "--model.init_args.teacher_ckpt", str(det_teacher), "--model.init_args.label_source", label_source,
-            "--model.init_args.pseudo_threshold", "0.0", "--model.init_args.probe_weight", "0.5", "--run_dir", str(run))
+    m = fit(
+        "--config",
+        "experiments/detection/distill.yaml",
+        *TINY,
+        "--data.init_args.data_dir",
+        str(tmp_path / "d"),
+        "--model.init_args.teacher_ckpt",
+        str(det_teacher),
+        "--model.init_args.label_source",
+        label_source,
+        "--model.init_args.pseudo_threshold",
+        "0.0",
+        "--model.init_args.probe_weight",
+        "0.5",
+        "--run_dir",
+        str(run),
+    )
     assert 0.0 <= m["test/map"] <= 1.0
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert state and not any(k.startswith("teacher.") for k in state)  # the teacher stays out of the student's checkpoint
+    assert state and not any(
+        k.startswith("teacher.") for k in state
+    )  # the teacher stays out of the student's checkpoint
 
 
 def test_distill_terms_switch_off_and_log(det_teacher):
@@ -431,8 +535,17 @@ def test_distill_terms_switch_off_and_log(det_teacher):
 
 def test_bad_teacher_checkpoint_is_one_line(tmp_path):
     with pytest.raises(VitkdInputError, match="does not exist"):
-        fit("--config", "experiments/detection/distill.yaml", *TINY, "--data.init_args.data_dir", str(tmp_path / "d"),
-            "--model.init_args.teacher_ckpt", str(tmp_path / "none.ckpt"), "--run_dir", str(tmp_path / "r"))
+        fit(
+            "--config",
+            "experiments/detection/distill.yaml",
+            *TINY,
+            "--data.init_args.data_dir",
+            str(tmp_path / "d"),
+            "--model.init_args.teacher_ckpt",
+            str(tmp_path / "none.ckpt"),
+            "--run_dir",
+            str(tmp_path / "r"),
+        )
 
 
 def test_detr_presets_and_outputs():
@@ -455,11 +568,38 @@ def test_detr_presets_and_outputs():
 def test_distill_stage_under_mixed_precision(det_teacher, tmp_path, precision):
     """bf16 and fp16 autocast (the MixedPrecision plugin: Lightning turns '16-mixed' into bf16 on a CPU);
     the matcher and box losses stay fp32 inside, so every figure is finite."""
-    args = (["--trainer.precision", "bf16-mixed"] if precision == "bf16-mixed" else
-            ["--trainer.precision", "null", "--trainer.plugins+=lightning.pytorch.plugins.precision.MixedPrecision",
-             "--trainer.plugins.precision", "16-mixed", "--trainer.plugins.device", "cpu"])
-    m = fit("--config", "experiments/detection/distill.yaml", *TINY, *args, "--trainer.log_every_n_steps", "1",
-            "--data.init_args.data_dir", str(tmp_path / "d"), "--model.init_args.teacher_ckpt", str(det_teacher), "--run_dir", str(tmp_path / "r"))
+    args = (
+        ["--trainer.precision", "bf16-mixed"]
+        if precision == "bf16-mixed"
+        else [
+            "--trainer.precision",
+            "null",
+            "--trainer.plugins+=lightning.pytorch.plugins.precision.MixedPrecision",
+            "--trainer.plugins.precision",
+            "16-mixed",
+            "--trainer.plugins.device",
+            "cpu",
+        ]
+    )
+    m = fit(
+        "--config",
+        "experiments/detection/distill.yaml",
+        *TINY,
+        *args,
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.data_dir",
+        str(tmp_path / "d"),
+        "--model.init_args.teacher_ckpt",
+        str(det_teacher),
+        "--run_dir",
+        str(tmp_path / "r"),
+    )
     assert all(math.isfinite(m[k]) for k in ("test/map", "test/map50", "images_per_s"))
-    logged = [float(v) for row in csv.DictReader(open(tmp_path / "r" / "metrics.csv")) for k, v in row.items() if k.startswith("train/") and v]
+    logged = [
+        float(v)
+        for row in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))
+        for k, v in row.items()
+        if k.startswith("train/") and v
+    ]
     assert logged and all(math.isfinite(v) for v in logged)

@@ -3,6 +3,7 @@
 A real single-process gloo group checks that the all-reduce is taken; a patched all-reduce then plays a
 second process holding more (or fewer) boxes, and the box terms must follow N_b = max(1, (n_0 + n_1) / 2).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,12 +22,16 @@ BOX_B, BOX_B_NEAR = [0.7, 0.6, 0.2, 0.4], [0.75, 0.65, 0.2, 0.3]
 BOX_FAR = [0.1, 0.9, 0.1, 0.1]
 SUM_L1 = 0.1 + 0.2
 SUM_ONE_MINUS_GIOU = 14 / 23 + 0.08 + 10 / 19 + 0.05
-OUT = {"pred_logits": torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, -1.0], [1.0, 0.0, 0.5]]]),
-       "pred_boxes": torch.tensor([[BOX_A_NEAR, BOX_FAR, BOX_B_NEAR]])}
+OUT = {
+    "pred_logits": torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, -1.0], [1.0, 0.0, 0.5]]]),
+    "pred_boxes": torch.tensor([[BOX_A_NEAR, BOX_FAR, BOX_B_NEAR]]),
+}
 TARGETS = [{"labels": torch.tensor([1, 0]), "boxes": torch.tensor([BOX_A, BOX_B])}]
 # Teacher whose confident set (threshold 0.5) is A and B: the student OUT matches it as above.
-TEACHER = {"pred_logits": torch.tensor([[[0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [3.0, 0.0, 0.0]]]),
-           "pred_boxes": torch.tensor([[BOX_A, BOX_FAR, BOX_B]])}
+TEACHER = {
+    "pred_logits": torch.tensor([[[0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [3.0, 0.0, 0.0]]]),
+    "pred_boxes": torch.tensor([[BOX_A, BOX_FAR, BOX_B]]),
+}
 REAL_ALL_REDUCE = dist.all_reduce
 
 

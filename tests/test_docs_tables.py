@@ -1,4 +1,5 @@
 """The generated result tables of README.md and docs/*.md match the committed results JSON they name."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,18 @@ from vitkd.errors import VitkdInputError
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {
     "teachers": {"vit": {"test_acc": 0.9833}, "cnn": {"test_acc": 0.99}},
-    "rows": [{"teacher": "vit", "generator_steps": 240, "seeds": 3, "test_acc_mean": 0.25, "test_acc_std": 0.05,
-              "final_val_agree_train_mode": 0.5, "final_val_agree_eval_mode": 0.4, "s_per_generator_step": 2.0}],
+    "rows": [
+        {
+            "teacher": "vit",
+            "generator_steps": 240,
+            "seeds": 3,
+            "test_acc_mean": 0.25,
+            "test_acc_std": 0.05,
+            "final_val_agree_train_mode": 0.5,
+            "final_val_agree_eval_mode": 0.4,
+            "s_per_generator_step": 2.0,
+        }
+    ],
 }
 
 
@@ -80,12 +91,15 @@ def test_json_change_makes_table_stale(tmp_path):
     assert tables.update(tmp_path, check=True) == ["docs/page.md"]
 
 
-@pytest.mark.parametrize("marker, expect", [
-    ("<!-- table: nosuch res/sweep.json -->\n<!-- /table -->", "unknown table 'nosuch'"),
-    ("<!-- table: generator-sweep res/missing.json -->\n<!-- /table -->", "res/missing.json"),
-    ("<!-- table: generator-sweep res/sweep.json -->\n", "lacks"),
-    ("<!-- table: bench-wild res/sweep.json -->\n<!-- /table -->", "lacks the field"),
-])
+@pytest.mark.parametrize(
+    "marker, expect",
+    [
+        ("<!-- table: nosuch res/sweep.json -->\n<!-- /table -->", "unknown table 'nosuch'"),
+        ("<!-- table: generator-sweep res/missing.json -->\n<!-- /table -->", "res/missing.json"),
+        ("<!-- table: generator-sweep res/sweep.json -->\n", "lacks"),
+        ("<!-- table: bench-wild res/sweep.json -->\n<!-- /table -->", "lacks the field"),
+    ],
+)
 def test_bad_marker_is_one_line_error(tmp_path, marker, expect):
     page = _tiny(tmp_path, "")
     page.write_text(marker)

@@ -1,4 +1,5 @@
 """FLOPs of a tiny ViT against a formula; throughput figures are stated with their settings."""
+
 from __future__ import annotations
 
 import timm
@@ -34,7 +35,11 @@ def test_flops_of_tiny_vit_match_the_formula():
 def test_flop_count_does_not_change_the_model():
     m = timm.create_model("test_vit_patch4_16")
     flops_per_image(m, (1, 16, 16))
-    assert all(getattr(mod, "fused_attn", True) == timm.layers.use_fused_attn() for mod in m.modules() if hasattr(mod, "fused_attn"))
+    assert all(
+        getattr(mod, "fused_attn", True) == timm.layers.use_fused_attn()
+        for mod in m.modules()
+        if hasattr(mod, "fused_attn")
+    )
 
 
 def test_throughput_states_its_settings():

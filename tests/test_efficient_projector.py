@@ -1,4 +1,5 @@
 """Projector-ensemble (PEFD) loss by hand, and through the student stage with a channel-shuffle student."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,14 +32,22 @@ def test_projector_ensemble_loss_by_hand():
 
 def test_shuffle_student_with_projectors_through_the_cli(tiny_teacher, tmp_path):
     m = fit(
-        "--config", "experiments/efficient/projector.yaml",
-        "--model.init_args.arch", "test_shuffle_patch4_16",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher),
-        "--model.init_args.measure_batch_size", "8",
-        "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "3",
-        "--trainer.log_every_n_steps", "1",
-        "--run_dir", str(tmp_path / "run"),
+        "--config",
+        "experiments/efficient/projector.yaml",
+        "--model.init_args.arch",
+        "test_shuffle_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--model.init_args.measure_batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--run_dir",
+        str(tmp_path / "run"),
     )
     assert 0.0 <= m["test/acc"] <= 1.0
     assert m["gflops"] > 0 and m["images_per_s"] > 0 and m["throughput_batch_size"] == 8

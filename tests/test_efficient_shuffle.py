@@ -1,11 +1,12 @@
 """Channel-shuffle block: the shuffle pattern, shapes, parameter counts, attention on the Attended group only."""
+
 from __future__ import annotations
 
 import timm
 import torch
 
-from vitkd.models.shuffle_block import ChannelShuffleBlock, channel_shuffle
 from vitkd.models import count_params
+from vitkd.models.shuffle_block import ChannelShuffleBlock, channel_shuffle
 
 
 def test_channel_shuffle_interleaves_the_groups():

@@ -1,4 +1,5 @@
 """GTP, ToMe and IdleViT on a tiny timm ViT: exactness when nothing is reduced, and the rules themselves."""
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,14 @@ def _reference(vit, images):
         return u, u(images), vit(images)
 
 
-@pytest.mark.parametrize("make", [lambda m: GTPViT(m, num_prop=0), lambda m: ToMeViT(m, r=0), lambda m: IdleViT(m, keep_ratio=1.0, idle_layers=[0, 1])])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: GTPViT(m, num_prop=0),
+        lambda m: ToMeViT(m, r=0),
+        lambda m: IdleViT(m, keep_ratio=1.0, idle_layers=[0, 1]),
+    ],
+)
 def test_no_reduction_reproduces_the_logits(vit, images, make):
     u, ref_unfused, ref_fused = _reference(vit, images)
     with torch.no_grad():

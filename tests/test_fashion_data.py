@@ -1,5 +1,6 @@
 """Fashion-MNIST data path and wild pool on tiny IDX files written here in the real format (gzip): reading,
 packing, the splits, the pool builder (counts, tags, labels, shift, determinism) and one-line errors."""
+
 import io
 import json
 import os
@@ -28,8 +29,10 @@ def raw(tmp_path) -> tuple[Path, dict]:
     """The four files, gzipped, PER_CLASS train images per class (shuffled) and N_TEST test images."""
     rng = np.random.default_rng(1)
     y_train = rng.permutation(np.repeat(np.arange(10), PER_CLASS)).astype(np.uint8)
-    sets = {"train": (rng.integers(0, 256, (len(y_train), 28, 28), dtype=np.uint8), y_train),
-            "test": (rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8), rng.integers(0, 10, N_TEST).astype(np.uint8))}
+    sets = {
+        "train": (rng.integers(0, 256, (len(y_train), 28, 28), dtype=np.uint8), y_train),
+        "test": (rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8), rng.integers(0, 10, N_TEST).astype(np.uint8)),
+    }
     folder = tmp_path / "fashion"
     for split, (x, y) in sets.items():
         img, lab = fashion.FILES[split]
@@ -63,7 +66,19 @@ def test_idx_round_trip_and_pack(raw, tmp_path):
         assert np.array_equal(data[split][0], x) and np.array_equal(data[split][1], y.astype(np.int64))
         assert data[split][1].dtype == np.int64
     out = tmp_path / "packed"
-    argv = [sys.executable, "-m", "vitkd.pack", "fashion-mnist", str(folder), str(out), "--shard-size", "150", "--workers", "1", "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vitkd.pack",
+        "fashion-mnist",
+        str(folder),
+        str(out),
+        "--shard-size",
+        "150",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(out / "fashion-mnist-train-{000000..000001}.tar")
@@ -110,11 +125,17 @@ def test_reacquire_shifts_and_is_deterministic(raw):
 def test_pool_counts_tags_labels(raw, tmp_path):
     folder, _ = raw
     wild_x, wild_y = fashion.fashion_splits(str(folder), **TINY)["wild"]
-    url = fp.generate_fashion_pool(tmp_path / "pool", folder, seed=0, shard_size=20, counts=TINY_COUNTS, split_sizes=TINY)
+    url = fp.generate_fashion_pool(
+        tmp_path / "pool", folder, seed=0, shard_size=20, counts=TINY_COUNTS, split_sizes=TINY
+    )
     meta = json.loads((tmp_path / "pool" / "meta.json").read_text())
     shards = sorted((tmp_path / "pool").glob("wild-*.tar"))
     assert len(shards) >= 2 and url == str(tmp_path / "pool" / f"wild-{{000000..{len(shards) - 1:06d}}}.tar")
-    assert meta["sources"] == {"fashion": len(wild_y), **TINY_COUNTS} and meta["version"] == fp.POOL_VERSION and meta["seed"] == 0
+    assert (
+        meta["sources"] == {"fashion": len(wild_y), **TINY_COUNTS}
+        and meta["version"] == fp.POOL_VERSION
+        and meta["seed"] == 0
+    )
     assert list(meta["fashion_per_class"].values()) == np.bincount(wild_y, minlength=10).tolist()
     samples = read_shards(shards)
     assert [s["__key__"] for s in samples] == [f"wild{i:07d}" for i in range(len(samples))]
@@ -129,7 +150,9 @@ def test_pool_counts_tags_labels(raw, tmp_path):
         assert img.shape == (28, 28) and img.dtype == np.uint8
         assert img.tobytes() not in wild  # every fashion image reacquired; no other source copies one
     for name, seed in (("again", 0), ("s1", 1)):
-        fp.generate_fashion_pool(tmp_path / name, folder, seed=seed, shard_size=20, counts=TINY_COUNTS, split_sizes=TINY)
+        fp.generate_fashion_pool(
+            tmp_path / name, folder, seed=seed, shard_size=20, counts=TINY_COUNTS, split_sizes=TINY
+        )
     assert read_shards((tmp_path / "again").glob("*.tar")) == samples  # the same seed, the same pool
     assert [s["png"] for s in read_shards((tmp_path / "s1").glob("*.tar"))] != [s["png"] for s in samples]
 
@@ -141,7 +164,11 @@ def test_pool_cls_is_the_true_class(raw, tmp_path, monkeypatch):
     monkeypatch.setattr(fp, "reacquire", lambda image, rng: image)
     fp.generate_fashion_pool(tmp_path / "pool", folder, counts={k: 1 for k in TINY_COUNTS}, split_sizes=TINY)
     label = {img.tobytes(): int(c) for img, c in zip(wild_x, wild_y)}
-    found = [(label[png(s).tobytes()], int(s["cls"])) for s in read_shards((tmp_path / "pool").glob("*.tar")) if s["src"] == b"fashion"]
+    found = [
+        (label[png(s).tobytes()], int(s["cls"]))
+        for s in read_shards((tmp_path / "pool").glob("*.tar"))
+        if s["src"] == b"fashion"
+    ]
     assert len(found) == len(wild_y) and all(a == b for a, b in found)
 
 
@@ -160,8 +187,18 @@ def test_missing_folder_one_line(tmp_path, monkeypatch):
     with pytest.raises(VitkdInputError) as err:
         fashion.install_fashion()  # the env var names the folder: no apt-get, the error
     line = _one_line(str(err.value))
-    assert f"FASHION_MNIST_DIR {missing} is not a folder" in line and "set FASHION_MNIST_DIR" in line and "train-images-idx3-ubyte.gz" in line
-    done = subprocess.run([sys.executable, "-m", "data_modules.fashion_pool", "--data_dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env={**ENV, "FASHION_MNIST_DIR": str(missing)})
+    assert (
+        f"FASHION_MNIST_DIR {missing} is not a folder" in line
+        and "set FASHION_MNIST_DIR" in line
+        and "train-images-idx3-ubyte.gz" in line
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "data_modules.fashion_pool", "--data_dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "FASHION_MNIST_DIR": str(missing)},
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert _one_line(done.stderr) == f"vitkd: error: {line}"
     assert not (tmp_path / "data").exists()

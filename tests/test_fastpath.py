@@ -1,6 +1,7 @@
 """The fast paths (bf16 autocast, fused attention with the CLS-row probe, cached teacher outputs) give the
 same selection and the same loss values as the plain fp32 path, and the benchmark's reference-style loops
 compute the same quantities as vitkd (so ``make bench`` compares like with like)."""
+
 import csv
 import json
 
@@ -18,13 +19,20 @@ BF16_RTOL = 2e-2  # bf16 keeps 8 mantissa bits (2^-8 ≈ 4e-3 per rounding); a f
 
 def _select(teacher, pool, run_dir, precision, *extra):
     fit(
-        "--config", "experiments/digits/select.yaml",
-        "--model.init_args.teacher_ckpt", str(teacher),
-        "--model.init_args.probe_blocks", "[0, 1]",
-        "--model.init_args.num_keep", "60",
-        "--data.init_args.wild_urls", pool,
-        "--trainer.precision", precision,
-        "--run_dir", str(run_dir),
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        "60",
+        "--data.init_args.wild_urls",
+        pool,
+        "--trainer.precision",
+        precision,
+        "--run_dir",
+        str(run_dir),
         *extra,
     )
     rows = list(csv.DictReader(open(run_dir / "scores.csv")))
@@ -56,7 +64,9 @@ def test_bf16_selection_keeps_the_fp32_keys(tiny_teacher, tiny_pool, tmp_path, b
 def test_compiled_selection_scores_like_eager(tiny_teacher, tiny_pool, tmp_path):
     """``--model.init_args.compile true`` (torch.compile of the scoring) keeps the same samples with the same values."""
     v_eager, kept_eager = _select(tiny_teacher, tiny_pool, tmp_path / "eager", "32-true")
-    v_comp, kept_comp = _select(tiny_teacher, tiny_pool, tmp_path / "compiled", "32-true", "--model.init_args.compile", "true")
+    v_comp, kept_comp = _select(
+        tiny_teacher, tiny_pool, tmp_path / "compiled", "32-true", "--model.init_args.compile", "true"
+    )
     assert v_eager.keys() == v_comp.keys()
     assert max(abs(v_comp[k] - v_eager[k]) for k in v_eager) <= 1e-5
     assert kept_comp == kept_eager
@@ -67,7 +77,9 @@ def test_compiled_selection_scores_like_eager(tiny_teacher, tiny_pool, tmp_path)
 @pytest.fixture(scope="module")
 def stage(tiny_teacher):
     torch.manual_seed(0)
-    return ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0), (1, 1)])
+    return ProbeDistillation(
+        arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0), (1, 1)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,21 +134,34 @@ def test_teacher_cache_returns_each_keys_outputs(stage, batch):
 
 def _student(teacher, urls, run_dir, *extra):
     fit(
-        "--config", "experiments/digits/attention_probe.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--model.init_args.teacher_ckpt", str(teacher),
-        "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-        "--data.init_args.train_urls", urls,
-        "--data.init_args.val_fraction", "0.2",
-        "--data.init_args.batch_size", "16",
-        "--data.init_args.augment", "false",
-        "--trainer.max_epochs", "3",
-        "--trainer.log_every_n_steps", "1",
-        "--run_dir", str(run_dir),
+        "--config",
+        "experiments/digits/attention_probe.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_pairs",
+        "[[0, 0], [1, 1]]",
+        "--data.init_args.train_urls",
+        urls,
+        "--data.init_args.val_fraction",
+        "0.2",
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.augment",
+        "false",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--run_dir",
+        str(run_dir),
         *extra,
     )
     log = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [float(r["train/loss"]) for r in log if r.get("train/loss")], json.loads((run_dir / "metrics.json").read_text())
+    return [float(r["train/loss"]) for r in log if r.get("train/loss")], json.loads(
+        (run_dir / "metrics.json").read_text()
+    )
 
 
 def test_training_with_teacher_cache_matches_recomputing(tiny_teacher, tiny_pool, tmp_path):
@@ -156,14 +181,22 @@ def test_training_with_teacher_cache_matches_recomputing(tiny_teacher, tiny_pool
 def test_teacher_cache_refuses_augmented_inputs(tiny_teacher, tiny_pool, tmp_path):
     with pytest.raises(VitkdInputError, match="augment false"):
         fit(
-            "--config", "experiments/digits/attention_probe.yaml",
-            "--model.init_args.arch", "test_vit_patch4_16",
-            "--model.init_args.teacher_ckpt", str(tiny_teacher),
-            "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-            "--model.init_args.teacher_cache", "true",
-            "--data.init_args.train_urls", tiny_pool,
-            "--trainer.max_epochs", "1",
-            "--run_dir", str(tmp_path / "aug"),
+            "--config",
+            "experiments/digits/attention_probe.yaml",
+            "--model.init_args.arch",
+            "test_vit_patch4_16",
+            "--model.init_args.teacher_ckpt",
+            str(tiny_teacher),
+            "--model.init_args.probe_pairs",
+            "[[0, 0], [1, 1]]",
+            "--model.init_args.teacher_cache",
+            "true",
+            "--data.init_args.train_urls",
+            tiny_pool,
+            "--trainer.max_epochs",
+            "1",
+            "--run_dir",
+            str(tmp_path / "aug"),
         )
 
 
@@ -184,7 +217,9 @@ def test_reference_distill_loss_equals_vitkd(stage, batch, relation_norm):
     stage.hparams.relation_norm = relation_norm
     with torch.no_grad():
         vitkd_loss = sum(stage.losses(batch, None).values())
-    ref = ReferenceDistiller(stage.teacher, stage.model, [(0, 0), (1, 1)], 10, q_diagonal=0.9, relation_norm=relation_norm)
+    ref = ReferenceDistiller(
+        stage.teacher, stage.model, [(0, 0), (1, 1)], 10, q_diagonal=0.9, relation_norm=relation_norm
+    )
     assert ref.step(batch) == pytest.approx(float(vitkd_loss), rel=1e-5)  # the loss before the reference's update
 
 
@@ -195,7 +230,9 @@ def test_teacher_bf16_runs_the_teacher_in_bf16_and_returns_fp32(stage, batch):
         bf16 = stage.teacher_outputs(batch)
     finally:
         stage.teacher_bf16 = False
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # off, the trainer's own autocast still applies (not switched off)
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # off, the trainer's own autocast still applies (not switched off)
         outer = stage.teacher_outputs(batch)
     assert bf16.keys() == fp32.keys() == {"logits", "relation"}
     for k in fp32:

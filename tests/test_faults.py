@@ -5,6 +5,7 @@ table printed at the end of the session and written to ``runs/faults/summary.jso
 ``make test`` runs one try of each fault but the signals; ``make faults`` also runs the ``soak`` tests:
 kills at five or more random points of each stage, two runs started together, SIGTERM and SIGUSR1.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,12 +61,18 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
 
 def select(teacher, urls: str, num_keep: int, run_dir: Path, *extra: str) -> dict:
     return fit(
-        "--config", "experiments/digits/select.yaml",
-        "--model.init_args.teacher_ckpt", str(teacher),
-        "--model.init_args.probe_blocks", "[0, 1]",
-        "--model.init_args.num_keep", str(num_keep),
-        "--data.init_args.wild_urls", urls,
-        "--run_dir", str(run_dir),
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        str(num_keep),
+        "--data.init_args.wild_urls",
+        urls,
+        "--run_dir",
+        str(run_dir),
         *extra,
     )
 
@@ -96,7 +103,11 @@ def test_truncated_shard_is_counted_and_the_rest_selected(tiny_teacher, tiny_poo
     (tmp_path / "sel" / "metrics.json").unlink()
     (tmp_path / "sel" / "score_parts" / "part-000002.npz").unlink()
     again = select(tiny_teacher, pool_url(folder), 30, tmp_path / "sel")
-    assert again["shards_scored_this_run"] == 1 and again["num_scored"] == m["num_scored"] and again["skipped_samples"] == m["skipped_samples"]
+    assert (
+        again["shards_scored_this_run"] == 1
+        and again["num_scored"] == m["num_scored"]
+        and again["skipped_samples"] == m["skipped_samples"]
+    )
     assert again["damaged_shards"] == 1
     # strict: the same pool raises, naming the damage
     with pytest.raises(VitkdInputError, match="damaged shard"):
@@ -114,7 +125,9 @@ def test_bit_flipped_and_zero_byte_shards_and_images(tiny_teacher, tiny_pool, tm
     flip(tars[2], member_data_offset(tars[2], "s0090.png") + 40)
     from data_modules.shards import write_shards
 
-    samples = [{"__key__": s["__key__"], **{k: v for k, v in s.items() if not k.startswith("__")}} for s in _read(tars[2])]
+    samples = [
+        {"__key__": s["__key__"], **{k: v for k, v in s.items() if not k.startswith("__")}} for s in _read(tars[2])
+    ]
     for s in samples:
         if s["__key__"] == "s0100":
             s["png"] = b""
@@ -138,7 +151,10 @@ def _read(shard: Path) -> list[dict]:
 
 
 def test_num_keep_beyond_the_pool_is_refused_before_scoring(tiny_teacher, tiny_pool, tmp_path):
-    with pytest.raises(VitkdInputError, match=r"num_keep 121 is larger than the wild pool \(120 samples in 3 shards, counted from their meta.json"):
+    with pytest.raises(
+        VitkdInputError,
+        match=r"num_keep 121 is larger than the wild pool \(120 samples in 3 shards, counted from their meta.json",
+    ):
         select(tiny_teacher, tiny_pool, 121, tmp_path)
     assert not (tmp_path / "score_parts").exists() and not (tmp_path / "config.yaml").exists()
     folder, tars = copy_pool(tiny_pool, tmp_path / "nometa")
@@ -153,31 +169,94 @@ QUIET = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
 
 
 def teacher_args(epochs: int = 4) -> list[str]:
-    return ["--config", "experiments/digits/teacher.yaml", "--model.init_args.arch", "test_vit_patch4_16", "--model.init_args.measure_batch_size", "0",
-            "--model.init_args.warmup_epochs", "0", "--model.init_args.lr", "5e-3", "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", "8",
-            "--trainer.log_every_n_steps", "1"]
+    return [
+        "--config",
+        "experiments/digits/teacher.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.measure_batch_size",
+        "0",
+        "--model.init_args.warmup_epochs",
+        "0",
+        "--model.init_args.lr",
+        "5e-3",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.limit_train_batches",
+        "8",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
 
 
 def student_args(teacher, selected: str, epochs: int = 4) -> list[str]:
-    return ["--config", "experiments/digits/attention_probe.yaml", "--model.init_args.arch", "test_vit_patch4_16",
-            "--model.init_args.teacher_ckpt", str(teacher), "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-            "--model.init_args.measure_batch_size", "0", "--data.init_args.train_urls", selected, "--data.init_args.val_fraction", "0.2",
-            "--data.init_args.batch_size", "16", "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1"]
+    return [
+        "--config",
+        "experiments/digits/attention_probe.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_pairs",
+        "[[0, 0], [1, 1]]",
+        "--model.init_args.measure_batch_size",
+        "0",
+        "--data.init_args.train_urls",
+        selected,
+        "--data.init_args.val_fraction",
+        "0.2",
+        "--data.init_args.batch_size",
+        "16",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
 
 
 def generator_args(teacher, epochs: int = 4) -> list[str]:
     # one intra-op thread as the digits configs: the in-process runs would otherwise inherit theirs, the killed one not
-    return ["--config", "experiments/generator/transformer_gan.yaml", "--torch_threads", "1", "--model.init_args.teacher_ckpt", str(teacher),
-            "--model.init_args.generator_kwargs", "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}",
-            "--model.init_args.arch", "test_vit_patch4_16", "--model.init_args.batch_size", "8", "--model.init_args.steps_per_epoch", "40",
-            "--model.init_args.student_steps", "1", "--model.init_args.val_samples", "16", "--model.init_args.grid_samples", "4",
-            "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.patch_pairs", "[[0, 0], [1, 1]]",
-            "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1"]
+    return [
+        "--config",
+        "experiments/generator/transformer_gan.yaml",
+        "--torch_threads",
+        "1",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.generator_kwargs",
+        "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.batch_size",
+        "8",
+        "--model.init_args.steps_per_epoch",
+        "40",
+        "--model.init_args.student_steps",
+        "1",
+        "--model.init_args.val_samples",
+        "16",
+        "--model.init_args.grid_samples",
+        "4",
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.patch_pairs",
+        "[[0, 0], [1, 1]]",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
 
 
 def start(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vitkd.fit", *TINY, *args, "--run_dir", str(run_dir)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or QUIET)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitkd.fit", *TINY, *args, "--run_dir", str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or QUIET,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
@@ -189,7 +268,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
     return path.exists() and proc.poll() is None
 
 
-def kill_at(args: list[str], run_dir: Path, delay: float, sig: int = signal.SIGKILL, env: dict | None = None) -> tuple[bool, subprocess.Popen, str]:
+def kill_at(
+    args: list[str], run_dir: Path, delay: float, sig: int = signal.SIGKILL, env: dict | None = None
+) -> tuple[bool, subprocess.Popen, str]:
     """Start a run, send ``sig`` ``delay`` s after its first checkpoint; (False when it ended before, the
     process, its stderr)."""
     proc = start(args, run_dir, env)
@@ -207,7 +288,9 @@ def figures(m: dict, run_dir: Path, key: str) -> dict:
     import torch
 
     out = {k: v for k, v in m.items() if k.startswith(("test/", "best_val/")) or k == "epochs"}
-    out["best_epoch"] = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    out["best_epoch"] = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)[
+        "epoch"
+    ]
     out["curve"] = {r["epoch"]: r[key] for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(key)}
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     out["last_weights"] = [float(v.double().sum()) for v in state.values() if v.is_floating_point()]
@@ -224,7 +307,9 @@ def epochs_logged_once(run_dir: Path, key: str) -> bool:
 DIFFS: list[str] = []  # the figures a resumed run got otherwise, for the failure message
 
 
-def kill_and_resume(args: list[str], reference: dict, ref_dir: Path, run_dir: Path, delay: float, key: str) -> tuple[bool, bool] | None:
+def kill_and_resume(
+    args: list[str], reference: dict, ref_dir: Path, run_dir: Path, delay: float, key: str
+) -> tuple[bool, bool] | None:
     """SIGKILL a run ``delay`` s after its first checkpoint, resume it from last.ckpt; (same figures, each epoch
     logged once), or None when the run ended before the kill."""
     killed, _, _ = kill_at(args, run_dir, delay)
@@ -234,7 +319,9 @@ def kill_and_resume(args: list[str], reference: dict, ref_dir: Path, run_dir: Pa
     import torch
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    if torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 >= int(args[args.index("--trainer.max_epochs") + 1]):
+    if torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 >= int(
+        args[args.index("--trainer.max_epochs") + 1]
+    ):
         shutil.rmtree(run_dir)  # killed after its last epoch: a resume would train nothing again
         return None
     m = fit(*args, "--ckpt_path", str(last), "--run_dir", str(run_dir))
@@ -281,7 +368,9 @@ def _kill_resume_tries(stage, tries, tiny_teacher, tiny_selection, tmp_path, fau
             results.append(got)
             record(fault_log, f"SIGKILL {stage} + resume", survived=all(got), data_lost=not got[1])
     assert len(results) == tries, "the kills landed after the runs ended: lengthen the runs"
-    assert all(same for same, _ in results), f"a resumed {stage} run ended with other figures than the uninterrupted one: {DIFFS}"
+    assert all(same for same, _ in results), (
+        f"a resumed {stage} run ended with other figures than the uninterrupted one: {DIFFS}"
+    )
     assert all(once for _, once in results), "metrics.csv logs an epoch twice after a resume"
 
 
@@ -341,7 +430,10 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     before = last.read_bytes()
     (run / "metrics.json").unlink()
     fill_disk_for(monkeypatch, lambda p: ".last.ckpt." in p)
-    with pytest.raises(DiskFullError, match=r"no space left on the device writing .*last.ckpt \(.* free there\): .*the previous last.ckpt is kept") as err:
+    with pytest.raises(
+        DiskFullError,
+        match=r"no space left on the device writing .*last.ckpt \(.* free there\): .*the previous last.ckpt is kept",
+    ) as err:
         fit(*teacher_args(2), "--ckpt_path", str(last), "--run_dir", str(run))
     monkeypatch.undo()
     assert "\n" not in str(err.value)
@@ -359,10 +451,15 @@ def test_full_disk_while_writing_shards_keeps_the_previous_set(tmp_path, monkeyp
     write_shards(samples, out, pattern="wild-%06d.tar", maxcount=10)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fill_disk_for(monkeypatch, lambda p: p.endswith("wild-000001.tar"))
-    with pytest.raises(DiskFullError, match=r"no space left on the device writing .*pool \(.* free there\): .*the previous pool is kept"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"no space left on the device writing .*pool \(.* free there\): .*the previous pool is kept",
+    ):
         write_shards(samples[::-1], out, pattern="wild-%06d.tar", maxcount=10)
     monkeypatch.undo()
-    kept = {p.name: p.read_bytes() for p in out.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == ["pool"]
+    kept = {p.name: p.read_bytes() for p in out.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
+        "pool"
+    ]
     record(fault_log, "full disk during shard writing", survived=True, data_lost=not kept)
     assert kept, "the previous shards are intact and no temporary folder is left"
 
@@ -375,11 +472,17 @@ def test_a_run_directory_in_use_is_refused(tmp_path, fault_log):
     holder = RunDirLock(run)  # another run holds it
     (run / "config.yaml").write_text("the other run's\n")
     try:
-        with pytest.raises(VitkdInputError, match=r"--run_dir .*teacher is in use by another vitkd run: wait for it to end, or pass another --run_dir"):
+        with pytest.raises(
+            VitkdInputError,
+            match=r"--run_dir .*teacher is in use by another vitkd run: wait for it to end, or pass another --run_dir",
+        ):
             fit(*teacher_args(1), "--run_dir", str(run))
     finally:
         holder.release()
-    mixed = sorted(p.name for p in run.iterdir()) != ["config.yaml"] or (run / "config.yaml").read_text() != "the other run's\n"
+    mixed = (
+        sorted(p.name for p in run.iterdir()) != ["config.yaml"]
+        or (run / "config.yaml").read_text() != "the other run's\n"
+    )
     record(fault_log, "two runs in one run_dir", survived=not mixed, data_lost=mixed)
     assert not mixed, "the refused run wrote nothing"
 
@@ -392,7 +495,12 @@ def test_soak_two_runs_started_together(tmp_path, fault_log):
         outs = [p.communicate(timeout=600) for p in procs]
         codes = sorted(p.returncode for p in procs)
         refused = [e for _, e in outs if "is in use by another vitkd run" in e or "already holds a run" in e]
-        ok = codes == [0, 2] and len(refused) == 1 and epochs_logged_once(run, "val/acc") and json.loads((run / "metrics.json").read_text())["epochs"] == 2
+        ok = (
+            codes == [0, 2]
+            and len(refused) == 1
+            and epochs_logged_once(run, "val/acc")
+            and json.loads((run / "metrics.json").read_text())["epochs"] == 2
+        )
         record(fault_log, "two runs in one run_dir", survived=ok, data_lost=not ok)
         assert ok, outs
 
@@ -405,7 +513,9 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(teacher_reference, tmp_pat
     stopped, proc, err = kill_at(teacher_args(), run, 0.1, sig=signal.SIGTERM)
     assert stopped, "the run ended before the signal"
     lines = [ln for ln in err.splitlines() if ln.startswith("vitkd:")]
-    assert proc.returncode == 143 and lines and lines[-1].startswith("vitkd: stopped by SIGTERM: resume with --ckpt_path"), err[-2000:]
+    assert (
+        proc.returncode == 143 and lines and lines[-1].startswith("vitkd: stopped by SIGTERM: resume with --ckpt_path")
+    ), err[-2000:]
     m = fit(*teacher_args(), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--run_dir", str(run))
     same = figures(m, run, "val/acc") == figures(reference, ref_dir, "val/acc")
     record(fault_log, "SIGTERM during training", survived=same, data_lost=not epochs_logged_once(run, "val/acc"))
@@ -418,9 +528,16 @@ def test_sigusr1_slurm_requeue_resumes_from_the_last_epoch(teacher_reference, tm
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"  # SLURM requeues the job and ends this one: here the job is killed
-    scontrol.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/requeued\"\nkill -9 $PPID\n")
+    scontrol.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/requeued"\nkill -9 $PPID\n')
     scontrol.chmod(0o755)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vitkd-faults", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "vitkd-faults",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
     env = {**QUIET, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     run = tmp_path / "teacher"
     signalled, proc, err = kill_at(teacher_args(), run, 0.1, sig=signal.SIGUSR1, env=env)
@@ -431,5 +548,10 @@ def test_sigusr1_slurm_requeue_resumes_from_the_last_epoch(teacher_reference, tm
         monkeypatch.setenv(k, v)
     m = fit(*teacher_args(), "--run_dir", str(run))
     same = figures(m, run, "val/acc") == figures(reference, ref_dir, "val/acc")
-    record(fault_log, "SIGUSR1 (SLURM requeue) during training", survived=same, data_lost=not epochs_logged_once(run, "val/acc"))
+    record(
+        fault_log,
+        "SIGUSR1 (SLURM requeue) during training",
+        survived=same,
+        data_lost=not epochs_logged_once(run, "val/acc"),
+    )
     assert same and epochs_logged_once(run, "val/acc")

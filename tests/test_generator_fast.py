@@ -1,5 +1,6 @@
 """Fast-DFKD's meta-synthesis round and memory bank, the total-variation prior, the batch-statistics mode of
 the generator's batch norms, and the ``fast`` synthesizer and the validation modes of the stage through the CLI."""
+
 import copy
 
 import lightning.pytorch as pl
@@ -13,14 +14,25 @@ from vitkd.generators import DAFLGenerator, MemoryBank, meta_synthesize
 from vitkd.losses.dafl import dafl_loss
 from vitkd.losses.data_free import total_variation_loss
 from vitkd.models import create_model
-from vitkd.stages.data_free import DataFreeGAN, GeneratorLossWeights, StudentLossWeights, batch_statistics, has_batch_norm
+from vitkd.stages.data_free import (
+    DataFreeGAN,
+    GeneratorLossWeights,
+    StudentLossWeights,
+    batch_statistics,
+    has_batch_norm,
+)
 
 FAST = [
-    "--model.init_args.synthesizer", "fast",
-    "--model.init_args.fast_inner_steps", "2",
-    "--model.init_args.fast_synth_every", "2",
-    "--model.init_args.steps_per_epoch", "3",
-    "--model.init_args.fast_bank_batches", "2",
+    "--model.init_args.synthesizer",
+    "fast",
+    "--model.init_args.fast_inner_steps",
+    "2",
+    "--model.init_args.fast_synth_every",
+    "2",
+    "--model.init_args.steps_per_epoch",
+    "3",
+    "--model.init_args.fast_bank_batches",
+    "2",
 ]
 
 
@@ -181,8 +193,15 @@ def test_batch_statistics_uses_batch_stats_and_keeps_running_ones():
 def _dafl_stage(teacher, seed=0, **kw) -> DataFreeGAN:
     """The stage as the CLI builds it from dafl.yaml + TINY (same seed, same initial weights)."""
     pl.seed_everything(seed)
-    args = dict(arch="test_vit_patch4_16", teacher_ckpt=str(teacher), generator="dafl", generator_kwargs={"width": 8},
-                batch_size=8, generator_weights=GeneratorLossWeights(attention=0.0), student_weights=StudentLossWeights(patch=0.0))
+    args = dict(
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(teacher),
+        generator="dafl",
+        generator_kwargs={"width": 8},
+        batch_size=8,
+        generator_weights=GeneratorLossWeights(attention=0.0),
+        student_weights=StudentLossWeights(patch=0.0),
+    )
     args.update(kw)
     return DataFreeGAN(**args)
 

@@ -1,5 +1,6 @@
 """The generator stage through the CLI on tiny settings: a generator and a student step, the hybrid,
 the NaN stop, and two DDP ranks drawing different noise."""
+
 import json
 import os
 import subprocess
@@ -11,19 +12,35 @@ import pytest
 import torch
 
 from tests.conftest import fit
-from vitkd.stages.data_free import DataFreeGAN, GeneratorDiverged, GeneratorLossWeights, StudentLossWeights, rank_noise_generator
+from vitkd.stages.data_free import (
+    DataFreeGAN,
+    GeneratorDiverged,
+    GeneratorLossWeights,
+    StudentLossWeights,
+    rank_noise_generator,
+)
 
 TINY = [
-    "--model.init_args.arch", "test_vit_patch4_16",
-    "--model.init_args.batch_size", "8",
-    "--model.init_args.steps_per_epoch", "1",
-    "--model.init_args.student_steps", "1",
-    "--model.init_args.val_samples", "16",
-    "--model.init_args.grid_samples", "4",
-    "--model.init_args.probe_blocks", "[0, 1]",
-    "--model.init_args.patch_pairs", "[[0, 0], [1, 1]]",
-    "--trainer.max_epochs", "1",
-    "--trainer.log_every_n_steps", "1",
+    "--model.init_args.arch",
+    "test_vit_patch4_16",
+    "--model.init_args.batch_size",
+    "8",
+    "--model.init_args.steps_per_epoch",
+    "1",
+    "--model.init_args.student_steps",
+    "1",
+    "--model.init_args.val_samples",
+    "16",
+    "--model.init_args.grid_samples",
+    "4",
+    "--model.init_args.probe_blocks",
+    "[0, 1]",
+    "--model.init_args.patch_pairs",
+    "[[0, 0], [1, 1]]",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.log_every_n_steps",
+    "1",
 ]
 
 
@@ -34,17 +51,32 @@ LOSSES = {"transformer_gan.yaml": ON, "hybrid.yaml": ON}
 
 def tiny_args(teacher, run_dir, config="transformer_gan.yaml", *extra):
     gen = "{width: 8}" if config == "dafl.yaml" else "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}"
-    return ["--config", f"experiments/generator/{config}", "--model.init_args.teacher_ckpt", str(teacher), "--run_dir", str(run_dir),
-            "--model.init_args.generator_kwargs", gen, *TINY, *LOSSES.get(config, []), *extra]
+    return [
+        "--config",
+        f"experiments/generator/{config}",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--run_dir",
+        str(run_dir),
+        "--model.init_args.generator_kwargs",
+        gen,
+        *TINY,
+        *LOSSES.get(config, []),
+        *extra,
+    ]
 
 
 def _fresh_stage(teacher, seed=0, **kw) -> DataFreeGAN:
     """The stage as the CLI builds it from transformer_gan.yaml + TINY (same seed, same initial weights)."""
     pl.seed_everything(seed)
     args = dict(
-        arch="test_vit_patch4_16", teacher_ckpt=str(teacher), generator="transformer",
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(teacher),
+        generator="transformer",
         generator_kwargs={"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
-        generator_weights=GeneratorLossWeights(attention=1.0), probe_blocks=[0, 1], student_weights=StudentLossWeights(patch=0.8),
+        generator_weights=GeneratorLossWeights(attention=1.0),
+        probe_blocks=[0, 1],
+        student_weights=StudentLossWeights(patch=0.8),
         patch_pairs=[(0, 0), (1, 1)],
     )
     args.update(kw)
@@ -64,7 +96,16 @@ def test_one_generator_and_one_student_step_through_cli(tiny_teacher, tmp_path):
     assert not torch.equal(state["model.head.weight"], fresh["model.head.weight"])
     # every switched-on term of L_G and L_total was logged
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
-    for k in ("train/g_oh", "train/g_ie", "train/g_attn_peak", "train/g_attn_cons", "train/s_kd", "train/s_ce", "train/s_patch", "val/class_entropy"):
+    for k in (
+        "train/g_oh",
+        "train/g_ie",
+        "train/g_attn_peak",
+        "train/g_attn_cons",
+        "train/s_kd",
+        "train/s_ce",
+        "train/s_patch",
+        "val/class_entropy",
+    ):
         assert k in header, k
 
 
@@ -80,15 +121,29 @@ def _labelled_shards(tmp_path) -> str:
     from data_modules.shards import encode_png, write_shards
 
     rng = np.random.default_rng(0)
-    samples = ({"__key__": f"w{i:04d}", "png": encode_png((rng.random((8, 8)) * 255).astype(np.uint8)), "cls": str(i % 10)} for i in range(40))
+    samples = (
+        {"__key__": f"w{i:04d}", "png": encode_png((rng.random((8, 8)) * 255).astype(np.uint8)), "cls": str(i % 10)}
+        for i in range(40)
+    )
     write_shards(samples, tmp_path / "sel", pattern="shard-%06d.tar", maxcount=20)
     return str(tmp_path / "sel" / "shard-{000000..000001}.tar")
 
 
 def test_hybrid_through_cli(tiny_teacher, tmp_path):
     urls = _labelled_shards(tmp_path)
-    m = fit(*tiny_args(tiny_teacher, tmp_path / "run", "hybrid.yaml", "--data.init_args.train_urls", urls, "--model.init_args.wild_ratio", "0.25",
-                       "--model.init_args.labelled_val", "true"))
+    m = fit(
+        *tiny_args(
+            tiny_teacher,
+            tmp_path / "run",
+            "hybrid.yaml",
+            "--data.init_args.train_urls",
+            urls,
+            "--model.init_args.wild_ratio",
+            "0.25",
+            "--model.init_args.labelled_val",
+            "true",
+        )
+    )
     assert m["wild_per_batch"] == 2 and 0.0 <= m["test/acc"] <= 1.0
     assert 0.0 <= m["labelled_val/acc"] <= 1.0 and m["labelled_val_images"] > 0  # the data module's labelled split
     assert m["val_samples_per_epoch"] == 16  # the held-out noise bank, each sample validated once
@@ -110,7 +165,15 @@ class NaNAfterFirstEpoch(DataFreeGAN):
 
 
 def test_nan_generator_term_stops_and_keeps_last_good_checkpoint(tiny_teacher, tmp_path):
-    args = tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--model.class_path", "tests.test_generator_stage.NaNAfterFirstEpoch", "--trainer.max_epochs", "3")
+    args = tiny_args(
+        tiny_teacher,
+        tmp_path,
+        "transformer_gan.yaml",
+        "--model.class_path",
+        "tests.test_generator_stage.NaNAfterFirstEpoch",
+        "--trainer.max_epochs",
+        "3",
+    )
     with pytest.raises(GeneratorDiverged, match="generator loss term 'attn_peak' is not finite at epoch 1") as err:
         fit(*args)
     assert "last good checkpoint kept" in str(err.value)
@@ -121,15 +184,41 @@ def test_nan_generator_term_stops_and_keeps_last_good_checkpoint(tiny_teacher, t
     # the entry point turns it into one line and exit status 2
     from vitkd.fit import main
 
-    assert main(["--trainer.enable_progress_bar", "false", *args[:-2], "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "again")]) == 2
+    assert (
+        main(
+            [
+                "--trainer.enable_progress_bar",
+                "false",
+                *args[:-2],
+                "--trainer.max_epochs",
+                "2",
+                "--run_dir",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
 def test_two_ddp_ranks_draw_different_noise(tiny_teacher, tmp_path):
     """2-process DDP on CPU (gloo): each rank's first noise row comes from seed + rank."""
-    cmd = [sys.executable, "-m", "vitkd.fit", *tiny_args(tiny_teacher, tmp_path, "dafl.yaml"),
-           "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-           "--trainer.enable_progress_bar", "false", "--seed_everything", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitkd.fit",
+        *tiny_args(tiny_teacher, tmp_path, "dafl.yaml"),
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--seed_everything",
+        "3",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,6 +234,7 @@ def test_two_ddp_ranks_draw_different_noise(tiny_teacher, tmp_path):
 def test_sample_grid_reaches_wandb_offline(tiny_teacher, tmp_path, monkeypatch):
     """With W&B on (offline here: no key), the epoch's sample grid is logged as a W&B image too."""
     import wandb  # noqa: F401  (the dev extra installs it: a missing wandb fails here rather than skipping)
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr("vitkd.loggers._has_api_key", lambda: False)
     fit(*tiny_args(tiny_teacher, tmp_path, "transformer_gan.yaml", "--wandb.enabled", "true"))
@@ -175,8 +265,13 @@ def test_student_terms_match_the_total_loss_by_hand(tiny_teacher):
     (teacher block, student block) pairs of the MSE of the CLS relation rows (channels normalised over tokens).
     Pairs (0, 1), (1, 1): a mix-up of teacher and student block indices changes L_patch. Both heads are scaled
     up so the logits are O(1) (the tiny teacher's are ~0.05) and L_KD depends on T: a fixed T shows."""
-    stage = _fresh_stage(tiny_teacher, student_weights=StudentLossWeights(kd=0.7, ce=0.3, patch=0.8), temperature=2.0,
-                         patch_pairs=[(0, 1), (1, 1)], relation_norm="token")
+    stage = _fresh_stage(
+        tiny_teacher,
+        student_weights=StudentLossWeights(kd=0.7, ce=0.3, patch=0.8),
+        temperature=2.0,
+        patch_pairs=[(0, 1), (1, 1)],
+        relation_norm="token",
+    )
     with torch.no_grad():
         for head in (stage.teacher.head, stage.model.head):
             head.weight.mul_(40.0)
@@ -193,7 +288,10 @@ def test_student_terms_match_the_total_loss_by_hand(tiny_teacher):
         kd = T * T * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, dim=1))).sum(dim=1).mean()
         y = t.argmax(dim=1)
         ce = -torch.log_softmax(s, dim=1)[torch.arange(4), y].mean()
-        pair_mse = [((_cls_row_token_norm(s_blocks[sb]) - _cls_row_token_norm(t_blocks[tb])) ** 2).mean() for tb, sb in [(0, 1), (1, 1)]]
+        pair_mse = [
+            ((_cls_row_token_norm(s_blocks[sb]) - _cls_row_token_norm(t_blocks[tb])) ** 2).mean()
+            for tb, sb in [(0, 1), (1, 1)]
+        ]
         patch = (pair_mse[0] + pair_mse[1]) / 2
     assert kd > 1e-2 and ce > 1e-2 and patch > 1e-6  # nonzero, so a term multiplied by 0 cannot pass
     assert not torch.isclose(pair_mse[0], pair_mse[1], rtol=1e-2)  # the two pairs tell apart

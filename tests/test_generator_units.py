@@ -1,4 +1,5 @@
 """Generators and generator loss terms: shapes, ranges, and each term against a value worked out by hand."""
+
 import math
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from vitkd.errors import VitkdInputError
 from vitkd.generators import DAFLGenerator, TransformerGenerator, photometric_view
-from vitkd.losses.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
 from vitkd.losses import probe_relation_loss
+from vitkd.losses.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
 from vitkd.losses.data_free import (
     adversarial_loss,
     attention_consistency_loss,
@@ -33,7 +34,12 @@ def test_generator_shape_and_range(cls, size, chans):
 
 
 def test_transformer_generator_any_patch_grid_and_bad_sizes():
-    assert TransformerGenerator(img_size=12, in_chans=2, latent_dim=8, patch_size=3)(torch.randn(2, 8)).shape == (2, 2, 12, 12)
+    assert TransformerGenerator(img_size=12, in_chans=2, latent_dim=8, patch_size=3)(torch.randn(2, 8)).shape == (
+        2,
+        2,
+        12,
+        12,
+    )
     with pytest.raises(VitkdInputError, match="patch_size"):
         TransformerGenerator(img_size=10, patch_size=4)
     with pytest.raises(VitkdInputError, match="divisible by 4"):
@@ -156,7 +162,9 @@ def test_probe_relation_loss_averages_two_different_pairs_by_hand():
     pair2 = ((0.0 - 1) ** 2 + (1.0 - 0) ** 2) / 2  # = 1
     assert probe_relation_loss([s1], [t], "channel").item() == pytest.approx(pair1, abs=1e-6)
     assert probe_relation_loss([s2], [t], "channel").item() == pytest.approx(pair2, abs=1e-6)
-    assert probe_relation_loss([s1, s2], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)  # ≈ 0.5214
+    assert probe_relation_loss([s1, s2], [t, t], "channel").item() == pytest.approx(
+        (pair1 + pair2) / 2, abs=1e-6
+    )  # ≈ 0.5214
     assert probe_relation_loss([s2, s1], [t, t], "channel").item() == pytest.approx((pair1 + pair2) / 2, abs=1e-6)
 
 
@@ -166,7 +174,9 @@ def test_class_entropy_shows_a_collapsed_generator(tiny_teacher):
 
     from vitkd.stages.data_free import DataFreeGAN
 
-    stage = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8})
+    stage = DataFreeGAN(
+        arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8}
+    )
     logged = {}
     stage.log = lambda k, v, **kw: logged.__setitem__(k, float(v))
     stage._val_classes = torch.tensor([0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])

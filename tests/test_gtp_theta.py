@@ -1,4 +1,5 @@
 """GTP attention sparsification θ (GTP-ViT, arXiv 2311.03035): hand-computed maps, and the option in GTPViT."""
+
 from __future__ import annotations
 
 import math

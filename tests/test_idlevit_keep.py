@@ -1,4 +1,5 @@
 """IdleViT keeps ⌊n · r⌋ image tokens per idle layer, as the authors' ``int(init_n * keep_ratio)``."""
+
 from __future__ import annotations
 
 import pytest

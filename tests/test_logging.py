@@ -1,5 +1,6 @@
 """Local logging always; W&B offline when there is no key or network, never blocking; grouped runs with a
 stable id; the probe images and the config in the offline run, the same images as PNG files without W&B."""
+
 import csv
 import os
 import subprocess
@@ -15,10 +16,18 @@ from tests.conftest import fit
 from vitkd.loggers import ID_FILE, WandbOptions, build_loggers, stable_run_id, wandb_mode
 
 TINY_TEACHER = [
-    "--config", "experiments/digits/teacher.yaml",
-    "--model.init_args.arch", "test_vit_patch4_16",
-    "--model.init_args.measure_batch_size", "0",
-    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+    "--config",
+    "experiments/digits/teacher.yaml",
+    "--model.init_args.arch",
+    "test_vit_patch4_16",
+    "--model.init_args.measure_batch_size",
+    "0",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
 ]
 
 
@@ -43,16 +52,30 @@ def test_wandb_group_job_type_and_id_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     run = tmp_path / "runs" / "demo" / "teacher"
-    loggers = build_loggers(run, "teacher", WandbOptions(enabled=True, mode="offline", tags=["t1"]), [], stage="Classifier",
-                            config_files=["experiments/digits/teacher.yaml"], config="model: {class_path: x}\n")
+    loggers = build_loggers(
+        run,
+        "teacher",
+        WandbOptions(enabled=True, mode="offline", tags=["t1"]),
+        [],
+        stage="Classifier",
+        config_files=["experiments/digits/teacher.yaml"],
+        config="model: {class_path: x}\n",
+    )
     assert isinstance(loggers[0], CSVLogger) and isinstance(loggers[-1], WandbLogger), "local logger first, W&B last"
     init = loggers[-1]._wandb_init
-    assert init["group"] == "digits" and init["job_type"] == "Classifier" and init["tags"] == ["t1"] and init["mode"] == "offline"
+    assert (
+        init["group"] == "digits"
+        and init["job_type"] == "Classifier"
+        and init["tags"] == ["t1"]
+        and init["mode"] == "offline"
+    )
     assert init["config"] == {"model": {"class_path": "x"}}
     assert (run / ID_FILE).read_text().strip() == init["id"]
     assert loggers[-1]._experiment is None, "no W&B process is started before training"
     # without a config file the group is the run directory's parent (the experiment folder under runs/)
-    other = build_loggers(tmp_path / "runs" / "demo" / "x", "x", WandbOptions(enabled=True, mode="offline"), [], stage="S")
+    other = build_loggers(
+        tmp_path / "runs" / "demo" / "x", "x", WandbOptions(enabled=True, mode="offline"), [], stage="S"
+    )
     assert other[-1]._wandb_init["group"] == "demo"
 
 
@@ -61,7 +84,13 @@ def test_wandb_run_id_is_stable_across_processes(tmp_path):
     run = tmp_path / "run"
     here = stable_run_id(run, "my run")
     code = f"from pathlib import Path; from vitkd.loggers import stable_run_id; print(stable_run_id(Path({str(run)!r}), 'my run'))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+        check=True,
+    )
     assert other.stdout.strip() == here and here.startswith("my-run-")
     # once stored in the run directory, the stored id wins (a run directory moved to another path keeps its run)
     run.mkdir()
@@ -79,14 +108,27 @@ def _png(path) -> np.ndarray:
 def test_wandb_offline_run_holds_probe_images_and_config_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # explicit: the suite disables W&B by default
     run = tmp_path / "wandb_run"
-    fit(*TINY_TEACHER, "--trainer.max_epochs", "1", "--wandb.enabled", "true", "--wandb.group", "tests", "--run_dir", str(run))
+    fit(
+        *TINY_TEACHER,
+        "--trainer.max_epochs",
+        "1",
+        "--wandb.enabled",
+        "true",
+        "--wandb.group",
+        "tests",
+        "--run_dir",
+        str(run),
+    )
     assert (run / "metrics.csv").is_file() and (run / "metrics.json").is_file()
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, "an offline W&B run directory is written for a later `wandb sync`"
     media = list(offline[0].glob("files/media/images/probe_maps_*.png"))
     assert len(media) == 1, "the attention-probe grid of the last epoch is in the W&B run"
     cfg = yaml.safe_load((offline[0] / "files" / "vitkd_config.yaml").read_text())
-    assert cfg["model"]["class_path"] == "vitkd.stages.Classifier" and cfg["model"]["init_args"]["arch"] == "test_vit_patch4_16"
+    assert (
+        cfg["model"]["class_path"] == "vitkd.stages.Classifier"
+        and cfg["model"]["init_args"]["arch"] == "test_vit_patch4_16"
+    )
     assert not (run / "probe_maps").exists(), "with an image logger on, no PNG fallback"
     run_id = (run / ID_FILE).read_text().strip()
     assert (offline[0] / f"run-{run_id}.wandb").is_file()
@@ -99,7 +141,17 @@ def test_wandb_offline_run_holds_probe_images_and_config_and_resumes(tmp_path, m
     assert np.array_equal(png, _png(media[0])), "the PNG fallback holds the same image W&B got"
 
     # resuming in the same run directory continues the same W&B run (same id)
-    fit(*TINY_TEACHER, "--trainer.max_epochs", "2", "--wandb.enabled", "true", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--run_dir", str(run))
+    fit(
+        *TINY_TEACHER,
+        "--trainer.max_epochs",
+        "2",
+        "--wandb.enabled",
+        "true",
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--run_dir",
+        str(run),
+    )
     runs = sorted((run / "wandb").glob("offline-run-*"))
     # the run's records carry the id (W&B names the folder by the start second and adds "-1" on a clash)
     assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").is_file() for r in runs)

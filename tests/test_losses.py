@@ -1,4 +1,5 @@
 """Each loss term against a value computed by hand on small tensors."""
+
 import math
 
 import pytest

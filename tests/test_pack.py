@@ -1,5 +1,6 @@
 """Packers: tiny files written exactly as the real data sets ship → pack → stream back → same count,
 labels and pixels; resume, crash safety and one-line errors."""
+
 import gzip
 import json
 import pickle
@@ -65,7 +66,10 @@ def make_cifar10(root, per_batch=3):
     for b in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = RNG.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = RNG.integers(0, 10, per_batch).tolist()
-        _dump(folder / b, {b"batch_label": b.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch})
+        _dump(
+            folder / b,
+            {b"batch_label": b.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch},
+        )
         xs.append(data)
         ys.append(labels)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -80,9 +84,24 @@ def make_cifar100_targz(root, n=6):
     for part in ("train", "test"):
         data = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
         fine, coarse = RNG.integers(0, 100, n).tolist(), RNG.integers(0, 20, n).tolist()
-        _dump(folder / part, {b"filenames": [b"a.png"] * n, b"batch_label": b"x", b"fine_labels": fine, b"coarse_labels": coarse, b"data": data})
+        _dump(
+            folder / part,
+            {
+                b"filenames": [b"a.png"] * n,
+                b"batch_label": b"x",
+                b"fine_labels": fine,
+                b"coarse_labels": coarse,
+                b"data": data,
+            },
+        )
         out[part] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(fine), np.asarray(coarse))
-    _dump(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)], b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
+    _dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        },
+    )
     archive = root / "cifar-100-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-100-python")
@@ -116,7 +135,10 @@ def expected_resized(path, size: int) -> np.ndarray:
 
 def read_back(meta: dict) -> list[tuple[str, np.ndarray, int | None, str | None]]:
     urls = shards.expand_urls(meta["url"])
-    return [(s["__key__"], np.asarray(shards.decode_image(s)), shards.read_int(s), shards.read_str(s)) for s in shards.raw_samples(urls)]
+    return [
+        (s["__key__"], np.asarray(shards.decode_image(s)), shards.read_int(s), shards.read_str(s))
+        for s in shards.raw_samples(urls)
+    ]
 
 
 # -- every format, read back ----------------------------------------------------------------------
@@ -129,7 +151,9 @@ def test_mnist_gzip_idx(tmp_path, workers):
     got = read_back(meta)
     x, y = sets["train"]
     assert meta["shards"] == 5 and list(meta["shard_counts"].values()) == [5, 5, 5, 5, 3] and meta["num_samples"] == 23
-    assert meta["url"] == str(tmp_path / "out" / "mnist-train-{000000..000004}.tar") and meta["classes"] == list("0123456789")
+    assert meta["url"] == str(tmp_path / "out" / "mnist-train-{000000..000004}.tar") and meta["classes"] == list(
+        "0123456789"
+    )
     assert [k for k, *_ in got] == [f"mnist-train-{i:07d}" for i in range(23)]
     assert np.array_equal(np.stack([g[1] for g in got]), x) and [g[2] for g in got] == y.tolist()
     assert {g[3] for g in got} == {"mnist-train"}
@@ -140,9 +164,14 @@ def test_mnist_gzip_idx(tmp_path, workers):
 def test_mnist_plain_idx_test_and_all_splits(tmp_path):
     sets = make_mnist(tmp_path / "raw", gz=False)
     test = read_back(packer.pack("mnist", tmp_path / "raw", tmp_path / "test", split="test", progress=False))
-    assert np.array_equal(np.stack([g[1] for g in test]), sets["t10k"][0]) and [g[2] for g in test] == sets["t10k"][1].tolist()
+    assert (
+        np.array_equal(np.stack([g[1] for g in test]), sets["t10k"][0])
+        and [g[2] for g in test] == sets["t10k"][1].tolist()
+    )
     assert test[0][0] == "mnist-test-0000000" and test[0][3] == "mnist-test"
-    both = read_back(packer.pack("mnist", tmp_path / "raw", tmp_path / "all", split="all", shard_size=10, workers=2, progress=False))
+    both = read_back(
+        packer.pack("mnist", tmp_path / "raw", tmp_path / "all", split="all", shard_size=10, workers=2, progress=False)
+    )
     assert np.array_equal(np.stack([g[1] for g in both]), np.concatenate([sets["train"][0], sets["t10k"][0]]))
 
 
@@ -155,10 +184,14 @@ def test_mnist_resized_to_32(tmp_path):
 
 def test_emnist_letters_transposed_and_shifted(tmp_path):
     upright, labels = make_emnist_letters(tmp_path / "emnist")
-    meta = packer.pack("emnist", tmp_path / "emnist", tmp_path / "out", emnist_split="letters", shard_size=5, workers=2, progress=False)
+    meta = packer.pack(
+        "emnist", tmp_path / "emnist", tmp_path / "out", emnist_split="letters", shard_size=5, workers=2, progress=False
+    )
     got = read_back(meta)
     assert meta["src"] == "emnist-letters-train" and meta["classes"][:2] == ["Aa", "Bb"] and meta["num_classes"] == 26
-    assert np.array_equal(np.stack([g[1] for g in got]), upright), "EMNIST images are stored transposed; packed ones are upright"
+    assert np.array_equal(np.stack([g[1] for g in got]), upright), (
+        "EMNIST images are stored transposed; packed ones are upright"
+    )
     assert [g[2] for g in got] == (labels.astype(int) - 1).tolist()
     assert {g[3] for g in got} == {"emnist-letters-train"}
 
@@ -167,7 +200,11 @@ def test_emnist_mapping_file_names_classes(tmp_path):
     x = RNG.integers(0, 256, (4, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "emnist-byclass-test-images-idx3-ubyte", x.transpose(0, 2, 1), gz=False)
     write_idx(tmp_path / "emnist-byclass-test-labels-idx1-ubyte", np.array([0, 10, 36, 61], dtype=np.uint8), gz=False)
-    (tmp_path / "emnist-byclass-mapping.txt").write_text("".join(f"{i} {ord(c)}\n" for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")))
+    (tmp_path / "emnist-byclass-mapping.txt").write_text(
+        "".join(
+            f"{i} {ord(c)}\n" for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        )
+    )
     meta = packer.pack("emnist", tmp_path, tmp_path / "out", split="test", progress=False)
     got = read_back(meta)
     assert [meta["classes"][g[2]] for g in got] == ["0", "A", "a", "z"] and np.array_equal(got[3][1], x[3])
@@ -180,7 +217,9 @@ def test_cifar10_pickle_batches(tmp_path, workers):
     got = read_back(meta)
     assert meta["num_samples"] == 15 and meta["classes"][0] == "airplane" and meta["size"] == 32
     assert np.array_equal(np.stack([g[1] for g in got]), x) and [g[2] for g in got] == y.tolist()
-    test = read_back(packer.pack("cifar10", tmp_path / "cifar-10-batches-py", tmp_path / "test", split="test", progress=False))
+    test = read_back(
+        packer.pack("cifar10", tmp_path / "cifar-10-batches-py", tmp_path / "test", split="test", progress=False)
+    )
     assert np.array_equal(np.stack([g[1] for g in test]), xt) and [g[2] for g in test] == yt.tolist()
 
 
@@ -188,7 +227,10 @@ def test_cifar100_targz_fine_and_coarse(tmp_path):
     archive, sets = make_cifar100_targz(tmp_path)
     fine = packer.pack("cifar100", archive, tmp_path / "fine", progress=False)
     got = read_back(fine)
-    assert np.array_equal(np.stack([g[1] for g in got]), sets["train"][0]) and [g[2] for g in got] == sets["train"][1].tolist()
+    assert (
+        np.array_equal(np.stack([g[1] for g in got]), sets["train"][0])
+        and [g[2] for g in got] == sets["train"][1].tolist()
+    )
     assert fine["classes"][:2] == ["f0", "f1"] and fine["num_classes"] == 100
     coarse = packer.pack("cifar100", archive, tmp_path / "coarse", split="test", label_set="coarse", progress=False)
     assert [g[2] for g in read_back(coarse)] == sets["test"][2].tolist() and coarse["num_classes"] == 20
@@ -197,7 +239,16 @@ def test_cifar100_targz_fine_and_coarse(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_jpeg_class_folders(tmp_path, workers):
     files = make_jpeg_tree(tmp_path / "train")
-    meta = packer.pack("folder", tmp_path / "train", tmp_path / "out", size=16, shard_size=4, workers=workers, name="imagenet16-train", progress=False)
+    meta = packer.pack(
+        "folder",
+        tmp_path / "train",
+        tmp_path / "out",
+        size=16,
+        shard_size=4,
+        workers=workers,
+        name="imagenet16-train",
+        progress=False,
+    )
     got = read_back(meta)
     order = sorted(files, key=lambda p: (p.parent.name, p.name))
     assert meta["classes"] == ["n01440764", "n01443537", "n01484850"] and len(got) == len(files) == 9
@@ -227,7 +278,9 @@ def test_flat_folder_center_crop_jpg(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     Image.fromarray(RNG.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(tmp_path / "a" / "b" / "wide.jpg")
     Image.fromarray(RNG.integers(0, 256, (40, 20, 3), dtype=np.uint8)).save(tmp_path / "a" / "tall.png")
-    meta = packer.pack("flat", tmp_path / "a", tmp_path / "out", size=8, crop="center", image_format="jpg", progress=False)
+    meta = packer.pack(
+        "flat", tmp_path / "a", tmp_path / "out", size=8, crop="center", image_format="jpg", progress=False
+    )
     samples = list(shards.raw_samples(shards.expand_urls(meta["url"])))
     assert len(samples) == 2 and all("jpg" in s and "cls" not in s for s in samples)
     assert all(shards.decode_image(s).size == (8, 8) for s in samples)
@@ -286,7 +339,9 @@ def test_other_options_into_same_out_refused_unless_overwrite(tmp_path):
     with pytest.raises(VitkdInputError, match="shard_size"):
         packer.pack("mnist", tmp_path / "raw", tmp_path / "out", shard_size=4, progress=False)
     meta = packer.pack("mnist", tmp_path / "raw", tmp_path / "out", shard_size=4, overwrite=True, progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(meta["shard_counts"]) and meta["shards"] == 6
+    assert (
+        sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == sorted(meta["shard_counts"]) and meta["shards"] == 6
+    )
     (tmp_path / "selected").mkdir()
     (tmp_path / "selected" / "meta.json").write_text('{"num_samples": 3}')  # another writer's folder
     with pytest.raises(VitkdInputError, match="holds shards of another pack"):
@@ -298,13 +353,31 @@ def test_other_options_into_same_out_refused_unless_overwrite(tmp_path):
 
 def test_cli_prints_url_and_errors_in_one_line(tmp_path):
     make_mnist(tmp_path / "raw")
-    argv = [sys.executable, "-m", "vitkd.pack", "mnist", str(tmp_path / "raw"), str(tmp_path / "out"), "--shard-size", "10", "--workers", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vitkd.pack",
+        "mnist",
+        str(tmp_path / "raw"),
+        str(tmp_path / "out"),
+        "--shard-size",
+        "10",
+        "--workers",
+        "2",
+    ]
     ok = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.strip() == str(tmp_path / "out" / "mnist-train-{000000..000002}.tar")
     raw = tmp_path / "raw"
-    (raw / "t10k-images-idx3-ubyte.gz").write_bytes((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())  # labels under the images name
-    bad = subprocess.run([sys.executable, "-m", "vitkd.pack", "mnist", str(tmp_path / "raw"), str(tmp_path / "o2"), "--split", "test"], capture_output=True, text=True, timeout=120)
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(
+        (raw / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    )  # labels under the images name
+    bad = subprocess.run(
+        [sys.executable, "-m", "vitkd.pack", "mnist", str(tmp_path / "raw"), str(tmp_path / "o2"), "--split", "test"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("vitkd: error:")]
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
     assert "t10k-images-idx3-ubyte.gz is not an IDX images (0x00000803) file (magic 0x00000801)" in lines[0]
@@ -321,11 +394,15 @@ def _error(capsys, *argv) -> str:
 def test_bad_inputs(tmp_path, capsys):
     make_cifar10(tmp_path / "c")
     (tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3").unlink()
-    assert "cifar-10-batches-py/data_batch_3 is missing" in _error(capsys, "cifar10", str(tmp_path / "c"), str(tmp_path / "o"))
+    assert "cifar-10-batches-py/data_batch_3 is missing" in _error(
+        capsys, "cifar10", str(tmp_path / "c"), str(tmp_path / "o")
+    )
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     assert "holds no .jpg/.jpeg/.png files" in _error(capsys, "folder", str(tmp_path / "empty"), str(tmp_path / "o"))
     assert "has no class sub-folders" in _error(capsys, "folder", str(tmp_path / "empty" / "cls"), str(tmp_path / "o"))
-    assert "train-images-idx3-ubyte(.gz) not found" in _error(capsys, "mnist", str(tmp_path / "empty"), str(tmp_path / "o"))
+    assert "train-images-idx3-ubyte(.gz) not found" in _error(
+        capsys, "mnist", str(tmp_path / "empty"), str(tmp_path / "o")
+    )
     make_mnist(tmp_path / "m")
     (tmp_path / "file").write_text("x")
     assert "cannot create OUT" in _error(capsys, "mnist", str(tmp_path / "m"), str(tmp_path / "file" / "out"))
@@ -348,7 +425,9 @@ def test_bad_inputs(tmp_path, capsys):
     assert "CIFAR batch cifar-100-python/train is missing" in _error(capsys, "cifar100", str(gz), str(tmp_path / "o5"))
     assert "is not an uncompressed tar" in _error(capsys, "flat", str(tmp_path / "file"), str(tmp_path / "o6"))
     (tmp_path / "rand.tar.gz").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
-    line = _error(capsys, "cifar10", str(tmp_path / "rand.tar.gz"), str(tmp_path / "o7"))  # tarfile lists one failure per line
+    line = _error(
+        capsys, "cifar10", str(tmp_path / "rand.tar.gz"), str(tmp_path / "o7")
+    )  # tarfile lists one failure per line
     assert "cannot read" in line and "rand.tar.gz as a tar archive (file could not be opened successfully)" in line
 
 
@@ -356,4 +435,8 @@ def test_bad_arguments_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         packer.main(["imagenet", "src", "out"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("vitkd: error: argument FORMAT: invalid choice: 'imagenet'")
+    assert (
+        exit_.value.code == 2
+        and len(err) == 1
+        and err[0].startswith("vitkd: error: argument FORMAT: invalid choice: 'imagenet'")
+    )

@@ -1,5 +1,6 @@
 """The paper settings ship as configs: each parses, and the MNIST + EMNIST chain runs end to end on tiny
 files written in the real IDX format (pack → teacher → selection → student), with tiny models on CPU."""
+
 from __future__ import annotations
 
 import gzip
@@ -54,20 +55,76 @@ def test_mnist_emnist_chain_on_packed_idx(tmp_path):
     test = pack("mnist", raw, packed / "mnist-test", split="test", shard_size=64, workers=1, progress=False)["url"]
     wild = pack("emnist", raw, packed / "emnist", split="all", shard_size=40, workers=1, progress=False)["url"]
 
-    tiny = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "32"]
+    tiny = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "32",
+    ]
     run = tmp_path / "runs"
-    fit("--config", "experiments/paper/mnist/teacher.yaml", *tiny, "--model.init_args.arch", "test_vit_patch4_16",
-        "--trainer.max_epochs", "2", "--data.init_args.train_urls", train, "--data.init_args.test_urls", test,
-        "--data.init_args.val_fraction", "0.2", "--model.init_args.measure_batch_size", "0", "--run_dir", str(run / "teacher"))
+    fit(
+        "--config",
+        "experiments/paper/mnist/teacher.yaml",
+        *tiny,
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--trainer.max_epochs",
+        "2",
+        "--data.init_args.train_urls",
+        train,
+        "--data.init_args.test_urls",
+        test,
+        "--data.init_args.val_fraction",
+        "0.2",
+        "--model.init_args.measure_batch_size",
+        "0",
+        "--run_dir",
+        str(run / "teacher"),
+    )
     teacher = run / "teacher" / "checkpoints" / "best.ckpt"
-    sel = fit("--config", "experiments/paper/mnist/select.yaml", *tiny, "--model.init_args.teacher_ckpt", str(teacher),
-              "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "80",
-              "--data.init_args.wild_urls", wild, "--run_dir", str(run / "select"))
+    sel = fit(
+        "--config",
+        "experiments/paper/mnist/select.yaml",
+        *tiny,
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        "80",
+        "--data.init_args.wild_urls",
+        wild,
+        "--run_dir",
+        str(run / "select"),
+    )
     assert sel["num_scored"] == 120 and sel["num_kept"] == 80 and "precision" not in sel
-    student = fit("--config", "experiments/paper/mnist/student.yaml", *tiny, "--model.init_args.arch", "test_vit_patch4_16",
-                  "--model.init_args.teacher_ckpt", str(teacher), "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-                  "--model.init_args.measure_batch_size", "0", "--trainer.max_epochs", "1",
-                  "--data.init_args.train_urls", sel["selected_urls"], "--data.init_args.test_urls", test,
-                  "--data.init_args.val_fraction", "0.2", "--run_dir", str(run / "student"))
+    student = fit(
+        "--config",
+        "experiments/paper/mnist/student.yaml",
+        *tiny,
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_pairs",
+        "[[0, 0], [1, 1]]",
+        "--model.init_args.measure_batch_size",
+        "0",
+        "--trainer.max_epochs",
+        "1",
+        "--data.init_args.train_urls",
+        sel["selected_urls"],
+        "--data.init_args.test_urls",
+        test,
+        "--data.init_args.val_fraction",
+        "0.2",
+        "--run_dir",
+        str(run / "student"),
+    )
     assert 0.0 <= student["test/acc"] <= 1.0 and student["train_batches_per_rank"] == [-(-int(80 * 0.8) // 32)]

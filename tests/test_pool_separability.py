@@ -1,4 +1,5 @@
 """The pool-separability reference: a classifier that learns the pool's src tags, scored out of fold."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,10 @@ def _pool(tmp_path, separable: bool, n: int = 240) -> str:
 def test_separable_pool_reaches_full_precision(tmp_path, capsys):
     urls = _pool(tmp_path, separable=True)
     out = tmp_path / "sep.json"
-    assert main(["--urls", urls, "--positive", "pos", "--num_keep", "80", "160", "--img_size", "8", "--out", str(out)]) == 0
+    assert (
+        main(["--urls", urls, "--positive", "pos", "--num_keep", "80", "160", "--img_size", "8", "--out", str(out)])
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["num_samples"] == 240 and res["num_positive"] == 80 and res["by_source"] == {"neg": 160, "pos": 80}
     assert res["auroc"]["all"] > 0.99 and res["auroc"]["neg"] == res["auroc"]["all"]
@@ -55,7 +59,9 @@ def test_separability_counts_by_hand():
     res = separability(tags, scores, ["a"], [1, 2, 3])
     # ranked: ""(0.95), a(0.9), b(0.8), c(0.7), b(0.2), a(0.1)
     assert res["precision_at"] == {
-        "1": {"precision": 0.0, "precision_max": 1.0}, "2": {"precision": 0.5, "precision_max": 1.0}, "3": {"precision": 1 / 3, "precision_max": 2 / 3}
+        "1": {"precision": 0.0, "precision_max": 1.0},
+        "2": {"precision": 0.5, "precision_max": 1.0},
+        "3": {"precision": 1 / 3, "precision_max": 2 / 3},
     }
     # a vs b: pairs (0.9>0.8, 0.9>0.2, 0.1<0.8, 0.1<0.2) -> 2/4; a vs all four others: 0.9 beats 3 of 4, 0.1 none -> 3/8
     assert res["auroc"]["b"] == pytest.approx(0.5) and res["auroc"]["all"] == pytest.approx(3 / 8)
@@ -67,17 +73,31 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     cases = [
         (["--positive", "digit", "--num_keep", "10"], ["--positive digit", "neg, pos"]),
-        (["--positive", "pos", "--num_keep", "500", "--img_size", "8"], ["--num_keep 500 is larger than the pool's 240"]),
+        (
+            ["--positive", "pos", "--num_keep", "500", "--img_size", "8"],
+            ["--num_keep 500 is larger than the pool's 240"],
+        ),
         (["--positive", "pos", "--num_keep", "5", "--max_samples", "1"], ["--max_samples 1"]),
-        (["--positive", "pos", "--num_keep", "5", "--out", str(tmp_path / "afile" / "x.json")], ["cannot write --out", "afile"]),
+        (
+            ["--positive", "pos", "--num_keep", "5", "--out", str(tmp_path / "afile" / "x.json")],
+            ["cannot write --out", "afile"],
+        ),
     ]
     for args, words in cases:
         assert main(["--urls", urls, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and all(w in err for w in words), err
     # usage errors: the same one-line form, from the parser
-    for args, words in ((["--positive", "pos", "--num_keep", "0"], ["--num_keep", "positive integer, got 0"]), (["--num_keep", "5"], ["--positive"])):
+    for args, words in (
+        (["--positive", "pos", "--num_keep", "0"], ["--num_keep", "positive integer, got 0"]),
+        (["--num_keep", "5"], ["--positive"]),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(["--urls", urls, *args])
         err = capsys.readouterr().err.strip()
-        assert exit_.value.code == 2 and err.startswith("vitkd: error:") and err.count("\n") == 0 and all(w in err for w in words), err
+        assert (
+            exit_.value.code == 2
+            and err.startswith("vitkd: error:")
+            and err.count("\n") == 0
+            and all(w in err for w in words)
+        ), err

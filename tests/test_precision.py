@@ -4,6 +4,7 @@ metrics, and gets the default callbacks (probe maps, throughput) in both.
 Lightning maps ``--trainer.precision 16-mixed`` to bf16-mixed on a CPU (with a warning); real fp16 autocast
 on a CPU is asked for with the ``MixedPrecision`` plugin, which is what the 16-mixed runs here use.
 """
+
 import csv
 import json
 import math
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import fit
 
+
 class DtypeSpy(Callback):
     """Writes the dtypes of the trained model's logits inside training steps (autocast's dtype) to
     ``RUN_DIR/dtypes.txt`` (a file: the CLI imports this module under another name than pytest does)."""
@@ -23,7 +25,9 @@ class DtypeSpy(Callback):
     def on_train_start(self, trainer, pl_module):
         self.seen, self.in_step = set(), False
         head = pl_module.model.vit.head if hasattr(pl_module.model, "vit") else pl_module.model.head
-        self._h = head.register_forward_hook(lambda _m, _i, out: self.seen.add(str(out.dtype)) if self.in_step else None)
+        self._h = head.register_forward_hook(
+            lambda _m, _i, out: self.seen.add(str(out.dtype)) if self.in_step else None
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.in_step = True
@@ -39,35 +43,110 @@ class DtypeSpy(Callback):
 PRECISIONS = {
     "bf16-mixed": (["--trainer.precision", "bf16-mixed"], torch.bfloat16),
     "16-mixed": (
-        ["--trainer.precision", "null", "--trainer.plugins+=lightning.pytorch.plugins.precision.MixedPrecision",
-         "--trainer.plugins.precision", "16-mixed", "--trainer.plugins.device", "cuda" if torch.cuda.is_available() else "cpu"],
+        [
+            "--trainer.precision",
+            "null",
+            "--trainer.plugins+=lightning.pytorch.plugins.precision.MixedPrecision",
+            "--trainer.plugins.precision",
+            "16-mixed",
+            "--trainer.plugins.device",
+            "cuda" if torch.cuda.is_available() else "cpu",
+        ],
         torch.float16,
     ),
 }
-SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_test_batches", "1", "--trainer.log_every_n_steps", "1"]
+SHORT = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 def stage_args(stage: str, teacher, pool) -> list[str]:
     t = ["--model.init_args.teacher_ckpt", str(teacher)]
     if stage == "classifier":
-        return ["--config", "experiments/digits/teacher.yaml", "--model.init_args.arch", "test_vit_patch4_16", "--model.init_args.measure_batch_size", "0", *SHORT]
+        return [
+            "--config",
+            "experiments/digits/teacher.yaml",
+            "--model.init_args.arch",
+            "test_vit_patch4_16",
+            "--model.init_args.measure_batch_size",
+            "0",
+            *SHORT,
+        ]
     if stage == "probe_distillation":  # CE through Q + L_P + L_KD, on original images (pseudo-labels from the teacher)
-        return ["--config", "experiments/digits/attention_probe.yaml", "--model.init_args.arch", "test_vit_patch4_16", *t,
-                "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]", "--data.init_args.train_urls", "null",
-                "--model.init_args.measure_batch_size", "0", *SHORT]
+        return [
+            "--config",
+            "experiments/digits/attention_probe.yaml",
+            "--model.init_args.arch",
+            "test_vit_patch4_16",
+            *t,
+            "--model.init_args.probe_pairs",
+            "[[0, 0], [1, 1]]",
+            "--data.init_args.train_urls",
+            "null",
+            "--model.init_args.measure_batch_size",
+            "0",
+            *SHORT,
+        ]
     if stage == "generator":
-        return ["--config", "experiments/generator/transformer_gan.yaml", "--model.init_args.arch", "test_vit_patch4_16", *t,
-                "--model.init_args.generator_kwargs", "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}",
-                "--model.init_args.batch_size", "8", "--model.init_args.steps_per_epoch", "2", "--model.init_args.val_samples", "16",
-                "--model.init_args.grid_samples", "0", "--model.init_args.probe_blocks", "[0, 1]",
-                "--model.init_args.patch_pairs", "[[0, 0], [1, 1]]", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-                "--trainer.limit_test_batches", "1"]
+        return [
+            "--config",
+            "experiments/generator/transformer_gan.yaml",
+            "--model.init_args.arch",
+            "test_vit_patch4_16",
+            *t,
+            "--model.init_args.generator_kwargs",
+            "{patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}",
+            "--model.init_args.batch_size",
+            "8",
+            "--model.init_args.steps_per_epoch",
+            "2",
+            "--model.init_args.val_samples",
+            "16",
+            "--model.init_args.grid_samples",
+            "0",
+            "--model.init_args.probe_blocks",
+            "[0, 1]",
+            "--model.init_args.patch_pairs",
+            "[[0, 0], [1, 1]]",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.limit_test_batches",
+            "1",
+        ]
     if stage == "idlevit":
-        return ["--config", "experiments/efficient/idlevit.yaml", *t, "--model.init_args.measure_batch_size", "0", *SHORT]
+        return [
+            "--config",
+            "experiments/efficient/idlevit.yaml",
+            *t,
+            "--model.init_args.measure_batch_size",
+            "0",
+            *SHORT,
+        ]
     if stage == "selector":
-        return ["--config", "experiments/digits/select.yaml", *t, "--model.init_args.probe_blocks", "[0, 1]",
-                "--model.init_args.num_keep", "20", "--data.init_args.wild_urls", pool, "--data.init_args.eval_batch_size", "40"]
+        return [
+            "--config",
+            "experiments/digits/select.yaml",
+            *t,
+            "--model.init_args.probe_blocks",
+            "[0, 1]",
+            "--model.init_args.num_keep",
+            "20",
+            "--data.init_args.wild_urls",
+            pool,
+            "--data.init_args.eval_batch_size",
+            "40",
+        ]
     raise AssertionError(stage)
 
 
@@ -92,7 +171,9 @@ def test_stage_runs_under_mixed_precision(stage, precision, tiny_teacher, tiny_p
         assert len(rows) == 120 and m["num_kept"] == 20
         assert all(math.isfinite(float(r[c])) for r in rows for c in ("va_blk0", "va_blk1", "vn", "value"))
         return
-    assert (tmp_path / "dtypes.txt").read_text().split() == [str(dtype)], f"the training step ran under {dtype} autocast"
+    assert (tmp_path / "dtypes.txt").read_text().split() == [str(dtype)], (
+        f"the training step ran under {dtype} autocast"
+    )
     assert math.isfinite(m["test/acc"]) and 0.0 <= m["test/acc"] <= 1.0
     logged = logged_values(tmp_path)
     losses = {k: v for k, v in logged.items() if k.startswith("train/")}
@@ -104,5 +185,7 @@ def test_stage_runs_under_mixed_precision(stage, precision, tiny_teacher, tiny_p
 
 def test_16_mixed_on_cpu_is_mapped_to_bf16_by_lightning():
     """What ``--trainer.precision 16-mixed`` gives on a CPU: Lightning's bf16 autocast (fp16 needs the plugin)."""
-    trainer = pl.Trainer(accelerator="cpu", precision="16-mixed", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="16-mixed", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     assert trainer.precision == "bf16-mixed"

@@ -12,7 +12,10 @@ def test_probe_equals_cls_row_of_unfused_attention(head):
     model = create_model("test_vit_patch4_16").eval()
     blocks = [0, 1]
     captured = {}
-    hooks = [model.blocks[b].attn.register_forward_pre_hook(lambda m, inp, b=b: captured.__setitem__(b, inp[0])) for b in blocks]
+    hooks = [
+        model.blocks[b].attn.register_forward_pre_hook(lambda m, inp, b=b: captured.__setitem__(b, inp[0]))
+        for b in blocks
+    ]
     probe = AttentionProbe(model, blocks, head=head)
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
@@ -20,7 +23,7 @@ def test_probe_equals_cls_row_of_unfused_attention(head):
     maps = probe.maps()
     for b in blocks:
         full = unfused_attention(model.blocks[b].attn, captured[b])  # (B, H, N, N)
-        row = full[:, :, 0, model.num_prefix_tokens:]
+        row = full[:, :, 0, model.num_prefix_tokens :]
         ref = {"mean": row.mean(1), "max": row.amax(1)}.get(head) if isinstance(head, str) else row[:, head]
         assert maps[b].shape == (3, 4, 4)
         assert torch.allclose(maps[b].reshape(3, -1), ref, atol=1e-5)

@@ -1,11 +1,12 @@
 """How the demos run their jobs (vitkd.demos.runs.run_graph) and write an embedded data set once (vitkd.io.build_once)."""
+
 import threading
 import time
 
 import pytest
 
-from vitkd.io import build_once
 from vitkd.demos.runs import run_graph
+from vitkd.io import build_once
 
 
 def _recording_jobs(spec: dict[str, tuple[str, ...]], log: list, pause: float = 0.0) -> dict:
@@ -67,14 +68,25 @@ def test_a_failed_job_is_raised_after_the_running_ones_end_and_nothing_new_start
         time.sleep(0.3)
         ended.append("slow")
 
-    jobs = {"x": ((), boom), "slow": ((), slow), "y": (("x",), lambda r: started.append("y")), "z": ((), lambda r: started.append("z"))}
+    jobs = {
+        "x": ((), boom),
+        "slow": ((), slow),
+        "y": (("x",), lambda r: started.append("y")),
+        "z": ((), lambda r: started.append("z")),
+    }
     with pytest.raises(RuntimeError, match="run x failed"):
         run_graph(jobs, workers=2)
     assert started == [] and ended == ["slow"]
     assert "x failed; no new job starts, waiting for ['slow'] to end" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec, message", [({"a": ("nope",)}, "unknown jobs \\['nope'\\]"), ({"a": (), "b": ("c",), "c": ("b",)}, "jobs \\['b', 'c'\\] wait for each other")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"a": ("nope",)}, "unknown jobs \\['nope'\\]"),
+        ({"a": (), "b": ("c",), "c": ("b",)}, "jobs \\['b', 'c'\\] wait for each other"),
+    ],
+)
 def test_jobs_that_can_never_start_are_named_before_any_job_runs(spec, message):
     ran = []
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
 """The warm-up + cosine schedule, including streams whose length Lightning cannot know."""
+
 import math
 from types import SimpleNamespace
 
@@ -29,7 +30,12 @@ def test_warmup_cosine_by_hand():
     # warm-up: (step + 1) / (warmup + 1), never 0
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     # cosine over the 6 steps after warm-up: 1 at its start, 0.5 halfway, 0 at the end and beyond
-    assert f(4) == pytest.approx(1.0) and f(7) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(12) == pytest.approx(0.0)
+    assert (
+        f(4) == pytest.approx(1.0)
+        and f(7) == pytest.approx(0.5)
+        and f(10) == pytest.approx(0.0)
+        and f(12) == pytest.approx(0.0)
+    )
     assert f(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
 
 
@@ -46,5 +52,7 @@ def test_schedule_keeps_a_constant_group_at_its_lr():
         cfg["lr_scheduler"]["scheduler"].step()
     assert cfg["lr_scheduler"]["interval"] == "step"
     assert [lr[0] for lr in lrs[:5]] == pytest.approx([1e-3 * (s + 1) / 6 for s in range(5)])
-    assert lrs[5][0] == pytest.approx(1e-3) and lrs[19][0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    assert lrs[5][0] == pytest.approx(1e-3) and lrs[19][0] == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 15))
+    )
     assert all(lr[1] == 5e-4 for lr in lrs), "Q's group stays at q_lr"

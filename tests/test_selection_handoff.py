@@ -1,5 +1,6 @@
 """What the selector hands its callbacks: the examples a report asks for are gathered in pool order while the
 kept samples' shards are read, and the selection package and the report import nothing above the core."""
+
 import ast
 from pathlib import Path
 
@@ -24,7 +25,16 @@ def _imports(path: Path) -> set[str]:
 
 
 def _above_core(names: set[str]) -> set[str]:
-    upper = ("data_modules", "callbacks", "benchmarks", "vitkd.stages", "vitkd.fit", "vitkd.pack", "vitkd.report", "vitkd.demos")
+    upper = (
+        "data_modules",
+        "callbacks",
+        "benchmarks",
+        "vitkd.stages",
+        "vitkd.fit",
+        "vitkd.pack",
+        "vitkd.report",
+        "vitkd.demos",
+    )
     return {n for n in names if n.startswith(upper)}
 
 
@@ -37,7 +47,9 @@ def test_selection_and_its_report_import_only_the_core():
 
 def test_request_merge():
     assert ExampleRequest.merge([None, ExampleRequest(0, 10)]) is None
-    merged = ExampleRequest.merge([ExampleRequest(5, 100, ("softmax",), seed=3), None, ExampleRequest(8, 50, ("pooled",))])
+    merged = ExampleRequest.merge(
+        [ExampleRequest(5, 100, ("softmax",), seed=3), None, ExampleRequest(8, 50, ("pooled",))]
+    )
     assert merged == ExampleRequest(8, 100, ("softmax", "pooled"), 3)
 
 

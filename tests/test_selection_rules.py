@@ -1,6 +1,7 @@
 """vitkd's own selection terms and rules against values computed by hand: the energy score, the stability V_s,
 the z-scored fusion, the oracle, the fusion weights chosen on validation images, and both strategies through
 the CLI on a tiny pool."""
+
 import csv
 import json
 import math
@@ -51,9 +52,18 @@ def test_zscore_fusion_by_hand():
 
 def test_kept_share_and_choice_by_hand():
     # pool: vn ranks 3 of 6 well, va ranks them badly; the validation images look like vn's good ones
-    pool = {"vn": np.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]), "va": np.array([5.0, 5.0, 5.0, 0.0, 0.0, 0.0]),
-            "vs": np.zeros(6) + np.arange(6), "energy": np.zeros(6) + np.arange(6)[::-1]}
-    val = {"vn": np.array([0.05, 0.15, 6.0]), "va": np.array([5.0, 5.0, 5.0]), "vs": np.array([0.0, 9.0, 9.0]), "energy": np.array([9.0, 9.0, 9.0])}
+    pool = {
+        "vn": np.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]),
+        "va": np.array([5.0, 5.0, 5.0, 0.0, 0.0, 0.0]),
+        "vs": np.zeros(6) + np.arange(6),
+        "energy": np.zeros(6) + np.arange(6)[::-1],
+    }
+    val = {
+        "vn": np.array([0.05, 0.15, 6.0]),
+        "va": np.array([5.0, 5.0, 5.0]),
+        "vs": np.array([0.0, 9.0, 9.0]),
+        "energy": np.array([9.0, 9.0, 9.0]),
+    }
     # vn alone at k = 3: the pool's 3rd lowest vn is 0.2, and 2 of the 3 validation images are ≤ it
     assert kept_share(pool, val, {"vn": 1.0}, 3) == pytest.approx(2 / 3)
     # va alone: the threshold is va = 0, no validation image is kept
@@ -68,8 +78,22 @@ def test_kept_share_and_choice_by_hand():
 def scored(tiny_teacher, tiny_pool, tmp_path_factory):
     """The tiny pool scored once with the extra columns (V_s, energy) by the value strategy."""
     run = tmp_path_factory.mktemp("sel") / "ap"
-    fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(tiny_teacher), "--data.init_args.wild_urls", tiny_pool,
-        "--model.init_args.num_keep", "30", "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.extra_scores", "true", "--run_dir", str(run))
+    fit(
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--data.init_args.wild_urls",
+        tiny_pool,
+        "--model.init_args.num_keep",
+        "30",
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.extra_scores",
+        "true",
+        "--run_dir",
+        str(run),
+    )
     return run
 
 
@@ -81,14 +105,34 @@ def _rows(run):
 def test_fusion_and_oracle_select_by_hand(scored, tiny_teacher, tiny_pool, tmp_path):
     rows = _rows(scored)
     assert {"vs", "energy"} <= set(rows[0]) and all(float(r["vs"]) >= -1e-6 for r in rows)
-    base = ["--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(tiny_teacher), "--data.init_args.wild_urls", tiny_pool,
-            "--model.init_args.num_keep", "30", "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.extra_scores", "true"]
+    base = [
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--data.init_args.wild_urls",
+        tiny_pool,
+        "--model.init_args.num_keep",
+        "30",
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.extra_scores",
+        "true",
+    ]
     import shutil
 
     # fusion on the saved scores (copied: the same scores, selected another way), against numpy by hand
     fus = tmp_path / "fusion"
     shutil.copytree(scored / "score_parts", fus / "score_parts")
-    m = fit(*base, "--model.init_args.strategy", "fusion", "--model.init_args.fusion_weights", json.dumps({"vn": 1.0, "vs": 2.0}), "--run_dir", str(fus))
+    m = fit(
+        *base,
+        "--model.init_args.strategy",
+        "fusion",
+        "--model.init_args.fusion_weights",
+        json.dumps({"vn": 1.0, "vs": 2.0}),
+        "--run_dir",
+        str(fus),
+    )
     assert m["shards_scored_this_run"] == 0  # nothing rescored
     vn, vs = (np.array([float(r[c]) for r in rows]) for c in ("vn", "vs"))
     fused = (vn - vn.mean()) / vn.std() + 2 * (vs - vs.mean()) / vs.std()
@@ -110,6 +154,10 @@ def test_fusion_bad_weights_one_line(tiny_teacher):
     from vitkd.stages.selector import AttentionProbeSelector
 
     with pytest.raises(VitkdInputError, match="fusion_weights"):
-        AttentionProbeSelector(str(tiny_teacher), 5, probe_blocks=[0], lambda_a=[0.05], strategy="fusion", fusion_weights={"vs": 1.0})
+        AttentionProbeSelector(
+            str(tiny_teacher), 5, probe_blocks=[0], lambda_a=[0.05], strategy="fusion", fusion_weights={"vs": 1.0}
+        )
     with pytest.raises(VitkdInputError, match="stability_views"):
-        AttentionProbeSelector(str(tiny_teacher), 5, probe_blocks=[0], lambda_a=[0.05], extra_scores=True, stability_views=["rotate"])
+        AttentionProbeSelector(
+            str(tiny_teacher), 5, probe_blocks=[0], lambda_a=[0.05], extra_scores=True, stability_views=["rotate"]
+        )

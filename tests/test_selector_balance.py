@@ -1,5 +1,6 @@
 """Class-balanced top-k of the selector (``--model.init_args.class_balance``): the streamed merge over score
 parts equals a brute-force reference, the default stays the plain lowest-k, and the random strategy refuses it."""
+
 import csv
 import json
 from collections import Counter
@@ -25,7 +26,11 @@ class FakeParts:
 
     def load(self, i: int) -> dict[str, np.ndarray]:
         v = self.values[i]
-        return {"key": np.array([f"p{i}s{j}" for j in range(len(v))], dtype=str), "value": v.astype(np.float32), "pred": self.preds[i]}
+        return {
+            "key": np.array([f"p{i}s{j}" for j in range(len(v))], dtype=str),
+            "value": v.astype(np.float32),
+            "pred": self.preds[i],
+        }
 
     def size(self, i: int) -> int:
         return len(self.values[i])
@@ -109,7 +114,14 @@ def test_class_balance_with_random_strategy_is_refused(tmp_path):
         AttentionProbeSelector(teacher_ckpt="never/loaded.ckpt", num_keep=10, strategy="random", class_balance=True)
     # through the CLI (in process: the CLI prints a VitkdInputError as its one-line ``vitkd: error:``, tests/test_bad_input.py)
     with pytest.raises(VitkdInputError, match="class_balance applies to strategy value only") as err:
-        fit("--config", "experiments/digits/select_random.yaml", "--model.init_args.class_balance", "true", "--run_dir", str(tmp_path))
+        fit(
+            "--config",
+            "experiments/digits/select_random.yaml",
+            "--model.init_args.class_balance",
+            "true",
+            "--run_dir",
+            str(tmp_path),
+        )
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
 
@@ -118,12 +130,29 @@ def test_selection_reports_kept_per_class(tiny_teacher, tiny_pool, tmp_path):
     selection gives every predicted class its quota (or all it has)."""
     for balance in ("false", "true"):
         run = tmp_path / balance
-        m = fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(tiny_teacher),
-                "--model.init_args.probe_blocks", "[0, 1]", "--model.init_args.num_keep", "30",
-                "--model.init_args.class_balance", balance, "--data.init_args.wild_urls", tiny_pool, "--run_dir", str(run))
+        m = fit(
+            "--config",
+            "experiments/digits/select.yaml",
+            "--model.init_args.teacher_ckpt",
+            str(tiny_teacher),
+            "--model.init_args.probe_blocks",
+            "[0, 1]",
+            "--model.init_args.num_keep",
+            "30",
+            "--model.init_args.class_balance",
+            balance,
+            "--data.init_args.wild_urls",
+            tiny_pool,
+            "--run_dir",
+            str(run),
+        )
         rows = list(csv.DictReader(open(run / "scores.csv")))
         kept = Counter(int(r["pred"]) for r in rows if r["selected"] == "1")
-        assert m["kept_per_class"] == [kept.get(c, 0) for c in range(10)] == json.loads((run / "metrics.json").read_text())["kept_per_class"]
+        assert (
+            m["kept_per_class"]
+            == [kept.get(c, 0) for c in range(10)]
+            == json.loads((run / "metrics.json").read_text())["kept_per_class"]
+        )
         assert sum(m["kept_per_class"]) == 30 and m["class_balance"] == (balance == "true")
         if balance == "true":
             scored = Counter(int(r["pred"]) for r in rows)
@@ -147,8 +176,13 @@ def test_parts_scored_before_labels_load_as_unlabelled(tmp_path):
     """A selection resumed over parts written before ``cls`` was kept counts their samples as unlabelled."""
     parts = ScoreParts(tmp_path, ["a.tar", "b.tar"], {"probe_blocks": [0]})
     parts.prepare()
-    old = {"key": np.array(["k0", "k1"]), "src": np.array(["digit", "noise"]), "value": np.array([0.1, 0.2]),
-           "vn": np.array([0.1, 0.2]), "pred": np.array([3, 4])}
+    old = {
+        "key": np.array(["k0", "k1"]),
+        "src": np.array(["digit", "noise"]),
+        "value": np.array([0.1, 0.2]),
+        "vn": np.array([0.1, 0.2]),
+        "pred": np.array([3, 4]),
+    }
     parts.save("a.tar", [old], {})
     parts.save("b.tar", [{**old, "key": np.array(["k2", "k3"]), "label": np.array([3, -1])}], {})
     assert parts.load(0)["label"].tolist() == [-1, -1]

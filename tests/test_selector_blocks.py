@@ -1,5 +1,6 @@
 """Probe blocks in any order: each λa weighs its own block's V_a and each ``va_blk<B>`` column holds block B's
 V_a (the probe's rows come in the blocks' forward order, whatever order ``probe_blocks`` gives)."""
+
 import csv
 
 import pytest
@@ -22,8 +23,9 @@ def deep_teacher(tmp_path_factory):
 
 
 def _selector(teacher, blocks, weights):
-    return AttentionProbeSelector(teacher, 5, teacher_arch="digits_student_patch4_16", probe_blocks=blocks,
-                                  lambda_a=weights)
+    return AttentionProbeSelector(
+        teacher, 5, teacher_arch="digits_student_patch4_16", probe_blocks=blocks, lambda_a=weights
+    )
 
 
 def test_unsorted_probe_blocks_score_as_sorted(deep_teacher):
@@ -54,10 +56,24 @@ def test_a_block_named_twice_is_refused(deep_teacher):
 
 
 def _select(teacher, pool, run_dir, blocks, weights):
-    fit("--config", "experiments/digits/select.yaml", "--model.init_args.teacher_ckpt", str(teacher),
-        "--data.init_args.wild_urls", pool, "--model.init_args.num_keep", "30",
-        "--model.init_args.probe_blocks", blocks, "--model.init_args.lambda_a", weights,
-        "--trainer.precision", "32-true", "--run_dir", str(run_dir))
+    fit(
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--data.init_args.wild_urls",
+        pool,
+        "--model.init_args.num_keep",
+        "30",
+        "--model.init_args.probe_blocks",
+        blocks,
+        "--model.init_args.lambda_a",
+        weights,
+        "--trainer.precision",
+        "32-true",
+        "--run_dir",
+        str(run_dir),
+    )
     with open(run_dir / "scores.csv") as f:
         return list(csv.reader(f))
 

@@ -1,4 +1,5 @@
 """The distillation base, the grouped loss weights and the stage-data contract (``vitkd.data_contract``)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,9 @@ from vitkd.stages import (
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitkd.fit", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vitkd.fit", *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def _error_line(proc) -> str:
@@ -76,23 +79,36 @@ def test_a_wrong_data_module_is_named_in_one_line():
 
 
 def test_teacher_cache_asks_for_keyed_batches_through_the_protocol(tiny_teacher):
-    stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)],
-                              teacher_cache=True)
+    stage = ProbeDistillation(
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(tiny_teacher),
+        q_diagonal=0.9,
+        probe_pairs=[(0, 0)],
+        teacher_cache=True,
+    )
     assert stage.data_contract is KeyedTrainData
-    with pytest.raises(VitkdInputError, match=r"teacher_cache true needs a data module with augment, request_train_keys\(\)"):
+    with pytest.raises(
+        VitkdInputError, match=r"teacher_cache true needs a data module with augment, request_train_keys\(\)"
+    ):
         stage.check_data(_LoadersOnly())
     with pytest.raises(VitkdInputError, match="augment false"):
         stage.check_data(DigitsDataModule(augment=True))
     stage.check_data(DigitsDataModule(augment=False))
-    plain = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)])
+    plain = ProbeDistillation(
+        arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)]
+    )
     assert plain.data_contract is StageData
     plain.check_data(_LoadersOnly())
 
 
 def test_every_distillation_stage_holds_a_frozen_teacher(tiny_teacher):
     stages = [
-        ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)]),
-        DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8}),
+        ProbeDistillation(
+            arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)]
+        ),
+        DataFreeGAN(
+            arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8}
+        ),
         IdleViTFinetune(teacher_ckpt=str(tiny_teacher), keep_ratio=0.5, idle_layers=[1]),
     ]
     for stage in stages:
@@ -109,7 +125,9 @@ def test_every_distillation_stage_holds_a_frozen_teacher(tiny_teacher):
 def test_the_student_draws_its_initial_weights_before_the_teacher_is_loaded(tiny_teacher):
     """A seeded run starts from the same student whatever the teacher: the student is built first."""
     pl.seed_everything(0)
-    stage = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8})
+    stage = DataFreeGAN(
+        arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8}
+    )
     pl.seed_everything(0)
     ref = create_model("test_vit_patch4_16", img_size=16, in_chans=1, num_classes=10)
     got = stage.model.state_dict()
@@ -131,7 +149,12 @@ def test_loss_weights_scale_their_terms(tiny_teacher):
     assert two["probe"].item() == pytest.approx(2 * one["probe"].item(), rel=1e-5) and one["probe"].item() > 0
     assert two["kd"].item() == pytest.approx(one["kd"].item(), rel=1e-5)
     torch.manual_seed(0)
-    idle = IdleViTFinetune(teacher_ckpt=str(tiny_teacher), keep_ratio=0.5, idle_layers=[1], loss_weights=IdleViTLossWeights(cut=0.0, feat=0.0))
+    idle = IdleViTFinetune(
+        teacher_ckpt=str(tiny_teacher),
+        keep_ratio=0.5,
+        idle_layers=[1],
+        loss_weights=IdleViTLossWeights(cut=0.0, feat=0.0),
+    )
     assert set(idle.losses(x, y)) == {"ce", "kd"}
     with pytest.raises(VitkdInputError, match=r"loss_weights\.\{ce,alpha,beta,projector\}"):
         ProbeDistillation(**kw, loss_weights=ProbeLossWeights(ce=0.0, alpha=0.0, beta=0.0))
@@ -139,8 +162,13 @@ def test_loss_weights_scale_their_terms(tiny_teacher):
 
 
 def test_print_config_shows_the_weight_groups_as_nested_keys():
-    out = subprocess.run([sys.executable, "-m", "vitkd.fit", "--config", "experiments/generator/dafl.yaml", "--print_config"],
-                         capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "vitkd.fit", "--config", "experiments/generator/dafl.yaml", "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "    generator_weights:\n      oh: 1.0\n      ie: 5.0\n      act: 0.1\n" in out.stdout
     assert "    student_weights:\n      kd: 1.0\n      ce: 1.0\n      patch: 0.0\n" in out.stdout
@@ -165,12 +193,26 @@ def test_a_weight_field_typo_on_the_command_line_is_one_line(tmp_path):
 
 def test_weight_groups_are_plain_numbers_in_the_hyper_parameters(tiny_teacher):
     """hparams.yaml and the checkpoints hold each group as a dict (no pickled class); the stage rebuilds from them."""
-    stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)],
-                              loss_weights=ProbeLossWeights(alpha=0.5))
+    stage = ProbeDistillation(
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(tiny_teacher),
+        q_diagonal=0.9,
+        probe_pairs=[(0, 0)],
+        loss_weights=ProbeLossWeights(alpha=0.5),
+    )
     assert stage.hparams.loss_weights == {"ce": 1.0, "alpha": 0.5, "beta": 1.0, "projector": 0.0}
     assert stage.hparams_initial.loss_weights == stage.hparams.loss_weights
     again = ProbeDistillation(**stage.hparams)
     assert again.weights == ProbeLossWeights(alpha=0.5)
-    gan = DataFreeGAN(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), generator="dafl", generator_kwargs={"width": 8},
-                      generator_weights=GeneratorLossWeights(act=0.0))
-    assert gan.hparams.generator_weights["act"] == 0.0 and gan.hparams.student_weights == {"kd": 1.0, "ce": 1.0, "patch": 0.0}
+    gan = DataFreeGAN(
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(tiny_teacher),
+        generator="dafl",
+        generator_kwargs={"width": 8},
+        generator_weights=GeneratorLossWeights(act=0.0),
+    )
+    assert gan.hparams.generator_weights["act"] == 0.0 and gan.hparams.student_weights == {
+        "kd": 1.0,
+        "ce": 1.0,
+        "patch": 0.0,
+    }

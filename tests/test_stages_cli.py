@@ -1,9 +1,9 @@
 """Each stage once through the CLI on tiny settings, and the run-directory contract."""
+
 import csv
 import json
 
 import pytest
-
 import webdataset as wds
 import yaml
 
@@ -26,12 +26,18 @@ def test_teacher_run_directory(tiny_teacher):
 def select(teacher, pool: str, num_keep: int, run_dir, *extra: str) -> dict:
     """The demo's selection config on a handmade pool, probing both blocks of the tiny teacher."""
     return fit(
-        "--config", "experiments/digits/select.yaml",
-        "--model.init_args.teacher_ckpt", str(teacher),
-        "--model.init_args.probe_blocks", "[0, 1]",
-        "--model.init_args.num_keep", str(num_keep),
-        "--data.init_args.wild_urls", pool,
-        "--run_dir", str(run_dir),
+        "--config",
+        "experiments/digits/select.yaml",
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.probe_blocks",
+        "[0, 1]",
+        "--model.init_args.num_keep",
+        str(num_keep),
+        "--data.init_args.wild_urls",
+        pool,
+        "--run_dir",
+        str(run_dir),
         *extra,
     )
 
@@ -44,7 +50,9 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
     by_value = sorted(rows, key=lambda r: float(r["value"]))
     kept = {r["key"] for r in rows if r["selected"] == "1"}
     assert kept == {r["key"] for r in by_value[:30]}
-    assert max(float(r["value"]) for r in rows if r["key"] in kept) <= min(float(r["value"]) for r in rows if r["key"] not in kept)
+    assert max(float(r["value"]) for r in rows if r["key"] in kept) <= min(
+        float(r["value"]) for r in rows if r["key"] not in kept
+    )
     # V recomputed from its columns (Eq. 6)
     r = rows[0]
     v = 0.9 * float(r["vn"]) + 0.05 * (float(r["va_blk0"]) + float(r["va_blk1"]))
@@ -60,7 +68,9 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
     pos = [r["src"] == "digit" for r in rows]
     assert m["precision_max"] == min(1.0, sum(pos) / 30) and m["precision_random"] == sum(pos) / 120
     pairs = [(float(a["value"]), float(b["value"])) for a, p in zip(rows, pos) if p for b, q in zip(rows, pos) if not q]
-    auroc = sum((va < vb) + 0.5 * (va == vb) for va, vb in pairs) / len(pairs)  # P(a digit's V is lower than a non-digit's)
+    auroc = sum((va < vb) + 0.5 * (va == vb) for va, vb in pairs) / len(
+        pairs
+    )  # P(a digit's V is lower than a non-digit's)
     assert m["value_auroc"] == pytest.approx(auroc, abs=1e-6) == m["score_auroc"]["value"]["all"]
     assert set(m["score_auroc"]) == {"va_blk0", "va_blk1", "vn", "value"}
     assert set(m["score_auroc"]["vn"]) == {"all"} | {r["src"] for r in rows} - {"digit"}
@@ -78,30 +88,61 @@ def test_selector_keeps_lowest_values(tiny_teacher, tiny_pool, tmp_path):
 
 def test_random_strategy_keeps_a_seeded_subset(tiny_teacher, tiny_pool, tmp_path):
     """The random-wild baseline: num_keep samples drawn by the seed, whatever their V."""
-    runs = {name: select(tiny_teacher, tiny_pool, 30, tmp_path / name, "--model.init_args.strategy", "random", "--model.init_args.seed", seed)
-            for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))}
-    kept = {name: {r["key"] for r in csv.DictReader(open(tmp_path / name / "scores.csv")) if r["selected"] == "1"} for name in runs}
+    runs = {
+        name: select(
+            tiny_teacher,
+            tiny_pool,
+            30,
+            tmp_path / name,
+            "--model.init_args.strategy",
+            "random",
+            "--model.init_args.seed",
+            seed,
+        )
+        for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))
+    }
+    kept = {
+        name: {r["key"] for r in csv.DictReader(open(tmp_path / name / "scores.csv")) if r["selected"] == "1"}
+        for name in runs
+    }
     assert len(kept["a"]) == 30 and kept["a"] == kept["b"] != kept["c"]
     rows = list(csv.DictReader(open(tmp_path / "a" / "scores.csv")))
     lowest = {r["key"] for r in sorted(rows, key=lambda r: float(r["value"]))[:30]}
     assert kept["a"] != lowest  # not the value strategy's choice
     m = runs["a"]
-    assert m["strategy"] == "random" and m["precision"] == sum(r["src"] == "digit" for r in rows if r["key"] in kept["a"]) / 30
-    assert "value_auroc" not in m and set(m["score_auroc"]) == {"va_blk0", "va_blk1", "vn", "value"}  # V scored, not used
+    assert (
+        m["strategy"] == "random"
+        and m["precision"] == sum(r["src"] == "digit" for r in rows if r["key"] in kept["a"]) / 30
+    )
+    assert "value_auroc" not in m and set(m["score_auroc"]) == {
+        "va_blk0",
+        "va_blk1",
+        "vn",
+        "value",
+    }  # V scored, not used
 
 
 def test_student_on_selected_shards(tiny_teacher, tiny_pool, tmp_path):
     sel = select(tiny_teacher, tiny_pool, 60, tmp_path / "sel")
     m = fit(
-        "--config", "experiments/digits/attention_probe.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher),
-        "--model.init_args.probe_pairs", "[[0, 0], [1, 1]]",
-        "--data.init_args.train_urls", sel["selected_urls"],
-        "--data.init_args.val_fraction", "0.2",
-        "--trainer.max_epochs", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--run_dir", str(tmp_path / "student"),
+        "--config",
+        "experiments/digits/attention_probe.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--model.init_args.probe_pairs",
+        "[[0, 0], [1, 1]]",
+        "--data.init_args.train_urls",
+        sel["selected_urls"],
+        "--data.init_args.val_fraction",
+        "0.2",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--run_dir",
+        str(tmp_path / "student"),
     )
     assert 0.0 <= m["test/acc"] <= 1.0 and "q_diagonal" in m
     log = list(csv.DictReader(open(tmp_path / "student" / "metrics.csv")))
@@ -116,18 +157,31 @@ def test_student_on_selected_shards(tiny_teacher, tiny_pool, tmp_path):
 
 def test_kd_original_and_scratch_baselines(tiny_teacher, tmp_path):
     m = fit(
-        "--config", "experiments/digits/kd_original.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--model.init_args.teacher_ckpt", str(tiny_teacher),
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-        "--run_dir", str(tmp_path / "kd"),
+        "--config",
+        "experiments/digits/kd_original.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--model.init_args.teacher_ckpt",
+        str(tiny_teacher),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--run_dir",
+        str(tmp_path / "kd"),
     )
     assert "test/acc" in m
     m = fit(
-        "--config", "experiments/digits/scratch.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-        "--run_dir", str(tmp_path / "scratch"),
+        "--config",
+        "experiments/digits/scratch.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--run_dir",
+        str(tmp_path / "scratch"),
     )
     assert "test/acc" in m
 
@@ -142,8 +196,14 @@ def test_label_source_sets_the_ce_target(tiny_teacher, label_source):
     from vitkd.stages import ProbeDistillation, ProbeLossWeights
 
     torch.manual_seed(0)
-    stage = ProbeDistillation(arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), label_source=label_source,
-                              noisy_adaptation=False, loss_weights=ProbeLossWeights(alpha=0.0, beta=0.0), probe_pairs=[(0, 0)])
+    stage = ProbeDistillation(
+        arch="test_vit_patch4_16",
+        teacher_ckpt=str(tiny_teacher),
+        label_source=label_source,
+        noisy_adaptation=False,
+        loss_weights=ProbeLossWeights(alpha=0.0, beta=0.0),
+        probe_pairs=[(0, 0)],
+    )
     x = torch.randn(6, 1, 16, 16)
     with torch.no_grad():
         t_pred = stage.teacher(x).argmax(dim=1)
@@ -158,11 +218,18 @@ def test_label_source_sets_the_ce_target(tiny_teacher, label_source):
 
 def test_resume_from_checkpoint(tiny_teacher, tmp_path):
     m = fit(
-        "--config", "experiments/digits/teacher.yaml",
-        "--model.init_args.arch", "test_vit_patch4_16",
-        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
-        "--ckpt_path", str(tiny_teacher.parent / "last.ckpt"),
-        "--run_dir", str(tmp_path),
+        "--config",
+        "experiments/digits/teacher.yaml",
+        "--model.init_args.arch",
+        "test_vit_patch4_16",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "2",
+        "--ckpt_path",
+        str(tiny_teacher.parent / "last.ckpt"),
+        "--run_dir",
+        str(tmp_path),
     )
     assert m["epochs"] == 2
     # the checkpoint's epoch is not trained again: only the second epoch's 2 batches ran here (4 if it started afresh)

@@ -1,4 +1,5 @@
 """Checkpoints written like every other output: to a temporary name, fsynced, then renamed into place."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ A stage names the protocol it needs (``Stage.data_contract``) and calls only wha
 implements the protocols (``data_modules.image_data.ImageDataModule`` implements all of them). A data module
 that lacks a member is refused before the run starts, in one line naming what is missing (``require``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -79,7 +80,10 @@ def members(protocol: type) -> list[str]:
     for cls in reversed(protocol.__mro__):
         if cls in (object, Protocol, Any) or not getattr(cls, "_is_protocol", False):
             continue
-        declared = [*getattr(cls, "__annotations__", {}), *(k for k, v in vars(cls).items() if callable(v) and not k.startswith("_"))]
+        declared = [
+            *getattr(cls, "__annotations__", {}),
+            *(k for k, v in vars(cls).items() if callable(v) and not k.startswith("_")),
+        ]
         names += [n for n in declared if n not in names]
     return names
 
@@ -93,7 +97,9 @@ def require(datamodule: Any, protocol: type, stage: str) -> Any:
     """``datamodule`` itself when it has every member of ``protocol``; else a one-line error naming the
     missing ones, the stage that needs them and the fix."""
     if datamodule is None:
-        raise VitkdInputError(f"{stage} needs a data module ({protocol.__name__}): pass --data with a data module's class_path")
+        raise VitkdInputError(
+            f"{stage} needs a data module ({protocol.__name__}): pass --data with a data module's class_path"
+        )
     lacking = missing(datamodule, protocol)
     if lacking:
         attributes = {n for cls in protocol.__mro__ for n in getattr(cls, "__annotations__", {})}

@@ -4,6 +4,7 @@ Configs written before the layout change name class paths such as ``vitkd.detect
 scripts run ``python -m vitkd.demo``. Each old name is an alias of the module that now holds the code:
 importing it (a config's ``class_path``) or running it with ``-m`` works and warns once, naming the new path.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,7 +35,9 @@ MOVED = {
 
 
 def warn_moved(old: str) -> None:
-    warnings.warn(f"{old} moved to {MOVED[old]}: use the new path ({old} goes in vitkd 0.2)", FutureWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} moved to {MOVED[old]}: use the new path ({old} goes in vitkd 0.2)", FutureWarning, stacklevel=3
+    )
 
 
 class _Alias(importlib.abc.Loader):

@@ -1,4 +1,5 @@
 """One exception type for bad user input: its message is one line naming the input and the fix."""
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ then test their best checkpoint; the selector scores. Every run writes its run d
 ``config.yaml`` (resolved), ``checkpoints/`` (best on validation, and last), ``metrics.csv`` (the local
 log) and ``metrics.json`` (final figures), each written under a temporary name and then renamed.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,12 +31,20 @@ quiet_lightning()
 
 class VitkdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/<stage>-<time>).")
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from.")
-        parser.add_argument("--run_name", type=str | None, default=None, help="Name of the run in loggers (default: run_dir's name).")
-        parser.add_argument("--torch_threads", type=int | None, default=None, help="torch intra-op threads (default: torch's choice).")
         parser.add_argument(
-            "--overwrite", type=bool, default=False,
+            "--run_dir", type=str | None, default=None, help="Run directory (default: runs/<stage>-<time>)."
+        )
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from.")
+        parser.add_argument(
+            "--run_name", type=str | None, default=None, help="Name of the run in loggers (default: run_dir's name)."
+        )
+        parser.add_argument(
+            "--torch_threads", type=int | None, default=None, help="torch intra-op threads (default: torch's choice)."
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
             help="Replace the results of an earlier run in --run_dir (otherwise such a run_dir is refused, so nothing is lost).",
         )
         parser.add_class_arguments(WandbOptions, "wandb")
@@ -52,7 +61,9 @@ class VitkdCLI(LightningCLI):
             raise VitkdInputError(f"--run_dir {self.run_dir} is a file: pass a folder (it is created if missing)")
         if cfg.torch_threads is not None:
             if cfg.torch_threads < 1:
-                raise VitkdInputError(f"--torch_threads {cfg.torch_threads} must be a positive integer: pass N >= 1 or leave it unset")
+                raise VitkdInputError(
+                    f"--torch_threads {cfg.torch_threads} must be a positive integer: pass N >= 1 or leave it unset"
+                )
             torch.set_num_threads(cfg.torch_threads)
         if not cfg.ckpt_path and slurm_requeued(self.run_dir) and not (self.run_dir / "metrics.json").is_file():
             # a requeue resumes from the last finished epoch, which reproduces the run: Lightning's hpc checkpoint
@@ -66,30 +77,48 @@ class VitkdCLI(LightningCLI):
         if cfg.ckpt_path:
             ckpt = Path(cfg.ckpt_path)
             if ckpt.is_dir():
-                raise VitkdInputError(f"--ckpt_path {ckpt} is a folder: pass the checkpoint file in it, e.g. {ckpt / 'last.ckpt'}")
+                raise VitkdInputError(
+                    f"--ckpt_path {ckpt} is a folder: pass the checkpoint file in it, e.g. {ckpt / 'last.ckpt'}"
+                )
             if not ckpt.is_file():
-                raise VitkdInputError(f"--ckpt_path {ckpt} does not exist: pass a checkpoint from a run's checkpoints/ folder")
+                raise VitkdInputError(
+                    f"--ckpt_path {ckpt} does not exist: pass a checkpoint from a run's checkpoints/ folder"
+                )
         if not cfg.overwrite and not cfg.ckpt_path:
             earlier = earlier_results(self.run_dir)
             if earlier:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
-                resume = f"--ckpt_path {last} to resume training, " if last.is_file() else ""  # a selection has no checkpoints
-                raise VitkdInputError(f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, {resume}or --overwrite true to replace it")
+                resume = (
+                    f"--ckpt_path {last} to resume training, " if last.is_file() else ""
+                )  # a selection has no checkpoints
+                raise VitkdInputError(
+                    f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, {resume}or --overwrite true to replace it"
+                )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init
         user_loggers = cfg.trainer.get("logger")
-        extra = [] if user_loggers in (None, True, False) else (user_loggers if isinstance(user_loggers, list) else [user_loggers])
+        extra = (
+            []
+            if user_loggers in (None, True, False)
+            else (user_loggers if isinstance(user_loggers, list) else [user_loggers])
+        )
         run_name = self.config.run_name or self.run_dir.name
         wandb_on = cfg.wandb is not None and cfg.wandb.enabled
-        kwargs.setdefault("logger", build_loggers(
-            self.run_dir, run_name, cfg.wandb, extra,
-            stage=str(self.config.model.class_path).rsplit(".", 1)[-1],
-            config_files=self.config.get("config"),
-            config=self.parser.dump(self.config, skip_none=False) if wandb_on else None,
-            resume=bool(self.config.ckpt_path),
-            resume_epoch=checkpoint_epoch(self.config.ckpt_path),
-        ))
+        kwargs.setdefault(
+            "logger",
+            build_loggers(
+                self.run_dir,
+                run_name,
+                cfg.wandb,
+                extra,
+                stage=str(self.config.model.class_path).rsplit(".", 1)[-1],
+                config_files=self.config.get("config"),
+                config=self.parser.dump(self.config, skip_none=False) if wandb_on else None,
+                resume=bool(self.config.ckpt_path),
+                resume_epoch=checkpoint_epoch(self.config.ckpt_path),
+            ),
+        )
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -123,7 +152,9 @@ class RunDirLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise VitkdInputError(f"--run_dir {run_dir} is in use by another vitkd run: wait for it to end, or pass another --run_dir") from None
+            raise VitkdInputError(
+                f"--run_dir {run_dir} is in use by another vitkd run: wait for it to end, or pass another --run_dir"
+            ) from None
 
     def release(self, refused: bool = False) -> None:
         if self.fd is None:
@@ -144,8 +175,20 @@ class RunStopped(SystemExit):
 
 # what vitkd writes in a run directory; --overwrite removes these and nothing else
 RUN_OUTPUTS = (
-    "checkpoints", "metrics.json", "metrics.csv", "hparams.yaml", "config.yaml", "score_parts", "scores.csv", "selected", "report",
-    "probe_maps", "samples", "wandb", "wandb_id.txt", "hpc_ckpt_*.ckpt",
+    "checkpoints",
+    "metrics.json",
+    "metrics.csv",
+    "hparams.yaml",
+    "config.yaml",
+    "score_parts",
+    "scores.csv",
+    "selected",
+    "report",
+    "probe_maps",
+    "samples",
+    "wandb",
+    "wandb_id.txt",
+    "hpc_ckpt_*.ckpt",
 )
 
 
@@ -179,20 +222,32 @@ def _check_config_files(args: ArgsType) -> None:
     (the parser's own messages name neither the file nor the line)."""
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
     for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=") if arg.startswith("--config=") else None
+        path = (
+            argv[i + 1]
+            if arg == "--config" and i + 1 < len(argv)
+            else arg.removeprefix("--config=")
+            if arg.startswith("--config=")
+            else None
+        )
         if path and Path(path).is_file():
             import yaml
 
             try:
                 content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except UnicodeDecodeError:
-                raise VitkdInputError(f"--config {path} is not a UTF-8 YAML file: pass a YAML config such as experiments/digits/teacher.yaml") from None
+                raise VitkdInputError(
+                    f"--config {path} is not a UTF-8 YAML file: pass a YAML config such as experiments/digits/teacher.yaml"
+                ) from None
             except yaml.YAMLError as err:
                 mark = getattr(err, "problem_mark", None)
                 where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-                raise VitkdInputError(f"--config {path} is not valid YAML ({where}{getattr(err, 'problem', None) or err}): fix the file") from None
+                raise VitkdInputError(
+                    f"--config {path} is not valid YAML ({where}{getattr(err, 'problem', None) or err}): fix the file"
+                ) from None
             if content is not None and not isinstance(content, dict):
-                raise VitkdInputError(f"--config {path} holds a {type(content).__name__}, not a mapping of keys: pass a config such as experiments/digits/teacher.yaml")
+                raise VitkdInputError(
+                    f"--config {path} holds a {type(content).__name__}, not a mapping of keys: pass a config such as experiments/digits/teacher.yaml"
+                )
 
 
 def _one_line(err: BaseException) -> str:
@@ -203,7 +258,15 @@ def _one_line(err: BaseException) -> str:
     text = str(err)
     lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
     reason = None
-    for marker in ("is not accepted", "not expected", "Unrecognized", "unrecognized arguments", "No action", "does not", "Expected"):
+    for marker in (
+        "is not accepted",
+        "not expected",
+        "Unrecognized",
+        "unrecognized arguments",
+        "No action",
+        "does not",
+        "Expected",
+    ):
         reason = next((ln for ln in lines if marker in ln and "Union subtypes" not in ln), None)
         if reason is not None:
             break
@@ -211,12 +274,20 @@ def _one_line(err: BaseException) -> str:
     keys = re.findall(r'Parser key "([^"]+)"', text)
     if not keys or not reason.startswith("Expected"):
         return reason
-    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{'.'.join(keys[1:])}" if "class_path" in text else ".".join(keys)
+    key = (
+        keys[0]
+        if len(keys) == 1
+        else f"{keys[0]}.init_args.{'.'.join(keys[1:])}"
+        if "class_path" in text
+        else ".".join(keys)
+    )
     given = re.search(r"Given value: (.+)", text)
     if "Got value" not in reason and sum(ln.startswith("Expected") for ln in lines) > 1 and given:  # a union of types
         return f"--{key}: {given.group(1)} is not an accepted value"
     reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
-    reason = re.sub(r"^Expected an? (.+?)\. Got value: (.+)$", r"expected \1, got \2", reason)  # "expected int, got abc"
+    reason = re.sub(
+        r"^Expected an? (.+?)\. Got value: (.+)$", r"expected \1, got \2", reason
+    )  # "expected int, got abc"
     return f"--{key}: {reason}"
 
 
@@ -248,7 +319,9 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
         # fit, or a selection whose saved scores were computed differently, is refused with the run directory as it was
         earlier = None if cli.config.overwrite or cli.config.ckpt_path or lock is None else earlier_results(run_dir)
         if earlier:
-            raise VitkdInputError(f"--run_dir {run_dir} already holds a run ({earlier}): pass a new --run_dir, or --overwrite true to replace it")
+            raise VitkdInputError(
+                f"--run_dir {run_dir} already holds a run ({earlier}): pass a new --run_dir, or --overwrite true to replace it"
+            )
         cli.model.check_run_dir(trainer, cli.datamodule, run_dir, cli.config.ckpt_path, cli.config.overwrite)
     except BaseException:
         if lock is not None:
@@ -284,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as stop:
         last = stop.run_dir / "checkpoints" / "last.ckpt"
-        resume = f"resume with --ckpt_path {last}" if last.is_file() else "no epoch had finished: rerun the same command"
+        resume = (
+            f"resume with --ckpt_path {last}" if last.is_file() else "no epoch had finished: rerun the same command"
+        )
         print(f"vitkd: stopped by SIGTERM: {resume}", file=sys.stderr)
         return 143
     return 0

@@ -4,6 +4,7 @@
 A crash therefore never leaves a half-written checkpoint, shard, selection or metrics file, and a full
 disk ends the run with one line naming the file and the free space, with the previous file kept.
 """
+
 from __future__ import annotations
 
 import errno
@@ -55,7 +56,9 @@ def _free(folder: Path) -> str:
 
 def _disk_full_error(path: Path, existed: bool) -> DiskFullError:
     kept = f"the previous {path.name} is kept" if existed else "nothing was replaced"
-    return DiskFullError(f"no space left on the device writing {path} ({_free(path.parent)} free there): free some space or pass a --run_dir on another disk; {kept}")
+    return DiskFullError(
+        f"no space left on the device writing {path} ({_free(path.parent)} free there): free some space or pass a --run_dir on another disk; {kept}"
+    )
 
 
 def fsync_path(path: str | os.PathLike) -> None:

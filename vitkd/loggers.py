@@ -8,6 +8,7 @@ printed. Runs are grouped for comparison: ``group`` = the experiment (the config
 requeued run continues its W&B run; it continues its ``metrics.csv`` too (Lightning's CSV logger would
 start it afresh).
 """
+
 from __future__ import annotations
 
 import csv
@@ -246,7 +247,9 @@ def build_loggers(
     resumed checkpoint finished (later rows of ``metrics.csv`` are dropped: that training is redone).
     """
     resume = resume or slurm_requeued(run_dir)
-    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="", resume=resume, resume_epoch=resume_epoch)]
+    loggers: list[Logger] = [
+        ResumableCSVLogger(save_dir=str(run_dir), name="", version="", resume=resume, resume_epoch=resume_epoch)
+    ]
     loggers.extend(extra)
     if wandb is None or not wandb.enabled:
         return loggers

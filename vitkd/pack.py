@@ -14,6 +14,7 @@ others are written (identically: keys, order and tar headers do not depend on ti
 ``meta.json`` is written last. Rerunning with other options or other inputs into the same OUT is refused
 unless ``--overwrite``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,11 @@ class ShardJob:
         src = self.reader.name.encode()
         start = j * self.shard_size
         for key, image, label in self.reader.read(start, start + self.counts[j]):
-            sample = {"__key__": key, self.image_format: encode(fit_size(image, self.size, self.resample, self.crop), self.image_format), "src": src}
+            sample = {
+                "__key__": key,
+                self.image_format: encode(fit_size(image, self.size, self.resample, self.crop), self.image_format),
+                "src": src,
+            }
             if self.labels and label is not None:
                 sample["cls"] = str(label).encode()
             yield sample
@@ -149,7 +154,9 @@ def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
         return
     if not overwrite:
         differs = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-        raise VitkdInputError(f"OUT {out} holds shards of another pack (differs in: {', '.join(differs) or 'unknown'}): pass a new OUT, or --overwrite to replace them")
+        raise VitkdInputError(
+            f"OUT {out} holds shards of another pack (differs in: {', '.join(differs) or 'unknown'}): pass a new OUT, or --overwrite to replace them"
+        )
     for prefix in {plan["name"], (old or {}).get("name") or plan["name"]}:
         for p in _own_shards(out, prefix):
             p.unlink()
@@ -191,8 +198,15 @@ def pack(
     _prepare_out(out)
     labelled = labels and reader.classes is not None
     plan = {
-        "name": reader.name, "source": reader.describe(), "num_samples": n, "shard_size": shard_size, "size": size,
-        "resample": resample, "crop": crop, "image_format": image_format, "labels": labelled,
+        "name": reader.name,
+        "source": reader.describe(),
+        "num_samples": n,
+        "shard_size": shard_size,
+        "size": size,
+        "resample": resample,
+        "crop": crop,
+        "image_format": image_format,
+        "labels": labelled,
     }
     _check_plan(out, plan, overwrite)
     for stale in out.glob(f".{reader.name}-*.tar.*.tmp"):  # left by a killed run; never a final name
@@ -203,7 +217,9 @@ def pack(
     pending = [j for j, c in enumerate(counts) if shard_samples(job.path(j)) != c]
     done = n - sum(counts[j] for j in pending)
     workers = max(1, min(workers or default_workers(), len(pending)))
-    with tqdm(total=n, initial=done, unit="img", desc=f"pack {reader.name}", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=n, initial=done, unit="img", desc=f"pack {reader.name}", disable=not progress, dynamic_ncols=True
+    ) as bar:
         if workers == 1:
             for j in pending:
                 bar.update(job.write(j)[1])
@@ -216,36 +232,96 @@ def pack(
 
     files = [job.path(j).name for j in range(len(counts))]
     meta = {
-        "format": fmt, "source": str(src), "split": split, "src": reader.name,
-        "url": shard_url(out, len(counts), reader.name), "pattern": shard_url("", len(counts), reader.name),
-        "num_samples": n, "shards": len(counts), "shard_counts": dict(zip(files, counts)),
-        "classes": reader.classes if labelled else None, "num_classes": len(reader.classes) if labelled else None,
-        "size": size, "image_format": image_format, "plan": plan, "created_by": "vitkd.pack",
+        "format": fmt,
+        "source": str(src),
+        "split": split,
+        "src": reader.name,
+        "url": shard_url(out, len(counts), reader.name),
+        "pattern": shard_url("", len(counts), reader.name),
+        "num_samples": n,
+        "shards": len(counts),
+        "shard_counts": dict(zip(files, counts)),
+        "classes": reader.classes if labelled else None,
+        "num_classes": len(reader.classes) if labelled else None,
+        "size": size,
+        "image_format": image_format,
+        "plan": plan,
+        "created_by": "vitkd.pack",
     }
     if fmt == "emnist":
         meta["emnist_split"] = emnist_split
     write_json(out / "meta.json", meta)
     (out / PLAN_FILE).unlink(missing_ok=True)
-    print(f"packed {n} images into {len(counts)} shards ({len(counts) - len(pending)} already done) in {out}", file=sys.stderr)
+    print(
+        f"packed {n} images into {len(counts)} shards ({len(counts) - len(pending)} already done) in {out}",
+        file=sys.stderr,
+    )
     return meta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m vitkd.pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="python -m vitkd.pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("fmt", metavar="FORMAT", choices=FORMATS, help=f"one of {', '.join(FORMATS)}")
-    p.add_argument("src", metavar="SRC", help="the data set as downloaded: folder, or archive (.tar.gz for CIFAR; .tar/.zip for flat)")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="the data set as downloaded: folder, or archive (.tar.gz for CIFAR; .tar/.zip for flat)",
+    )
     p.add_argument("out", metavar="OUT", help="output folder for the shards and meta.json")
-    p.add_argument("--size", type=int, default=None, help="side of the stored square images (default: 28 for MNIST/Fashion-MNIST/EMNIST, 32 otherwise; 0 keeps each image's size)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="side of the stored square images (default: 28 for MNIST/Fashion-MNIST/EMNIST, 32 otherwise; 0 keeps each image's size)",
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})"
+    )
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: usable CPUs)")
-    p.add_argument("--split", default="train", help="train, test or all (train then test) for the fixed data sets; only a name for folder/flat (default train)")
-    p.add_argument("--emnist-split", default="byclass", choices=EMNIST_SPLITS, help="EMNIST split (default byclass: all 62 classes; with --split all, the paper's 814K wild images)")
+    p.add_argument(
+        "--split",
+        default="train",
+        help="train, test or all (train then test) for the fixed data sets; only a name for folder/flat (default train)",
+    )
+    p.add_argument(
+        "--emnist-split",
+        default="byclass",
+        choices=EMNIST_SPLITS,
+        help="EMNIST split (default byclass: all 62 classes; with --split all, the paper's 814K wild images)",
+    )
     p.add_argument("--label-set", default="fine", choices=("fine", "coarse"), help="CIFAR-100 labels (default fine)")
-    p.add_argument("--name", default=None, help="shard prefix, key prefix and src tag (default FORMAT-SPLIT; emnist-EMNIST_SPLIT-SPLIT for EMNIST)")
-    p.add_argument("--format", dest="image_format", default="png", choices=("png", "jpg"), help="stored image encoding (default png, lossless)")
-    p.add_argument("--resample", default="auto", choices=RESAMPLE, help="resize filter (default auto: box when shrinking, bicubic when enlarging)")
-    p.add_argument("--crop", default="none", choices=("none", "center"), help="none: direct resize to size×size (ImageNet-32); center: shorter side then center crop")
-    p.add_argument("--no-labels", dest="labels", action="store_false", help="write no cls (e.g. a labelled set used as a wild pool)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="shard prefix, key prefix and src tag (default FORMAT-SPLIT; emnist-EMNIST_SPLIT-SPLIT for EMNIST)",
+    )
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        default="png",
+        choices=("png", "jpg"),
+        help="stored image encoding (default png, lossless)",
+    )
+    p.add_argument(
+        "--resample",
+        default="auto",
+        choices=RESAMPLE,
+        help="resize filter (default auto: box when shrinking, bicubic when enlarging)",
+    )
+    p.add_argument(
+        "--crop",
+        default="none",
+        choices=("none", "center"),
+        help="none: direct resize to size×size (ImageNet-32); center: shorter side then center crop",
+    )
+    p.add_argument(
+        "--no-labels",
+        dest="labels",
+        action="store_false",
+        help="write no cls (e.g. a labelled set used as a wild pool)",
+    )
     p.add_argument("--limit", type=int, default=None, help="pack only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier pack in OUT")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -11,6 +11,7 @@ RUN_DIRs>/comparison``):
 * ``training_curves.png`` — validation metric against epoch and training loss against step, from each
   run's ``metrics.csv`` (one colour per row, one line per seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,15 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     found: set[Path] = set()
     for d in dirs:
         if not d.exists():
-            raise VitkdInputError(f"run directory {d} does not exist: pass directories written by `python -m vitkd.fit`")
+            raise VitkdInputError(
+                f"run directory {d} does not exist: pass directories written by `python -m vitkd.fit`"
+            )
         if d.is_dir():
             found.update(p.parent for p in d.rglob("metrics.json"))
     if not found:
-        raise VitkdInputError(f"no metrics.json under {', '.join(map(str, dirs))}: pass run directories written by `python -m vitkd.fit`")
+        raise VitkdInputError(
+            f"no metrics.json under {', '.join(map(str, dirs))}: pass run directories written by `python -m vitkd.fit`"
+        )
     return sorted(found)
 
 
@@ -89,7 +94,9 @@ def read_metrics(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise VitkdInputError(f"{path} is not valid JSON ({err}): rerun that run, or leave its folder out") from None
     if not isinstance(metrics, dict):
-        raise VitkdInputError(f"{path} is not a JSON object of figures: pass run directories written by `python -m vitkd.fit`")
+        raise VitkdInputError(
+            f"{path} is not a JSON object of figures: pass run directories written by `python -m vitkd.fit`"
+        )
     return metrics
 
 
@@ -132,7 +139,9 @@ def collect(dirs: list[Path]) -> list[Row]:
         metrics = [read_metrics(m / "metrics.json") for m in members]
         row = Row(name=name, runs=members, metrics=metrics, stage=_stage(members[0]))
         for k, _, _ in COLUMNS:
-            vals = [float(m[k]) for m in metrics if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
+            vals = [
+                float(m[k]) for m in metrics if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)
+            ]
             if vals:
                 row.values[k] = vals
         rows.append(row)
@@ -204,8 +213,16 @@ def plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Path
     colors = plt.get_cmap("tab10" if len(pts) <= 10 else "tab20")
     markers = "osD^vPX*<>"
     for i, r in enumerate(pts):
-        ax.errorbar(r.mean(x_key), 100 * r.mean("test/acc"), yerr=100 * (r.std("test/acc") or 0.0), fmt=markers[i % len(markers)],
-                    color=colors(i % colors.N), capsize=3, markersize=7, label=f"{r.name} (n={len(r.values['test/acc'])})")
+        ax.errorbar(
+            r.mean(x_key),
+            100 * r.mean("test/acc"),
+            yerr=100 * (r.std("test/acc") or 0.0),
+            fmt=markers[i % len(markers)],
+            color=colors(i % colors.N),
+            capsize=3,
+            markersize=7,
+            label=f"{r.name} (n={len(r.values['test/acc'])})",
+        )
     xs = [r.mean(x_key) for r in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 3:
         ax.set_xscale("log")
@@ -234,7 +251,11 @@ def read_curves(run: Path) -> dict[str, tuple[str, list[float], list[float]]]:
         key = next((k for k in keys if k in header), None)
         if key is None:
             continue
-        pts = [(float(r[x_key]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r.get(x_key) not in (None, "")]
+        pts = [
+            (float(r[x_key]), float(r[key]))
+            for r in rows
+            if r.get(key) not in (None, "") and r.get(x_key) not in (None, "")
+        ]
         pts = [p for p in pts if math.isfinite(p[1])]
         if pts:
             out[name] = (key, [p[0] for p in pts], [p[1] for p in pts])
@@ -261,7 +282,9 @@ def plot_curves(rows: list[Row], path: Path) -> Path | None:
                 label = None if r.name in labelled else r.name
                 labelled.add(r.name)
                 ax.plot(x, y, color=color, lw=1.0, alpha=0.8, label=label, marker="." if len(x) < 30 else None)
-    for ax, name, x_label, title in zip(axes, ("val", "loss"), ("epoch", "step"), ("validation (chooses the best checkpoint)", "training loss")):
+    for ax, name, x_label, title in zip(
+        axes, ("val", "loss"), ("epoch", "step"), ("validation (chooses the best checkpoint)", "training loss")
+    ):
         ax.set_xlabel(x_label)
         ax.set_ylabel(" / ".join(sorted(keys[name])) or name)
         ax.set_title(title, fontsize=10)
@@ -299,9 +322,13 @@ def report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m vitkd.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="python -m vitkd.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or folders of them (searched recursively)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <common parent of RUN_DIRs>/comparison)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <common parent of RUN_DIRs>/comparison)"
+    )
     a = p.parse_args(argv)
     try:
         written = report(a.run_dirs, a.out)
@@ -309,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitkd: error: {err}", file=sys.stderr)
         return 2
     print(Path(written["report.md"]).read_text())
-    for name, path in written.items():
+    for path in written.values():
         print(f"wrote {path}")
     return 0
 

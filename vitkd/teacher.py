@@ -1,4 +1,5 @@
 """Loading a trained teacher: a vitkd checkpoint, or a user's state dict with its timm arch name."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,9 @@ from vitkd.models import create_model
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
-        raise VitkdInputError(f"teacher checkpoint {path} is a folder: pass the checkpoint file in it, e.g. {path / 'checkpoints' / 'best.ckpt'}")
+        raise VitkdInputError(
+            f"teacher checkpoint {path} is a folder: pass the checkpoint file in it, e.g. {path / 'checkpoints' / 'best.ckpt'}"
+        )
     if not path.is_file():
         raise VitkdInputError(
             f"teacher checkpoint {path} does not exist: train one (python -m vitkd.fit --config experiments/digits/teacher.yaml) or pass --model.teacher_ckpt PATH"
@@ -21,7 +24,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated or not a torch file
-        raise VitkdInputError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}): pass a Lightning .ckpt or a torch state dict") from err
+        raise VitkdInputError(
+            f"teacher checkpoint {path} cannot be read ({type(err).__name__}): pass a Lightning .ckpt or a torch state dict"
+        ) from err
 
 
 def shape_mismatch(model: nn.Module, state: dict) -> str | None:
@@ -56,7 +61,9 @@ def load_teacher(path: str | Path, arch: str | None = None, **model_kwargs) -> t
     model = create_model(arch, **kwargs)
     mismatch = shape_mismatch(model, state)
     if mismatch:
-        raise VitkdInputError(f"teacher checkpoint {path} does not fit arch {arch!r} ({mismatch}): pass the arch (--model.init_args.teacher_arch) and sizes it was trained with")
+        raise VitkdInputError(
+            f"teacher checkpoint {path} does not fit arch {arch!r} ({mismatch}): pass the arch (--model.init_args.teacher_arch) and sizes it was trained with"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VitkdInputError(

@@ -7,6 +7,7 @@ feature for PEFD), e.g. 10 + 3·64 numbers per CIFAR image for the paper's pair 
 block outputs, so 650k selected images fit in about half a GB. Written by hand: no library caches a
 module's outputs by dataset key inside a training loop.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -28,7 +29,9 @@ class TeacherCache:
     def __len__(self) -> int:
         return self._size
 
-    def __call__(self, keys: Sequence[str], x: torch.Tensor, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, keys: Sequence[str], x: torch.Tensor, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         """The outputs for batch ``x`` named by ``keys``: stored rows for known keys, ``compute`` on the rest
         (only those samples), which are then stored."""
         rows = [self._row.get(k, -1) for k in keys]

@@ -29,6 +29,7 @@ Formats (``open_reader(format, src, ...)``), one module per kind of file:
 ``split`` is ``train``, ``test`` or ``all`` (train then test) for the fixed data sets; for ``folder`` and
 ``flat`` it only names the output (e.g. ``val``). ``resize.fit_size`` brings an image to the packed size.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,15 +48,22 @@ NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "emnist": 28, "cifar10": 32, "c
 _NAME = r"[A-Za-z0-9_-]+"
 
 
-def open_reader(fmt: str, src: str | Path, split: str = "train", emnist_split: str = "byclass",
-                label_set: str = "fine", name: str | None = None) -> Reader:
+def open_reader(
+    fmt: str,
+    src: str | Path,
+    split: str = "train",
+    emnist_split: str = "byclass",
+    label_set: str = "fine",
+    name: str | None = None,
+) -> Reader:
     """The reader of ``src`` in format ``fmt`` (one of ``FORMATS``)."""
     src = Path(src)
     if fmt not in FORMATS:
         raise VitkdInputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if name is not None and not re.fullmatch(_NAME, name):
-        raise VitkdInputError(f"--name {name!r} may hold only letters, digits, '_' and '-' "
-                              "(it becomes file names, keys and the src tag)")
+        raise VitkdInputError(
+            f"--name {name!r} may hold only letters, digits, '_' and '-' (it becomes file names, keys and the src tag)"
+        )
     if not re.fullmatch(_NAME, split):
         raise VitkdInputError(f"--split {split!r} may hold only letters, digits, '_' and '-'")
     if not src.exists():

@@ -1,4 +1,5 @@
 """What every reader is (``Reader``), and the reader of data sets held as uint8 arrays (``ArrayReader``)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,14 @@ class Reader:
 class ArrayReader(Reader):
     """Images from uint8 arrays in parts (e.g. train then test), labels as int arrays."""
 
-    def __init__(self, name: str, classes: list[str], parts: list[tuple[np.ndarray, np.ndarray]], info: dict,
-                 transpose: bool = False):
+    def __init__(
+        self,
+        name: str,
+        classes: list[str],
+        parts: list[tuple[np.ndarray, np.ndarray]],
+        info: dict,
+        transpose: bool = False,
+    ):
         super().__init__(name, classes)
         self.parts, self.info, self.transpose = parts, info, transpose
         self.offsets = np.cumsum([0] + [len(x) for x, _ in parts])

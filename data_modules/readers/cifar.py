@@ -2,6 +2,7 @@
 
 Pickle is the format the data sets ship in (torchvision loads them the same way); only pack archives you trust.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -20,8 +21,10 @@ def _unpickle(raw: bytes, where: str) -> dict:
     try:
         d = pickle.loads(raw, encoding="bytes")
     except Exception as err:  # any unpickling failure means the file is not a CIFAR batch
-        raise VitkdInputError(f"{where} is not a CIFAR python pickle batch ({type(err).__name__}): "
-                              "pass the 'python version' archive or folder") from None
+        raise VitkdInputError(
+            f"{where} is not a CIFAR python pickle batch ({type(err).__name__}): "
+            "pass the 'python version' archive or folder"
+        ) from None
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -37,8 +40,10 @@ def _cifar_files(src: Path, folder: str, names: list[str], fmt: str) -> dict[str
                         out[parts[-1]] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as err:
             reason = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
-            raise VitkdInputError(f"cannot read {src} as a tar archive ({reason}): "
-                                  f"pass cifar-*-python.tar.gz or the extracted {folder} folder") from None
+            raise VitkdInputError(
+                f"cannot read {src} as a tar archive ({reason}): "
+                f"pass cifar-*-python.tar.gz or the extracted {folder} folder"
+            ) from None
         return out
     if not src.is_dir():
         raise VitkdInputError(f"{fmt} source {src} does not exist: pass the {folder} folder or its .tar.gz archive")
@@ -49,21 +54,25 @@ def _cifar_files(src: Path, folder: str, names: list[str], fmt: str) -> dict[str
 def _batch(raw: dict[str, bytes], b: str, src: Path, folder: str, fmt: str, label_key: str):
     """One batch's (N, 32, 32, 3) images and int64 labels."""
     if b not in raw:
-        raise VitkdInputError(f"CIFAR batch {folder}/{b} is missing in {src}: "
-                              f"pass the complete {folder} folder or its .tar.gz")
+        raise VitkdInputError(
+            f"CIFAR batch {folder}/{b} is missing in {src}: pass the complete {folder} folder or its .tar.gz"
+        )
     d = _unpickle(raw[b], f"{src}:{b}")
     if "data" not in d or label_key not in d:
-        raise VitkdInputError(f"{src}:{b} has no '{label_key}' or 'data' entry: "
-                              f"it is not a {fmt} batch (is it the other CIFAR?)")
+        raise VitkdInputError(
+            f"{src}:{b} has no '{label_key}' or 'data' entry: it is not a {fmt} batch (is it the other CIFAR?)"
+        )
     data = np.asarray(d["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise VitkdInputError(f"{src}:{b} data has shape {data.shape}, not (N, 3072): "
-                              "pass the original CIFAR python batches")
+        raise VitkdInputError(
+            f"{src}:{b} data has shape {data.shape}, not (N, 3072): pass the original CIFAR python batches"
+        )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d[label_key], dtype=np.int64)
 
 
-def cifar_reader(fmt: str, src: Path, split: str = "train", label_set: str = "fine",
-                 name: str | None = None) -> ArrayReader:
+def cifar_reader(
+    fmt: str, src: Path, split: str = "train", label_set: str = "fine", name: str | None = None
+) -> ArrayReader:
     """CIFAR-10/100 python pickle batches (folder or .tar.gz) → ArrayReader of H×W×3 images."""
     folder = "cifar-10-batches-py" if fmt == "cifar10" else "cifar-100-python"
     if fmt == "cifar10":

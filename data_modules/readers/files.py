@@ -1,6 +1,7 @@
 """Encoded image files: ImageNet-style class folders (``folder``) and unlabeled Flickr-style dumps (``flat``:
 a folder, an uncompressed ``.tar`` or a ``.zip``). Images are decoded to RGB when read (ImageNet holds some
 grey and CMYK JPEGs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ class FileReader(Reader):
                     arr = np.asarray(img.convert("RGB"))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 why = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-                raise VitkdInputError(f"cannot decode image {entry[0]} in {self.root} ({why}): "
-                                      "replace or delete it, then rerun (add --overwrite after deleting)") from None
+                raise VitkdInputError(
+                    f"cannot decode image {entry[0]} in {self.root} ({why}): "
+                    "replace or delete it, then rerun (add --overwrite after deleting)"
+                ) from None
             yield self.key(i), arr, entry[1]
 
     def describe(self) -> dict:
@@ -81,16 +84,23 @@ def _is_image(name: str) -> bool:
 def folder_reader(src: Path, split: str = "train", name: str | None = None) -> FileReader:
     """``src/<class>/*.jpg|jpeg|png``; classes sorted by name → 0, 1, ...; hidden files skipped."""
     if not src.is_dir():
-        raise VitkdInputError(f"folder source {src} is not a folder: "
-                              "pass a folder with one sub-folder of images per class")
+        raise VitkdInputError(
+            f"folder source {src} is not a folder: pass a folder with one sub-folder of images per class"
+        )
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise VitkdInputError(f"{src} has no class sub-folders: use format 'flat' for images without labels")
-    entries = [(f"{c}/{f.name}", k) for k, c in enumerate(classes) for f in sorted((src / c).iterdir())
-               if f.is_file() and _is_image(f.name)]
+    entries = [
+        (f"{c}/{f.name}", k)
+        for k, c in enumerate(classes)
+        for f in sorted((src / c).iterdir())
+        if f.is_file() and _is_image(f.name)
+    ]
     if not entries:
-        raise VitkdInputError(f"{src} holds no .jpg/.jpeg/.png files in its class sub-folders: "
-                              "pass the folder of class sub-folders (e.g. ImageNet's train/)")
+        raise VitkdInputError(
+            f"{src} holds no .jpg/.jpeg/.png files in its class sub-folders: "
+            "pass the folder of class sub-folders (e.g. ImageNet's train/)"
+        )
     return FileReader(name or f"folder-{split}", classes, src, entries, "dir", {"format": "folder", "split": split})
 
 
@@ -111,11 +121,14 @@ def flat_reader(src: Path, split: str = "train", name: str | None = None) -> Fil
             with tarfile.open(src, "r:") as tar:
                 entries = sorted((m.name, None, m.offset_data, m.size) for m in tar if m.isfile() and _is_image(m.name))
         except tarfile.ReadError:
-            raise VitkdInputError(f"{src} is not an uncompressed tar or zip of images: decompress it first "
-                                  "(e.g. gunzip it to a .tar) or extract it to a folder") from None
+            raise VitkdInputError(
+                f"{src} is not an uncompressed tar or zip of images: decompress it first "
+                "(e.g. gunzip it to a .tar) or extract it to a folder"
+            ) from None
     else:
         raise VitkdInputError(f"flat source {src} does not exist: pass a folder, .tar or .zip of images")
     if not entries:
-        raise VitkdInputError(f"{src} holds no .jpg/.jpeg/.png files: "
-                              "pass the folder, .tar or .zip that holds the images")
+        raise VitkdInputError(
+            f"{src} holds no .jpg/.jpeg/.png files: pass the folder, .tar or .zip that holds the images"
+        )
     return FileReader(name or f"flat-{split}", None, src, entries, kind, info)

@@ -4,6 +4,7 @@ Fashion-MNIST: Xiao et al., "Fashion-MNIST: a Novel Image Dataset for Benchmarki
 Algorithms", arXiv:1708.07747. EMNIST stores every image transposed (column-major) relative to MNIST; the
 reader transposes it back, and shifts the ``letters`` labels (1..26 in the files) to start at 0.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,8 +29,18 @@ EMNIST_CLASSES = {
     "digits": DIGITS,
     "mnist": DIGITS,
 }
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _find(src: Path, stems: list[str], what: str) -> Path:
@@ -56,8 +67,10 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             head = f.read(4)
             if len(head) < 4 or int.from_bytes(head, "big") != magic:
                 got = f"0x{int.from_bytes(head, 'big'):08x}" if len(head) == 4 else "a truncated header"
-                raise VitkdInputError(f"{path} is not an IDX {kind} file (magic {got}): "
-                                      "pass the original, un-renamed MNIST/Fashion-MNIST/EMNIST files")
+                raise VitkdInputError(
+                    f"{path} is not an IDX {kind} file (magic {got}): "
+                    "pass the original, un-renamed MNIST/Fashion-MNIST/EMNIST files"
+                )
             ndim = head[3]
             dims = tuple(int(d) for d in np.frombuffer(f.read(4 * ndim), dtype=">i4"))
             data = None if opener is open else f.read()
@@ -66,12 +79,16 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     size, header = int(np.prod(dims)), 4 + 4 * ndim
     if data is None:
         if path.stat().st_size != header + size:
-            raise VitkdInputError(f"{path} holds {path.stat().st_size - header} data bytes, its header says {size} "
-                                  f"{dims}: the file is truncated, download it again")
+            raise VitkdInputError(
+                f"{path} holds {path.stat().st_size - header} data bytes, its header says {size} "
+                f"{dims}: the file is truncated, download it again"
+            )
         return np.memmap(path, dtype=np.uint8, mode="r", offset=header, shape=dims)
     if len(data) != size:
-        raise VitkdInputError(f"{path} holds {len(data)} data bytes, its header says {size} {dims}: "
-                              "the file is truncated, download it again")
+        raise VitkdInputError(
+            f"{path} holds {len(data)} data bytes, its header says {size} {dims}: "
+            "the file is truncated, download it again"
+        )
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
@@ -96,15 +113,17 @@ def _part_files(fmt: str, src: Path, part: str, emnist_split: str) -> tuple[Path
     return img_p, lab_p
 
 
-def idx_reader(fmt: str, src: Path, split: str = "train", emnist_split: str = "byclass",
-               name: str | None = None) -> ArrayReader:
+def idx_reader(
+    fmt: str, src: Path, split: str = "train", emnist_split: str = "byclass", name: str | None = None
+) -> ArrayReader:
     """MNIST, Fashion-MNIST or EMNIST IDX files → ArrayReader (EMNIST transposed upright, labels shifted to
     start at 0)."""
     parts, files = [], []
     if fmt == "emnist":
         if emnist_split not in EMNIST_SPLITS:
-            raise VitkdInputError(f"--emnist-split {emnist_split} is not an EMNIST split: "
-                                  f"use one of {', '.join(EMNIST_SPLITS)}")
+            raise VitkdInputError(
+                f"--emnist-split {emnist_split} is not an EMNIST split: use one of {', '.join(EMNIST_SPLITS)}"
+            )
         classes, first = _emnist_classes(src, emnist_split)
         tag = f"emnist-{emnist_split}"
     else:
@@ -113,12 +132,15 @@ def idx_reader(fmt: str, src: Path, split: str = "train", emnist_split: str = "b
         img_p, lab_p = _part_files(fmt, src, part, emnist_split)
         images, labels = read_idx(img_p, IDX_IMAGES), read_idx(lab_p, IDX_LABELS)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise VitkdInputError(f"{img_p} {tuple(images.shape)} and {lab_p} {tuple(labels.shape)} do not match: "
-                                  "images must be (N, H, W) with N labels")
+            raise VitkdInputError(
+                f"{img_p} {tuple(images.shape)} and {lab_p} {tuple(labels.shape)} do not match: "
+                "images must be (N, H, W) with N labels"
+            )
         labels = labels.astype(np.int64) - first
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise VitkdInputError(f"{lab_p} has labels outside {first}..{first + len(classes) - 1}: "
-                                  f"it is not the {tag} labels file")
+            raise VitkdInputError(
+                f"{lab_p} has labels outside {first}..{first + len(classes) - 1}: it is not the {tag} labels file"
+            )
         parts.append((images, labels))
         files += [img_p.name, lab_p.name]
     info = {"format": fmt, "split": split, "files": files, "label_offset": first}

@@ -1,4 +1,5 @@
 """``fit_size``: a packed image's resize to the requested square size (``python -m vitkd.pack --size``)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -11,6 +11,7 @@ one budget; checkpoints are chosen on validation. The teacher is trained once an
 apart from the benchmark's). ``--quick``: one seed, the pool's first shards, a fifth of the students' budget, the
 same rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,16 +52,28 @@ SELECTIONS = {
     "oracle": ("select_oracle.yaml", "attention_probe"),
     "vitkd_fusion": ("select_fusion.yaml", "attention_probe"),
 }
-ORIGINAL = [("scratch", "scratch.yaml", "original (labels)"), ("kd_original", "kd_original.yaml", "original (labels) + teacher")]
+ORIGINAL = [
+    ("scratch", "scratch.yaml", "original (labels)"),
+    ("kd_original", "kd_original.yaml", "original (labels) + teacher"),
+]
 FUSION_TERMS = ("vn", "va", "vs", "energy")
 SHOW = ("test/acc", "precision", "num_kept")
 QUICK_SHARDS = 5  # --quick scores the pool's first shards only
-QUICK_ARGS = ["--trainer.max_epochs", "2", "--data.init_args.epoch_samples", "10000"]  # --quick: a fifth of the students' budget
+QUICK_ARGS = [
+    "--trainer.max_epochs",
+    "2",
+    "--data.init_args.epoch_samples",
+    "10000",
+]  # --quick: a fifth of the students' budget
 
 
 def fusion_grid() -> list[dict[str, float]]:
     """The settings ``vitkd_fusion`` chooses among: every non-empty subset of its terms, each weighed 1."""
-    return [{t: 1.0 for t in subset} for n in range(1, len(FUSION_TERMS) + 1) for subset in itertools.combinations(FUSION_TERMS, n)]
+    return [
+        {t: 1.0 for t in subset}
+        for n in range(1, len(FUSION_TERMS) + 1)
+        for subset in itertools.combinations(FUSION_TERMS, n)
+    ]
 
 
 def kept_share(pool: dict[str, np.ndarray], val: dict[str, np.ndarray], weights: dict[str, float], k: int) -> float:
@@ -100,8 +113,17 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
-def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], common: list[str], teacher_args: list[str], val_shards: Callable[[Path], str],
-               fit: Callable = run_fit, teacher_dir: Path | None = None, selections: list[str] | None = None) -> dict:
+def bench_jobs(
+    out: Path,
+    seeds: list[int],
+    pool_urls: Callable[[], dict],
+    common: list[str],
+    teacher_args: list[str],
+    val_shards: Callable[[Path], str],
+    fit: Callable = run_fit,
+    teacher_dir: Path | None = None,
+    selections: list[str] | None = None,
+) -> dict:
     """The benchmark's runs as jobs for ``run_graph`` (name → (jobs it waits for, job)). ``pool_urls()``
     returns ``{"urls": brace URL, "k1": in-distribution images}``; ``val_shards(folder)`` writes the labelled
     validation images the fusion weights are chosen on and returns their URL; ``common`` goes to every run.
@@ -130,7 +152,13 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
             if (k == "k2" or reuse) and not (run_dir / "score_parts").is_dir():  # the same scores, selected again
                 shutil.copytree(source / "score_parts", run_dir / "score_parts")
             pool = inputs["pool"]
-            extra = ["--data.init_args.wild_urls", pool["urls"], "--model.init_args.num_keep", str(pool["k1"] * (2 if k == "k2" else 1)), *tea]
+            extra = [
+                "--data.init_args.wild_urls",
+                pool["urls"],
+                "--model.init_args.num_keep",
+                str(pool["k1"] * (2 if k == "k2" else 1)),
+                *tea,
+            ]
             if name == "vitkd_fusion":
                 extra += ["--model.init_args.fusion_weights", json.dumps(inputs["choose_fusion"]["weights"])]
             t0 = time.time()
@@ -141,7 +169,17 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
     def select_val(inputs: dict) -> dict:
         url = val_shards(out / "select" / "val-images")
         run_dir = out / "select" / "val-scores"
-        fit(CONFIGS / "select.yaml", run_dir, *common, "--data.init_args.wild_urls", url, "--model.init_args.num_keep", "1", *tea, show=())
+        fit(
+            CONFIGS / "select.yaml",
+            run_dir,
+            *common,
+            "--data.init_args.wild_urls",
+            url,
+            "--model.init_args.num_keep",
+            "1",
+            *tea,
+            show=(),
+        )
         return {"run_dir": str(run_dir)}
 
     def choose(inputs: dict) -> dict:
@@ -149,7 +187,10 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
         val = score_columns(Path(inputs["select_val"]["run_dir"]) / "score_parts")
         choice = {**choose_fusion(pool, val, inputs["pool"]["k1"]), "num_val": len(val["vn"])}
         write_json(out / "select" / "fusion_choice.json", choice)
-        print(f"  fusion weights chosen on {choice['num_val']} validation images: {choice['weights']} (kept share {choice['kept_share']:.3f})", flush=True)
+        print(
+            f"  fusion weights chosen on {choice['num_val']} validation images: {choice['weights']} (kept share {choice['kept_share']:.3f})",
+            flush=True,
+        )
         return choice
 
     def student(config: str, run_dir: Path, *extra: str, sel: str | None = None) -> Callable:
@@ -161,22 +202,36 @@ def bench_jobs(out: Path, seeds: list[int], pool_urls: Callable[[], dict], commo
 
     jobs: dict[str, tuple[tuple[str, ...], Callable]] = {"teacher": ((), teacher), "pool": ((), lambda _: pool_urls())}
     for name, (_, reuse) in ((n, SELECTIONS[n]) for n in chosen):
-        after = ("teacher", "pool", *((f"select/{reuse}/k1",) if reuse else ()), *(("choose_fusion",) if name == "vitkd_fusion" else ()))
+        after = (
+            "teacher",
+            "pool",
+            *((f"select/{reuse}/k1",) if reuse else ()),
+            *(("choose_fusion",) if name == "vitkd_fusion" else ()),
+        )
         jobs[f"select/{name}/k1"] = (after, select(name, "k1"))
     if "vitkd_fusion" in chosen:
         jobs["select_val"] = (("teacher",), select_val)
         jobs["choose_fusion"] = (("select/attention_probe/k1", "select_val", "pool"), choose)
     for name in chosen:
-        jobs[f"select/{name}/k2"] = ((f"select/{name}/k1", "pool", *(("choose_fusion",) if name == "vitkd_fusion" else ())), select(name, "k2"))
+        jobs[f"select/{name}/k2"] = (
+            (f"select/{name}/k1", "pool", *(("choose_fusion",) if name == "vitkd_fusion" else ())),
+            select(name, "k2"),
+        )
     for name in chosen:
         for k in ("k1", "k2"):
             for seed in seeds:
                 run_dir = out / name / k / f"seed{seed}"
-                jobs[f"{name}/{k}/seed{seed}"] = (("teacher", f"select/{name}/{k}"), student("student.yaml", run_dir, "--seed_everything", str(seed), *tea, sel=f"select/{name}/{k}"))
+                jobs[f"{name}/{k}/seed{seed}"] = (
+                    ("teacher", f"select/{name}/{k}"),
+                    student("student.yaml", run_dir, "--seed_everything", str(seed), *tea, sel=f"select/{name}/{k}"),
+                )
     for name, config, _ in ORIGINAL:
         for seed in seeds:
             extra = ["--seed_everything", str(seed), *(tea if name != "scratch" else [])]
-            jobs[f"{name}/seed{seed}"] = ((() if name == "scratch" else ("teacher",)), student(config, out / name / f"seed{seed}", *extra))
+            jobs[f"{name}/seed{seed}"] = (
+                (() if name == "scratch" else ("teacher",)),
+                student(config, out / name / f"seed{seed}", *extra),
+            )
     return jobs
 
 
@@ -194,21 +249,62 @@ def needed_selections(selections: list[str] | None) -> list[str]:
 def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[str] | None = None) -> list[dict]:
     """The table's rows: test accuracy mean ± sample std over the seeds; for selections, what measures them."""
     t = done["teacher"]
-    rows = [{"run": "teacher", "num_keep": None, "data": "original (labels)", "params": t["params"], "test_acc_mean": t["test/acc"], "test_acc_std": 0.0,
-             "seeds": 1, "num_test": num_test, "best_val_acc": t.get("best_val/acc")}]
+    rows = [
+        {
+            "run": "teacher",
+            "num_keep": None,
+            "data": "original (labels)",
+            "params": t["params"],
+            "test_acc_mean": t["test/acc"],
+            "test_acc_std": 0.0,
+            "seeds": 1,
+            "num_test": num_test,
+            "best_val_acc": t.get("best_val/acc"),
+        }
+    ]
     for name, _, data in ORIGINAL:
         accs = [done[f"{name}/seed{s}"]["test/acc"] for s in seeds]
         mean, std = mean_std(accs)
-        rows.append({"run": name, "num_keep": None, "data": data, "params": done[f"{name}/seed{seeds[0]}"]["params"], "test_acc_mean": mean,
-                     "test_acc_std": std, "test_accs": accs, "seeds": len(accs), "num_test": num_test})
+        rows.append(
+            {
+                "run": name,
+                "num_keep": None,
+                "data": data,
+                "params": done[f"{name}/seed{seeds[0]}"]["params"],
+                "test_acc_mean": mean,
+                "test_acc_std": std,
+                "test_accs": accs,
+                "seeds": len(accs),
+                "num_test": num_test,
+            }
+        )
     for name in selections or SELECTIONS:
         for k in ("k1", "k2"):
             sel = done[f"select/{name}/{k}"]
             accs = [done[f"{name}/{k}/seed{s}"]["test/acc"] for s in seeds]
             mean, std = mean_std(accs)
-            row = {"run": name, "num_keep": sel["num_kept"], "kept_size": k, "data": "wild, selected", "params": done[f"{name}/{k}/seed{seeds[0]}"]["params"],
-                   "test_acc_mean": mean, "test_acc_std": std, "test_accs": accs, "seeds": len(accs), "num_test": num_test}
-            for key in ("precision", "recall", "precision_max", "precision_random", "value_auroc", "pseudo_label_acc", "kept_by_source", "select_s"):
+            row = {
+                "run": name,
+                "num_keep": sel["num_kept"],
+                "kept_size": k,
+                "data": "wild, selected",
+                "params": done[f"{name}/{k}/seed{seeds[0]}"]["params"],
+                "test_acc_mean": mean,
+                "test_acc_std": std,
+                "test_accs": accs,
+                "seeds": len(accs),
+                "num_test": num_test,
+            }
+            for key in (
+                "precision",
+                "recall",
+                "precision_max",
+                "precision_random",
+                "value_auroc",
+                "pseudo_label_acc",
+                "kept_by_source",
+                "select_s",
+            ):
                 if sel.get(key) is not None:
                     row[key] = sel[key]
             rows.append(row)
@@ -216,12 +312,16 @@ def summary_rows(done: dict, seeds: list[int], num_test: int, selections: list[s
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'run':<16} {'kept':>6}  {'test acc (%)':>15}  {'precision':>9}  {'recall':>6}  {'(max)':>6}  {'V AUROC':>7}"
+    head = (
+        f"{'run':<16} {'kept':>6}  {'test acc (%)':>15}  {'precision':>9}  {'recall':>6}  {'(max)':>6}  {'V AUROC':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         kept = str(r["num_keep"]) if r.get("num_keep") is not None else "-"
-        lines.append(f"{r['run']:<16} {kept:>6}  {acc:>15}  {cell(r, 'precision', 9)}  {cell(r, 'recall', 6)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}")
+        lines.append(
+            f"{r['run']:<16} {kept:>6}  {acc:>15}  {cell(r, 'precision', 9)}  {cell(r, 'recall', 6)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
+        )
     return "\n".join(lines)
 
 
@@ -230,14 +330,20 @@ def markdown(rows: list[dict]) -> str:
     return tables.bench_wild({"rows": rows})
 
 
-def precision_at_k(scores_csv: Path, positive: str, strategy_random: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def precision_at_k(
+    scores_csv: Path, positive: str, strategy_random: bool, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Precision of the first k samples of a selection's ranking (by its ``value`` column, ties by position;
     a random selection's ranking is a random order), at 50 evenly spaced k."""
     import pandas as pd
 
     df = pd.read_csv(scores_csv, usecols=["value", "src"])
     pos = (df["src"].astype(str) == positive).to_numpy()
-    order = np.random.default_rng(seed).permutation(len(pos)) if strategy_random else np.argsort(df["value"].to_numpy(), kind="stable")
+    order = (
+        np.random.default_rng(seed).permutation(len(pos))
+        if strategy_random
+        else np.argsort(df["value"].to_numpy(), kind="stable")
+    )
     hits = np.cumsum(pos[order])
     ks = np.unique(np.linspace(1, len(pos), 50).astype(int))
     return ks, hits[ks - 1] / ks
@@ -250,18 +356,35 @@ def plot(rows: list[dict], out: Path, positive: str = "fashion") -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in SELECTIONS:
         rs = sorted((r for r in rows if r["run"] == name), key=lambda r: r["num_keep"])
-        a.errorbar([r["num_keep"] for r in rs], [100 * r["test_acc_mean"] for r in rs], yerr=[100 * r["test_acc_std"] for r in rs], marker="o", capsize=3, label=name)
+        a.errorbar(
+            [r["num_keep"] for r in rs],
+            [100 * r["test_acc_mean"] for r in rs],
+            yerr=[100 * r["test_acc_std"] for r in rs],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
         csv = out / "select" / f"{name}-k2" / "scores.csv"
         if csv.is_file():
             ks, prec = precision_at_k(csv, positive, name == "random")
             b.plot(ks, prec, label=name)
     for r in rows:
         if r["run"] in ("scratch", "kd_original"):
-            a.axhline(100 * r["test_acc_mean"], ls="--", lw=1, color="grey" if r["run"] == "scratch" else "black", label=r["run"])
+            a.axhline(
+                100 * r["test_acc_mean"],
+                ls="--",
+                lw=1,
+                color="grey" if r["run"] == "scratch" else "black",
+                label=r["run"],
+            )
     k1 = min((r["num_keep"] for r in rows if r.get("kept_size") == "k1"), default=None)
     if k1:
         b.axvline(k1, ls=":", color="grey")
-    a.set(xlabel="kept wild images", ylabel="student test accuracy (%)", title="students by selection (mean ± std over seeds)")
+    a.set(
+        xlabel="kept wild images",
+        ylabel="student test accuracy (%)",
+        title="students by selection (mean ± std over seeds)",
+    )
     b.set(xlabel="k (first k of the ranking)", ylabel=f"precision ({positive} share)", title="precision@k")
     a.legend(fontsize=7)
     b.legend(fontsize=7)
@@ -273,32 +396,85 @@ def plot(rows: list[dict], out: Path, positive: str = "fashion") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.demos.bench_wild", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--out", default=None, help="output folder, its earlier runs replaced (default runs/bench-wild; --quick: runs/bench-wild-quick)")
-    p.add_argument("--teacher_dir", default=None, help="the teacher's run, reused; trained there first if it holds none (default runs/bench-wild/teacher, OUT/teacher with --out)")
-    p.add_argument("--markdown", metavar="SUMMARY", default=None, help="print the Markdown table of a summary.json (or a committed results JSON) and exit")
-    p.add_argument("--selections", nargs="+", default=None, help=f"selection rows to run (default all: {' '.join(SELECTIONS)})")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of each student (default 0 1 2; --quick: 0)")
-    p.add_argument("--quick", action="store_true", help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget ({' '.join(QUICK_ARGS)})")
+    p = OneLineParser(
+        prog="python -m vitkd.demos.bench_wild",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder, its earlier runs replaced (default runs/bench-wild; --quick: runs/bench-wild-quick)",
+    )
+    p.add_argument(
+        "--teacher_dir",
+        default=None,
+        help="the teacher's run, reused; trained there first if it holds none (default runs/bench-wild/teacher, OUT/teacher with --out)",
+    )
+    p.add_argument(
+        "--markdown",
+        metavar="SUMMARY",
+        default=None,
+        help="print the Markdown table of a summary.json (or a committed results JSON) and exit",
+    )
+    p.add_argument(
+        "--selections", nargs="+", default=None, help=f"selection rows to run (default all: {' '.join(SELECTIONS)})"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds of each student (default 0 1 2; --quick: 0)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget ({' '.join(QUICK_ARGS)})",
+    )
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     p.add_argument("--data_dir", default="data", help="where the wild pool is written (make data-fashion)")
-    p.add_argument("--val_limit", type=positive_int, default=SELECT_VAL, help="labelled validation images on which vitkd_fusion's weights are chosen")
-    p.add_argument("--common", default="", help="options added to every run (e.g. a shorter budget for a test), one shell-quoted string")
+    p.add_argument(
+        "--val_limit",
+        type=positive_int,
+        default=SELECT_VAL,
+        help="labelled validation images on which vitkd_fusion's weights are chosen",
+    )
+    p.add_argument(
+        "--common",
+        default="",
+        help="options added to every run (e.g. a shorter budget for a test), one shell-quoted string",
+    )
     p.add_argument("--teacher_args", default="", help="options added to the teacher's run when it is trained")
-    p.add_argument("--wild_max", type=positive_int, default=WILD_MAX, help="split size: the largest class's held-out wild images (smaller only for tests)")
-    p.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS, help="split size: validation images per class (smaller only for tests)")
-    p.add_argument("--ood_scale", type=float, default=1.0, help="fraction of the pool's out-of-distribution counts (smaller only for tests)")
+    p.add_argument(
+        "--wild_max",
+        type=positive_int,
+        default=WILD_MAX,
+        help="split size: the largest class's held-out wild images (smaller only for tests)",
+    )
+    p.add_argument(
+        "--val_per_class",
+        type=positive_int,
+        default=VAL_PER_CLASS,
+        help="split size: validation images per class (smaller only for tests)",
+    )
+    p.add_argument(
+        "--ood_scale",
+        type=float,
+        default=1.0,
+        help="fraction of the pool's out-of-distribution counts (smaller only for tests)",
+    )
     a = p.parse_args(argv)
     if a.markdown:
         try:
             data = json.loads(Path(a.markdown).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise VitkdInputError(f"--markdown {a.markdown}: cannot read it as JSON ({err}); pass a bench-wild summary.json") from None
+            raise VitkdInputError(
+                f"--markdown {a.markdown}: cannot read it as JSON ({err}); pass a bench-wild summary.json"
+            ) from None
         print(markdown(data["rows"] if isinstance(data, dict) else data))
         return
     seeds = list(dict.fromkeys(a.seeds or ([0] if a.quick else [0, 1, 2])))
     out = Path(a.out or ("runs/bench-wild-quick" if a.quick else "runs/bench-wild"))
-    teacher_dir = Path(a.teacher_dir) if a.teacher_dir else out / "teacher" if a.out else Path("runs/bench-wild/teacher")
+    teacher_dir = (
+        Path(a.teacher_dir) if a.teacher_dir else out / "teacher" if a.out else Path("runs/bench-wild/teacher")
+    )
     common = (QUICK_ARGS if a.quick else []) + shlex.split(a.common)  # the user's options come last and win
     selections = needed_selections(a.selections)
     sizes = ["--wild_max", str(a.wild_max), "--val_per_class", str(a.val_per_class)]
@@ -308,10 +484,26 @@ def main(argv: list[str] | None = None) -> None:
 
     def pool() -> dict:
         t0 = time.time()
-        run_logged([sys.executable, "-m", "data_modules.fashion_pool", "--data_dir", a.data_dir, *sizes, "--ood_scale", str(a.ood_scale)], out / "pool.log", "writing the wild pool")
+        run_logged(
+            [
+                sys.executable,
+                "-m",
+                "data_modules.fashion_pool",
+                "--data_dir",
+                a.data_dir,
+                *sizes,
+                "--ood_scale",
+                str(a.ood_scale),
+            ],
+            out / "pool.log",
+            "writing the wild pool",
+        )
         from data_modules.fashion_pool import pool_dir
 
-        meta_path = pool_dir(a.data_dir, 0, {"wild_max": a.wild_max, "val_per_class": a.val_per_class}, a.ood_scale) / "meta.json"
+        meta_path = (
+            pool_dir(a.data_dir, 0, {"wild_max": a.wild_max, "val_per_class": a.val_per_class}, a.ood_scale)
+            / "meta.json"
+        )
         meta = json.loads(meta_path.read_text())
         from data_modules.shards import shard_url
 
@@ -322,31 +514,57 @@ def main(argv: list[str] | None = None) -> None:
         return {"urls": urls, "k1": k1}
 
     t0 = time.time()
-    print(f"teacher, wild pool, {len(SELECTIONS)} selections x 2 kept sizes, students x {len(seeds)} seeds; {a.jobs} at a time", flush=True)
+    print(
+        f"teacher, wild pool, {len(SELECTIONS)} selections x 2 kept sizes, students x {len(seeds)} seeds; {a.jobs} at a time",
+        flush=True,
+    )
+
     def val(folder: Path) -> str:
         return write_val_shards(folder, a.val_limit, a.wild_max, a.val_per_class)
 
-    done = run_graph(bench_jobs(out, seeds, pool, common, shlex.split(a.teacher_args), val, teacher_dir=teacher_dir, selections=selections), a.jobs)
+    done = run_graph(
+        bench_jobs(
+            out, seeds, pool, common, shlex.split(a.teacher_args), val, teacher_dir=teacher_dir, selections=selections
+        ),
+        a.jobs,
+    )
     teacher_s = done["teacher"].get("train_s", 0.0)
     rows = summary_rows(done, seeds, num_test_images(), selections)
     wall = time.time() - t0 - teacher_s
-    meta = {"machine": machine(), "wall_s": wall, "teacher_train_s": teacher_s or None, "teacher_reused": done["teacher"]["reused"], "seeds": seeds,
-            "quick": a.quick, "fusion_choice": done.get("choose_fusion", {}).get("weights"), "pool": done["pool"], "teacher_dir": str(teacher_dir)}
+    meta = {
+        "machine": machine(),
+        "wall_s": wall,
+        "teacher_train_s": teacher_s or None,
+        "teacher_reused": done["teacher"]["reused"],
+        "seeds": seeds,
+        "quick": a.quick,
+        "fusion_choice": done.get("choose_fusion", {}).get("weights"),
+        "pool": done["pool"],
+        "teacher_dir": str(teacher_dir),
+    }
     write_json(out / "summary.json", rows)
     write_json(out / "run_info.json", meta)
     # one file to commit under benchmarks/results/: the machine, the date, the rows
-    write_json(out / "results.json", {"benchmark": "bench-wild", "date": time.strftime("%Y-%m-%d"), **meta, "rows": rows})
+    write_json(
+        out / "results.json", {"benchmark": "bench-wild", "date": time.strftime("%Y-%m-%d"), **meta, "rows": rows}
+    )
     print(table(rows))
     print(f"plot: {plot(rows, out)}")
-    print(f"bench-wild finished in {wall:.0f}s on {meta['machine']} (teacher {'reused' if meta['teacher_reused'] else f'trained in {teacher_s:.0f}s, not counted'}); "
-          f"table in {out / 'summary.json'}")
+    print(
+        f"bench-wild finished in {wall:.0f}s on {meta['machine']} (teacher {'reused' if meta['teacher_reused'] else f'trained in {teacher_s:.0f}s, not counted'}); "
+        f"table in {out / 'summary.json'}"
+    )
 
 
 def _count_source(folder: Path, shards: int, src: str) -> int:
     """Samples tagged ``src`` in the first ``shards`` shards of a pool (read from the tar members)."""
     from data_modules.shards import expand_urls, raw_samples, read_str, shard_url
 
-    return sum(1 for s in raw_samples(expand_urls(shard_url(folder, shards, "wild")), split_by_worker=False) if read_str(s) == src)
+    return sum(
+        1
+        for s in raw_samples(expand_urls(shard_url(folder, shards, "wild")), split_by_worker=False)
+        if read_str(s) == src
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Rows (``runs/demo-efficient/summary.json``):
 Every figure is measured here: test accuracy on the digits test split, FlopCounter GFLOPs per image, and
 images/s on this machine (batch size, iterations and threads stated in each row).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,16 @@ def evaluate(model: torch.nn.Module, loader) -> float:
 
 def cost(model: torch.nn.Module, bs: int) -> dict:
     m = measure(model, INPUT, batch_size=bs, warmup=3, iters=15)
-    keys = ("params", "gflops", "macs_linear", "images_per_s", "throughput_batch_size", "throughput_iters", "throughput_threads", "throughput_device")
+    keys = (
+        "params",
+        "gflops",
+        "macs_linear",
+        "images_per_s",
+        "throughput_batch_size",
+        "throughput_iters",
+        "throughput_threads",
+        "throughput_device",
+    )
     return {k: m[k] for k in keys}
 
 
@@ -60,14 +70,28 @@ def fit_run(config: Path, run_dir: Path, *overrides: str) -> dict:
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
 
-    colours = {"teacher": "k", "gtp": "tab:blue", "tome": "tab:orange", "idlevit": "tab:green", "plain": "tab:gray", "shuffle": "tab:red", "projector": "tab:purple"}
+    colours = {
+        "teacher": "k",
+        "gtp": "tab:blue",
+        "tome": "tab:orange",
+        "idlevit": "tab:green",
+        "plain": "tab:gray",
+        "shuffle": "tab:red",
+        "projector": "tab:purple",
+    }
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for method, c in colours.items():
         pts = [r for r in rows if r["run"].split("_")[0] == method]
         if pts:
             ax.scatter([r["gflops"] * 1e3 for r in pts], [100 * r["test_acc"] for r in pts], c=c, label=method, s=30)
             for r in pts:
-                ax.annotate(r["run"], (r["gflops"] * 1e3, 100 * r["test_acc"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+                ax.annotate(
+                    r["run"],
+                    (r["gflops"] * 1e3, 100 * r["test_acc"]),
+                    fontsize=6,
+                    xytext=(3, 2),
+                    textcoords="offset points",
+                )
     ax.set_xlabel("MFLOPs per image (FlopCounterMode, attention matmuls included)")
     ax.set_ylabel("digits test accuracy (%)")
     ax.set_title("Efficient-ViT toolbox on the digits teacher (measured)")
@@ -80,7 +104,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = OneLineParser(prog="python -m vitkd.demos.efficient", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.splitlines()[0])
+    ap = OneLineParser(
+        prog="python -m vitkd.demos.efficient",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.splitlines()[0],
+    )
     ap.add_argument("--out", default="runs/demo-efficient", help="output folder (its earlier runs are replaced)")
     ap.add_argument("--student_epochs", type=positive_int, default=40)
     ap.add_argument("--student_seeds", type=positive_int, default=2)
@@ -92,7 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if not TEACHER.is_file():
         print(f"[demo-efficient] no teacher at {TEACHER}: training it (about 3 minutes)", flush=True)
-        cli_main(["--config", "experiments/digits/teacher.yaml", *QUIET, "--run_dir", str(TEACHER.parent.parent), *DEMO_RUN_FLAGS])
+        cli_main(
+            [
+                "--config",
+                "experiments/digits/teacher.yaml",
+                *QUIET,
+                "--run_dir",
+                str(TEACHER.parent.parent),
+                *DEMO_RUN_FLAGS,
+            ]
+        )
     teacher, _ = load_teacher(TEACHER)
     loader = DigitsDataModule(img_size=16).test_dataloader()
     bs = args.throughput_batch
@@ -101,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     def add(run: str, model: torch.nn.Module, **extra) -> None:
         rows.append({"run": run, "test_acc": evaluate(model, loader), **cost(model, bs), "fine_tuned": False, **extra})
         r = rows[-1]
-        print(f"[demo-efficient] {run:28s} acc {r['test_acc']:.4f}  MFLOPs {r['gflops'] * 1e3:6.2f}  img/s {r['images_per_s']:8.0f}", flush=True)
+        print(
+            f"[demo-efficient] {run:28s} acc {r['test_acc']:.4f}  MFLOPs {r['gflops'] * 1e3:6.2f}  img/s {r['images_per_s']:8.0f}",
+            flush=True,
+        )
 
     add("teacher", teacher)
     # token reduction on the trained teacher, no fine-tuning (16 patches, 6 blocks)
@@ -109,37 +149,109 @@ def main(argv: list[str] | None = None) -> int:
         add(f"gtp_mixed_p{p}", GTPViT(teacher, num_prop=p, graph="mixed"), tokens_removed_per_block=p)
     add("gtp_spatial_p2", GTPViT(teacher, num_prop=2, graph="spatial"), tokens_removed_per_block=2)
     add("gtp_semantic_p2", GTPViT(teacher, num_prop=2, graph="semantic"), tokens_removed_per_block=2)
-    add("gtp_prune_p2", GTPViT(teacher, num_prop=2, alpha=0.0, token_scale=False), tokens_removed_per_block=2, note="alpha 0, no token scale: GTP's selection with plain pruning")
+    add(
+        "gtp_prune_p2",
+        GTPViT(teacher, num_prop=2, alpha=0.0, token_scale=False),
+        tokens_removed_per_block=2,
+        note="alpha 0, no token scale: GTP's selection with plain pruning",
+    )
     for r in (1, 2):
         add(f"tome_r{r}", ToMeViT(teacher, r=r), tokens_removed_per_block=r)
     # IdleViT: short fine-tune per keep ratio, plus the same ratio without fine-tuning
     for keep in (0.75, 0.5, 0.25):
         add(f"idlevit_k{keep:.2f}_no_finetune", IdleViT(teacher, keep_ratio=keep), keep_ratio=keep)
-        m = fit_run(CONFIGS / "idlevit.yaml", out / f"idlevit_k{keep:.2f}", "--model.init_args.keep_ratio", str(keep), "--trainer.max_epochs", str(args.idle_epochs))
-        rows.append({"run": f"idlevit_k{keep:.2f}", "test_acc": m["test/acc"], **{k: m[k] for k in ("params", "gflops", "macs_linear", "images_per_s", "throughput_batch_size", "throughput_iters", "throughput_threads", "throughput_device")}, "fine_tuned": True, "keep_ratio": keep, "epochs": m["epochs"], "run_dir": m["run_dir"]})
-        print(f"[demo-efficient] {rows[-1]['run']:28s} acc {m['test/acc']:.4f}  MFLOPs {m['gflops'] * 1e3:6.2f}  img/s {m['images_per_s']:8.0f}", flush=True)
+        m = fit_run(
+            CONFIGS / "idlevit.yaml",
+            out / f"idlevit_k{keep:.2f}",
+            "--model.init_args.keep_ratio",
+            str(keep),
+            "--trainer.max_epochs",
+            str(args.idle_epochs),
+        )
+        rows.append(
+            {
+                "run": f"idlevit_k{keep:.2f}",
+                "test_acc": m["test/acc"],
+                **{
+                    k: m[k]
+                    for k in (
+                        "params",
+                        "gflops",
+                        "macs_linear",
+                        "images_per_s",
+                        "throughput_batch_size",
+                        "throughput_iters",
+                        "throughput_threads",
+                        "throughput_device",
+                    )
+                },
+                "fine_tuned": True,
+                "keep_ratio": keep,
+                "epochs": m["epochs"],
+                "run_dir": m["run_dir"],
+            }
+        )
+        print(
+            f"[demo-efficient] {rows[-1]['run']:28s} acc {m['test/acc']:.4f}  MFLOPs {m['gflops'] * 1e3:6.2f}  img/s {m['images_per_s']:8.0f}",
+            flush=True,
+        )
     # students distilled the same way: plain vs channel-shuffle (equal FLOPs), plain vs + projector ensemble
     for name in ("plain", "shuffle", "projector"):
         runs = []
         for seed in range(args.student_seeds):
-            runs.append(fit_run(CONFIGS / f"{name}.yaml", out / name / f"seed{seed}", "--seed_everything", str(seed), "--trainer.max_epochs", str(args.student_epochs), "--model.init_args.measure_batch_size", str(bs)))
+            runs.append(
+                fit_run(
+                    CONFIGS / f"{name}.yaml",
+                    out / name / f"seed{seed}",
+                    "--seed_everything",
+                    str(seed),
+                    "--trainer.max_epochs",
+                    str(args.student_epochs),
+                    "--model.init_args.measure_batch_size",
+                    str(bs),
+                )
+            )
         accs = [m["test/acc"] for m in runs]
         first = runs[0]
-        rows.append({
-            "run": f"{name}_student", "test_acc": statistics.mean(accs), "test_accs": accs, "seeds": len(accs),
-            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            **{k: first[k] for k in ("params", "gflops", "macs_linear", "throughput_batch_size", "throughput_iters", "throughput_threads", "throughput_device")},
-            "images_per_s": statistics.mean(m["images_per_s"] for m in runs), "fine_tuned": True, "epochs": first["epochs"],
-            "config": str(CONFIGS / f"{name}.yaml"),
-        })
-        print(f"[demo-efficient] {rows[-1]['run']:28s} acc {rows[-1]['test_acc']:.4f}  MFLOPs {first['gflops'] * 1e3:6.2f}  img/s {rows[-1]['images_per_s']:8.0f}  ({accs})", flush=True)
+        rows.append(
+            {
+                "run": f"{name}_student",
+                "test_acc": statistics.mean(accs),
+                "test_accs": accs,
+                "seeds": len(accs),
+                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                **{
+                    k: first[k]
+                    for k in (
+                        "params",
+                        "gflops",
+                        "macs_linear",
+                        "throughput_batch_size",
+                        "throughput_iters",
+                        "throughput_threads",
+                        "throughput_device",
+                    )
+                },
+                "images_per_s": statistics.mean(m["images_per_s"] for m in runs),
+                "fine_tuned": True,
+                "epochs": first["epochs"],
+                "config": str(CONFIGS / f"{name}.yaml"),
+            }
+        )
+        print(
+            f"[demo-efficient] {rows[-1]['run']:28s} acc {rows[-1]['test_acc']:.4f}  MFLOPs {first['gflops'] * 1e3:6.2f}  img/s {rows[-1]['images_per_s']:8.0f}  ({accs})",
+            flush=True,
+        )
     t = next(r for r in rows if r["run"] == "teacher")
     for r in rows:
         r["speedup_vs_teacher"] = r["images_per_s"] / t["images_per_s"]
         r["gflops_vs_teacher"] = r["gflops"] / t["gflops"]
     write_json(out / "summary.json", rows)
     plot(rows, out / "accuracy_vs_gflops.png")
-    print(f"[demo-efficient] wrote {out / 'summary.json'} and {out / 'accuracy_vs_gflops.png'} in {time.time() - t_start:.0f} s", flush=True)
+    print(
+        f"[demo-efficient] wrote {out / 'summary.json'} and {out / 'accuracy_vs_gflops.png'} in {time.time() - t_start:.0f} s",
+        flush=True,
+    )
     return 0
 
 

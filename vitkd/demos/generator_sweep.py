@@ -11,6 +11,7 @@ Runs live in ``runs/generator-sweep/<teacher>_<epochs>ep/seed<k>``; a point whos
 read, not rerun. Writes ``runs/generator-sweep/summary.json`` and ``benchmarks/results/generator-sweep/<machine>-<date>.json``
 and prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 
 from vitkd.demos import tables
+from vitkd.demos.runs import mean_std, run_fit
 from vitkd.errors import OneLineParser, demo_main
 from vitkd.io import write_json
-from vitkd.demos.runs import mean_std, run_fit
 
 CONFIG = "experiments/generator/dafl_reference.yaml"
 STEPS_PER_EPOCH = 120  # the reference's iterations per epoch
@@ -53,19 +54,38 @@ def point(teacher: str, epochs: int, seed: int, root: Path, threads: int) -> dic
     wall_file = run_dir.parent / f"seed{seed}.wall.json"
     if not (run_dir / "metrics.json").is_file():
         t0 = time.time()
-        run_fit(CONFIG, run_dir, "--model.init_args.teacher_ckpt", str(ckpt), "--trainer.max_epochs", str(epochs), "--seed_everything", str(seed),
-                "--torch_threads", str(threads), show=("test/acc", "best_val/agree"))
+        run_fit(
+            CONFIG,
+            run_dir,
+            "--model.init_args.teacher_ckpt",
+            str(ckpt),
+            "--trainer.max_epochs",
+            str(epochs),
+            "--seed_everything",
+            str(seed),
+            "--torch_threads",
+            str(threads),
+            show=("test/acc", "best_val/agree"),
+        )
         write_json(wall_file, {"wall_s": time.time() - t0})
     m = json.loads((run_dir / "metrics.json").read_text())
     c = curves(run_dir)
     wall = json.loads(wall_file.read_text())["wall_s"] if wall_file.is_file() else None
     steps = epochs * STEPS_PER_EPOCH  # trained (runs before the counter kept the totals reported the best checkpoint's)
     return {
-        "teacher": teacher, "epochs": epochs, "generator_steps": steps, "seed": seed, "test_acc": m["test/acc"],
-        "best_val_agree": m.get("best_val/agree"), "val_agree_train_mode": c["val/agree"], "val_agree_eval_mode": c["val/agree_eval"],
+        "teacher": teacher,
+        "epochs": epochs,
+        "generator_steps": steps,
+        "seed": seed,
+        "test_acc": m["test/acc"],
+        "best_val_agree": m.get("best_val/agree"),
+        "val_agree_train_mode": c["val/agree"],
+        "val_agree_eval_mode": c["val/agree_eval"],
         "final_val_agree_train_mode": c["val/agree"][-1] if c["val/agree"] else None,
         "final_val_agree_eval_mode": c["val/agree_eval"][-1] if c["val/agree_eval"] else None,
-        "wall_s": wall, "s_per_generator_step": wall / steps if wall else None, "run_dir": str(run_dir),
+        "wall_s": wall,
+        "s_per_generator_step": wall / steps if wall else None,
+        "run_dir": str(run_dir),
     }
 
 
@@ -74,7 +94,12 @@ def ensure_teacher(name: str, threads: int) -> dict:
     if not (run_dir / "metrics.json").is_file():
         run_fit(config, run_dir, "--torch_threads", str(threads), show=("test/acc",))
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"arch": m.get("arch"), "test_acc": m["test/acc"], "val_acc": m.get("best_val/acc"), "params": m.get("params")}
+    return {
+        "arch": m.get("arch"),
+        "test_acc": m["test/acc"],
+        "val_acc": m.get("best_val/acc"),
+        "params": m.get("params"),
+    }
 
 
 def grouped(points: list[dict]) -> list[dict]:
@@ -84,12 +109,20 @@ def grouped(points: list[dict]) -> list[dict]:
     out = []
     for (teacher, steps), ps in sorted(rows.items()):
         mean, std = mean_std([p["test_acc"] for p in ps])
-        out.append({
-            "teacher": teacher, "generator_steps": steps, "seeds": len(ps), "test_acc_mean": mean, "test_acc_std": std,
-            "final_val_agree_train_mode": mean_std([p["final_val_agree_train_mode"] for p in ps])[0],
-            "final_val_agree_eval_mode": mean_std([p["final_val_agree_eval_mode"] for p in ps])[0],
-            "s_per_generator_step": mean_std([p["s_per_generator_step"] for p in ps if p["s_per_generator_step"]] or [0.0])[0],
-        })
+        out.append(
+            {
+                "teacher": teacher,
+                "generator_steps": steps,
+                "seeds": len(ps),
+                "test_acc_mean": mean,
+                "test_acc_std": std,
+                "final_val_agree_train_mode": mean_std([p["final_val_agree_train_mode"] for p in ps])[0],
+                "final_val_agree_eval_mode": mean_std([p["final_val_agree_eval_mode"] for p in ps])[0],
+                "s_per_generator_step": mean_std(
+                    [p["s_per_generator_step"] for p in ps if p["s_per_generator_step"]] or [0.0]
+                )[0],
+            }
+        )
     return out
 
 
@@ -101,16 +134,27 @@ def markdown(rows: list[dict], teachers: dict) -> str:
 def parse_point(text: str) -> tuple[str, int, int]:
     m = re.fullmatch(r"(vit|cnn):(\d+):(\d+)", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"point {text!r} is not TEACHER:EPOCHS:SEED (e.g. vit:20:0; TEACHER vit or cnn)")
+        raise argparse.ArgumentTypeError(
+            f"point {text!r} is not TEACHER:EPOCHS:SEED (e.g. vit:20:0; TEACHER vit or cnn)"
+        )
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 def main(argv: list[str] | None = None) -> dict:
     from vitkd.demos.bench_wild import machine
 
-    p = OneLineParser(prog="python -m vitkd.demos.generator_sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
-    p.add_argument("--points", nargs="+", type=parse_point, default=[parse_point(s) for s in DEFAULT_POINTS],
-                   help="TEACHER:EPOCHS:SEED points (an epoch is 120 generator steps; vit:200:0 is the 24,000-step point)")
+    p = OneLineParser(
+        prog="python -m vitkd.demos.generator_sweep",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--points",
+        nargs="+",
+        type=parse_point,
+        default=[parse_point(s) for s in DEFAULT_POINTS],
+        help="TEACHER:EPOCHS:SEED points (an epoch is 120 generator steps; vit:200:0 is the 24,000-step point)",
+    )
     p.add_argument("--root", default="runs/generator-sweep")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default="benchmarks/results/generator-sweep")
@@ -120,10 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
     points = [point(t, e, s, root, a.threads) for t, e, s in a.points]
     rows = grouped(points)
     res = {
-        "machine": machine(), "date": dt.date.today().isoformat(), "config": CONFIG, "teachers": teachers, "rows": rows, "points": points,
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "config": CONFIG,
+        "teachers": teachers,
+        "rows": rows,
+        "points": points,
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "validation_mode": "train: the generator's batch norms use batch statistics during validation, as in training (DAFL never uses eval mode); eval mode is logged beside it",
-        "estimate_24000_steps_h": {r["teacher"]: 24_000 * r["s_per_generator_step"] / 3600 for r in rows if r["s_per_generator_step"]},
+        "estimate_24000_steps_h": {
+            r["teacher"]: 24_000 * r["s_per_generator_step"] / 3600 for r in rows if r["s_per_generator_step"]
+        },
     }
     write_json(root / "summary.json", res)
     name = re.sub(r"[^a-z0-9]+", "-", res["machine"].lower()).strip("-")

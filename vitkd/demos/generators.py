@@ -12,6 +12,7 @@ student preset. Writes every run under ``--out`` and ``summary.json`` (per row: 
 each generator's images beside real ones) and each run's ``samples/epochNNN.png``. Checkpoints are chosen
 on ``val/agree`` (held-out generated images), never on test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,18 @@ TEACHERS = {
     "fashion": dict(
         ckpt="runs/bench-wild/teacher/checkpoints/best.ckpt",
         args=[
-            "--model.init_args.arch", "fashion_student_convstem_28", "--model.init_args.img_size", "28",
-            "--model.init_args.patch_pairs", "[[1, 1], [3, 2], [5, 3]]",
-            "--data.class_path", "data_modules.FashionMNISTDataModule", "--data.init_args.img_size", "28",
-            "--data.init_args.val_limit", "500",
+            "--model.init_args.arch",
+            "fashion_student_convstem_28",
+            "--model.init_args.img_size",
+            "28",
+            "--model.init_args.patch_pairs",
+            "[[1, 1], [3, 2], [5, 3]]",
+            "--data.class_path",
+            "data_modules.FashionMNISTDataModule",
+            "--data.init_args.img_size",
+            "28",
+            "--data.init_args.val_limit",
+            "500",
         ],
     ),
 }
@@ -56,10 +65,20 @@ def row_summary(name: str, data: str, runs: list[dict], walls: list[float]) -> d
     steps = m0.get("generator_steps", 0)
     batch = m0.get("batch_size", 0)
     out = {
-        "run": name, "data": data, "params": m0.get("params"), "generator_params": m0.get("generator_params"),
-        "synthesizer": m0.get("synthesizer"), "test_acc_mean": mean, "test_acc_std": std, "test_accs": accs, "seeds": len(accs),
-        "generator_steps": steps, "images_generated": steps * batch, "student_images": m0.get("student_images"),
-        "wall_s_mean": sum(walls) / len(walls), "wall_s": walls,
+        "run": name,
+        "data": data,
+        "params": m0.get("params"),
+        "generator_params": m0.get("generator_params"),
+        "synthesizer": m0.get("synthesizer"),
+        "test_acc_mean": mean,
+        "test_acc_std": std,
+        "test_accs": accs,
+        "seeds": len(accs),
+        "generator_steps": steps,
+        "images_generated": steps * batch,
+        "student_images": m0.get("student_images"),
+        "wall_s_mean": sum(walls) / len(walls),
+        "wall_s": walls,
         "best_val_agree_mean": mean_std([m["best_val/agree"] for m in runs])[0],
     }
     if all("labelled_val/acc" in m for m in runs):
@@ -124,12 +143,28 @@ def figure(out: Path, teacher: str, grids: list[tuple[str, Path]]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.demos.generators", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(
+        prog="python -m vitkd.demos.generators",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--teacher", choices=sorted(TEACHERS), default="digits", help="whose data-free routes to run")
-    p.add_argument("--out", default=None, help="output folder (default runs/demo-generator, runs/demo-generator-fashion; earlier runs are replaced)")
-    p.add_argument("--demo", default="runs/demo", help="the skeleton demo's run directory (digits teacher, selection, summary)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/demo-generator, runs/demo-generator-fashion; earlier runs are replaced)",
+    )
+    p.add_argument(
+        "--demo", default="runs/demo", help="the skeleton demo's run directory (digits teacher, selection, summary)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
-    p.add_argument("--routes", nargs="+", choices=[r[0] for r in ROUTES], default=None, help="rows to run (default all that fit the teacher)")
+    p.add_argument(
+        "--routes",
+        nargs="+",
+        choices=[r[0] for r in ROUTES],
+        default=None,
+        help="rows to run (default all that fit the teacher)",
+    )
     p.add_argument("--workers", type=positive_int, default=2, help="runs at a time (each on one torch thread)")
     a = p.parse_args(argv)
     t0 = time.time()
@@ -137,7 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     demo = Path(a.demo)
     spec = TEACHERS[a.teacher]
     teacher = Path(spec["ckpt"])
-    extra = ["--model.init_args.teacher_ckpt", str(teacher), "--model.init_args.labelled_val", "true", "--torch_threads", "1", *spec["args"]]
+    extra = [
+        "--model.init_args.teacher_ckpt",
+        str(teacher),
+        "--model.init_args.labelled_val",
+        "true",
+        "--torch_threads",
+        "1",
+        *spec["args"],
+    ]
     routes = [r for r in ROUTES if a.routes is None or r[0] in a.routes]
     if a.teacher == "digits":
         if not teacher.is_file():
@@ -154,9 +197,14 @@ def main(argv: list[str] | None = None) -> None:
             selected = demo / "select_ap" / "selected" / "meta.json"
             if not selected.is_file():
                 print(f"[setup] attention-probe selection ({demo / 'select_ap'})", flush=True)
-                run_fit("experiments/digits/select.yaml", demo / "select_ap", "--model.init_args.teacher_ckpt", str(teacher))
+                run_fit(
+                    "experiments/digits/select.yaml", demo / "select_ap", "--model.init_args.teacher_ckpt", str(teacher)
+                )
             shards = json.loads(selected.read_text()).get("shards") or 2
-            hybrid_args = ["--data.init_args.train_urls", str(demo / "select_ap" / "selected" / f"shard-{{000000..{shards - 1:06d}}}.tar")]
+            hybrid_args = [
+                "--data.init_args.train_urls",
+                str(demo / "select_ap" / "selected" / f"shard-{{000000..{shards - 1:06d}}}.tar"),
+            ]
 
     jobs, index = [], []
     for name, cfg, _ in routes:
@@ -177,9 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, _, data in routes:
         got = [r for r, n in zip(results, index) if n == name]
         rows.append(row_summary(name, data, [m for m, _ in got], [w for _, w in got]))
-    grids = [(name, g) for name, _, _ in routes if name != "hybrid" and (g := last_grid(out / name / f"seed{a.seeds[0]}")) is not None]
+    grids = [
+        (name, g)
+        for name, _, _ in routes
+        if name != "hybrid" and (g := last_grid(out / name / f"seed{a.seeds[0]}")) is not None
+    ]
     fig = figure(out, a.teacher, grids)
-    summary = {"teacher": a.teacher, "teacher_ckpt": str(teacher), "rows": rows, "wall_s": time.time() - t0, "workers": a.workers, "figure": str(fig)}
+    summary = {
+        "teacher": a.teacher,
+        "teacher_ckpt": str(teacher),
+        "rows": rows,
+        "wall_s": time.time() - t0,
+        "workers": a.workers,
+        "figure": str(fig),
+    }
     write_json(out / "summary.json", summary)
     shown = list(rows)
     skeleton = demo / "summary.json"

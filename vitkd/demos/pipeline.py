@@ -4,6 +4,7 @@ Writes every run under ``runs/demo/`` and the comparison as ``runs/demo/summary.
 with ``run``, ``data``, ``params``, ``test_acc_mean``, ``test_acc_std`` and, for runs on a selection,
 the selection's ``precision``. Each checkpoint is chosen on its validation split, never on test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vitkd.errors import OneLineParser, positive_int, demo_main
-from vitkd.io import write_json
 from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.errors import OneLineParser, demo_main, positive_int
+from vitkd.io import write_json
 
 CONFIGS = Path("experiments/digits")
 SELECTIONS = {"select_ap": "select.yaml", "select_dfnd": "select_dfnd.yaml", "select_random": "select_random.yaml"}
@@ -82,7 +83,10 @@ def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callab
         after = () if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)
         teacher = common if name != "scratch" else []
         for seed in seeds:
-            jobs[f"{name}/seed{seed}"] = (after, run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *teacher, sel=sel))
+            jobs[f"{name}/seed{seed}"] = (
+                after,
+                run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *teacher, sel=sel),
+            )
     return jobs
 
 
@@ -90,7 +94,16 @@ def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
     """The table's rows from the finished jobs' metrics: test accuracy mean ± sample std over the seeds, and
     for students on a selection what measures and bounds that selection."""
     teacher = done["teacher"]
-    rows = [{"run": "teacher", "data": "original (labels)", "params": teacher["params"], "test_acc_mean": teacher["test/acc"], "test_acc_std": 0.0, "seeds": 1}]
+    rows = [
+        {
+            "run": "teacher",
+            "data": "original (labels)",
+            "params": teacher["params"],
+            "test_acc_mean": teacher["test/acc"],
+            "test_acc_std": 0.0,
+            "seeds": 1,
+        }
+    ]
     for name, _, data, sel in STUDENTS:
         ms = [done[f"{name}/seed{seed}"] for seed in seeds]
         accs = [m["test/acc"] for m in ms]
@@ -115,15 +128,24 @@ def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m vitkd.demos.pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p = OneLineParser(
+        prog="python -m vitkd.demos.pipeline",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
-    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)")
+    p.add_argument(
+        "--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)"
+    )
     a = p.parse_args(argv)
     seeds = list(dict.fromkeys(a.seeds))  # a seed named twice is one run
     out = Path(a.out)
     t0 = time.time()
-    print(f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(seeds)} seeds; {a.jobs} at a time", flush=True)
+    print(
+        f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(seeds)} seeds; {a.jobs} at a time",
+        flush=True,
+    )
     rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)
     write_json(out / "summary.json", rows)
     print(table(rows))

@@ -13,6 +13,7 @@ measures this; the classifier is scikit-learn's ``MLPClassifier`` on ``img_size`
 
 Writes ``--out`` (JSON, atomically) and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def read_pool(urls: str, img_size: int, max_samples: int) -> tuple[np.ndarray, n
             pixels.append(to_tensor(image, 1, img_size).reshape(-1).numpy() * 0.5 + 0.5)
             tags.append(shards.read_str(sample) or "")
     if not pixels:
-        raise VitkdInputError(f"no readable sample in {urls}: pass --urls with webdataset shards holding png or jpg images")
+        raise VitkdInputError(
+            f"no readable sample in {urls}: pass --urls with webdataset shards holding png or jpg images"
+        )
     return np.stack(pixels).astype(np.float32), np.array(tags)
 
 
@@ -63,7 +66,9 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, seed: int = 0, hidden: tupl
     return p
 
 
-def separability(tags: np.ndarray, scores: np.ndarray, positive_sources: list[str], num_keep: list[int]) -> dict[str, Any]:
+def separability(
+    tags: np.ndarray, scores: np.ndarray, positive_sources: list[str], num_keep: list[int]
+) -> dict[str, Any]:
     """AUROC of ``scores`` (high = positive) against all and each other source; precision of the ``k``
     highest for each ``k`` in ``num_keep``, with the bound ``positives / k`` (ties broken by position)."""
     names = {str(t): i for i, t in enumerate(np.unique(tags))}
@@ -78,17 +83,38 @@ def separability(tags: np.ndarray, scores: np.ndarray, positive_sources: list[st
         "precision_at": {},
     }
     for k in num_keep:
-        out["precision_at"][str(k)] = {"precision": float(positive[order[:k]].mean()), "precision_max": min(1.0, int(positive.sum()) / k)}
+        out["precision_at"][str(k)] = {
+            "precision": float(positive[order[:k]].mean()),
+            "precision_max": min(1.0, int(positive.sum()) / k),
+        }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m vitkd.demos.pool_separability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="python -m vitkd.demos.pool_separability",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--urls", required=True, help="the pool's shards, e.g. 'pool/wild-{000000..000009}.tar'")
-    p.add_argument("--positive", nargs="+", required=True, help="src tags counted as in-distribution (as the selector's positive_sources)")
-    p.add_argument("--num_keep", type=positive_int, nargs="+", required=True, help="kept-set sizes to report the precision at")
-    p.add_argument("--img_size", type=positive_int, default=16, help="pixels per side fed to the classifier (default 16)")
-    p.add_argument("--max_samples", type=positive_int, default=100_000, help="read at most this many samples, from the start (default 100,000)")
+    p.add_argument(
+        "--positive",
+        nargs="+",
+        required=True,
+        help="src tags counted as in-distribution (as the selector's positive_sources)",
+    )
+    p.add_argument(
+        "--num_keep", type=positive_int, nargs="+", required=True, help="kept-set sizes to report the precision at"
+    )
+    p.add_argument(
+        "--img_size", type=positive_int, default=16, help="pixels per side fed to the classifier (default 16)"
+    )
+    p.add_argument(
+        "--max_samples",
+        type=positive_int,
+        default=100_000,
+        help="read at most this many samples, from the start (default 100,000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     a = p.parse_args(argv)
@@ -104,12 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         positive = np.isin(tags, a.positive)
         if positive.all() or not positive.any():
             found = ", ".join(sorted(set(tags.tolist()))) or "none"
-            raise VitkdInputError(f"--positive {' '.join(a.positive)}: the pool needs samples of those src tags and of others (tags found: {found})")
+            raise VitkdInputError(
+                f"--positive {' '.join(a.positive)}: the pool needs samples of those src tags and of others (tags found: {found})"
+            )
         result = separability(tags, out_of_fold_scores(x, positive, a.seed), a.positive, a.num_keep)
     except VitkdInputError as err:
         print(f"vitkd: error: {err}", file=sys.stderr)
         return 2
-    result.update(urls=a.urls, positive_sources=a.positive, img_size=a.img_size, seed=a.seed, classifier="sklearn MLPClassifier (256, 128), 2-fold out-of-fold")
+    result.update(
+        urls=a.urls,
+        positive_sources=a.positive,
+        img_size=a.img_size,
+        seed=a.seed,
+        classifier="sklearn MLPClassifier (256, 128), 2-fold out-of-fold",
+    )
     if a.out is not None:
         write_json(a.out, result)
     print(json.dumps(result, indent=2, sort_keys=True))

@@ -1,5 +1,6 @@
 """Running configs from the demos: each ``python -m vitkd.fit`` run in its own process, several at a time,
 those that need another run's output once it is there."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vitkd.errors import VitkdInputError
 
-
 # a demo owns its output folder: running it again replaces its earlier runs
 DEMO_RUN_FLAGS = ("--overwrite", "true")
 
@@ -23,7 +23,9 @@ def run_logged(args: Sequence[str], log: Path, what: str) -> None:
     """A command in its own process, its output in ``log``; a failure raises one line naming ``what`` and the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        done = subprocess.run(list(args), stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        done = subprocess.run(
+            list(args), stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        )
     if done.returncode != 0:
         raise VitkdInputError(f"{what} failed (exit {done.returncode}): see {log}")
 
@@ -31,11 +33,25 @@ def run_logged(args: Sequence[str], log: Path, what: str) -> None:
 def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] = ()) -> dict:
     """One run in its own process; returns its ``metrics.json``. The log goes to ``run_dir/fit.log``;
     one line with the time and the ``show`` figures is printed."""
-    args = [sys.executable, "-m", "vitkd.fit", "--config", str(config), "--run_dir", str(run_dir), *DEMO_RUN_FLAGS, "--trainer.enable_progress_bar", "false", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "vitkd.fit",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        *DEMO_RUN_FLAGS,
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     t0 = time.time()
     run_logged(args, run_dir / "fit.log", f"run {run_dir}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in show if k in metrics})}", flush=True)
+    print(
+        f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in show if k in metrics})}", flush=True
+    )
     return metrics
 
 
@@ -45,7 +61,9 @@ def run_many(jobs: Sequence[tuple], workers: int, show: Sequence[str] = ()) -> l
         return list(pool.map(lambda job: run_fit(*job, show=show), jobs))
 
 
-def run_graph(jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]], workers: int) -> dict[str, Any]:
+def run_graph(
+    jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]], workers: int
+) -> dict[str, Any]:
     """Jobs ``name: (after, fn)`` that wait for others: ``fn(inputs)`` starts once every job named in ``after``
     has finished (``inputs``: what each of those returned, by name), ``workers`` at a time; among the jobs
     ready, the one listed first starts first. Returns every job's result by name. When a job fails no new

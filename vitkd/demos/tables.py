@@ -13,6 +13,7 @@ results JSON it is made from, relative to the repository root::
 Everything between the markers is replaced by ``TABLES[name](json)``; the rest of the page is left as it is.
 Numbers are only ever read from the JSON, never typed into a page.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,18 +67,36 @@ def _kept(r: dict) -> str:
 
 def bench_wild(res: dict) -> str:
     """Every row of the benchmark (the same table as ``python -m vitkd.demos.bench_wild --markdown``)."""
-    rows = [(r["run"], _kept(r), pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]), str(r["seeds"]),
-             frac(r.get("precision")), frac(r.get("recall")), frac(r.get("precision_max")), frac(r.get("value_auroc")))
-            for r in res["rows"]]
+    rows = [
+        (
+            r["run"],
+            _kept(r),
+            pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]),
+            str(r["seeds"]),
+            frac(r.get("precision")),
+            frac(r.get("recall")),
+            frac(r.get("precision_max")),
+            frac(r.get("value_auroc")),
+        )
+        for r in res["rows"]
+    ]
     header = ("run", "kept", "test acc (%), mean ± std", "seeds", "precision", "recall", "precision max", "V AUROC")
     return md_table(header, rows, right=(1, 3, 4, 5, 6, 7))
 
 
 def bench_wild_short(res: dict) -> str:
     """The original-data rows and the selections at k1 (the pool's in-distribution count)."""
-    rows = [(r["run"], _kept(r), pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]),
-             frac(r.get("precision")), frac(r.get("value_auroc")))
-            for r in res["rows"] if r.get("kept_size") in (None, "k1")]
+    rows = [
+        (
+            r["run"],
+            _kept(r),
+            pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]),
+            frac(r.get("precision")),
+            frac(r.get("value_auroc")),
+        )
+        for r in res["rows"]
+        if r.get("kept_size") in (None, "k1")
+    ]
     return md_table(("run", "kept", "student test acc (%)", "precision", "V AUROC"), rows, right=(1, 3, 4))
 
 
@@ -91,8 +110,12 @@ def fusion_grid(res: dict) -> str:
         t = tags[terms]
         rows.append((", ".join(terms), f"{g['kept_share']:.3f}", frac(t["precision_k1"]), frac(t["auroc"])))
     num_val = res["fusion_choice"]["num_val"]
-    header = ("terms (weight 1 each)", f"kept share of the {num_val:,} val images (the criterion)",
-              "precision at k1 (pool tags; diagnosis only)", "AUROC (pool tags)")
+    header = (
+        "terms (weight 1 each)",
+        f"kept share of the {num_val:,} val images (the criterion)",
+        "precision at k1 (pool tags; diagnosis only)",
+        "AUROC (pool tags)",
+    )
     return md_table(header, rows, right=(1, 2, 3))
 
 
@@ -105,12 +128,26 @@ def generator_sweep(res: dict) -> str:
     rows = []
     for r in sorted(res["rows"], key=lambda r: (r["teacher"] != "vit", r["generator_steps"])):
         t = res["teachers"][r["teacher"]]
-        rows.append((f"{TEACHERS.get(r['teacher'], r['teacher'])} ({pct(t['test_acc'])}%)", f"{r['generator_steps']:,}",
-                     str(r["seeds"]), pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]),
-                     frac(r["final_val_agree_train_mode"]), frac(r["final_val_agree_eval_mode"]),
-                     f"{r['s_per_generator_step']:.2f}"))
-    header = ("teacher (test acc)", "generator steps", "seeds", "student test acc (%)", "val/agree, G train mode",
-              "val/agree, G eval mode", "s / step")
+        rows.append(
+            (
+                f"{TEACHERS.get(r['teacher'], r['teacher'])} ({pct(t['test_acc'])}%)",
+                f"{r['generator_steps']:,}",
+                str(r["seeds"]),
+                pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"]),
+                frac(r["final_val_agree_train_mode"]),
+                frac(r["final_val_agree_eval_mode"]),
+                f"{r['s_per_generator_step']:.2f}",
+            )
+        )
+    header = (
+        "teacher (test acc)",
+        "generator steps",
+        "seeds",
+        "student test acc (%)",
+        "val/agree, G train mode",
+        "val/agree, G eval mode",
+        "s / step",
+    )
     return md_table(header, rows, right=(1, 2, 6))
 
 
@@ -129,8 +166,11 @@ def generator_throughput(res: dict) -> str:
     ref = g["reference"]["images_per_s"]
     rows = [
         ("reference-style DAFL (`benchmarks.reference.ReferenceDAFL`)", rate(ref), ratio(1.0)),
-        ("vitkd, joint synthesizer (the stage through the CLI)", rate(g["vitkd_joint"]["distilled_images_per_s"]),
-         ratio(g["speedup_joint"])),
+        (
+            "vitkd, joint synthesizer (the stage through the CLI)",
+            rate(g["vitkd_joint"]["distilled_images_per_s"]),
+            ratio(g["speedup_joint"]),
+        ),
         ("vitkd, fast synthesizer", rate(g["vitkd_fast"]["distilled_images_per_s"]), ratio(g["speedup_fast"])),
     ]
     return md_table(("loop", "distilled images/s", "vs reference"), rows, right=(1, 2))
@@ -146,13 +186,19 @@ def _target(res: dict, key: str) -> str:
 
 
 PRECISIONS = {
-    "bf16_true_compiled": "bf16-true + compile", "bf16_true": "bf16-true", "bf16": "bf16 autocast", "fp32": "fp32",
+    "bf16_true_compiled": "bf16-true + compile",
+    "bf16_true": "bf16-true",
+    "bf16": "bf16 autocast",
+    "fp32": "fp32",
 }
 
 
 def _variants(s: dict, batch: int) -> str:
-    return " / ".join(f"{rate(s[f'vitkd_{k}_b{batch}']['images_per_s'])} {label}"
-                      for k, label in PRECISIONS.items() if f"vitkd_{k}_b{batch}" in s)
+    return " / ".join(
+        f"{rate(s[f'vitkd_{k}_b{batch}']['images_per_s'])} {label}"
+        for k, label in PRECISIONS.items()
+        if f"vitkd_{k}_b{batch}" in s
+    )
 
 
 def bench_speed(res: dict) -> str:
@@ -161,37 +207,84 @@ def bench_speed(res: dict) -> str:
     for name, s in res.get("selector", {}).items():
         b = s["vitkd_batch"]
         target = _target(res, "selector_speedup_ratio") if name == res["headline_preset"] else ""
-        rows.append((f"selector, {name} presets, batch {b}", _variants(s, b), rate(s["reference"]["images_per_s"]),
-                     ratio(s["speedup_ratio"]), target))
+        rows.append(
+            (
+                f"selector, {name} presets, batch {b}",
+                _variants(s, b),
+                rate(s["reference"]["images_per_s"]),
+                ratio(s["speedup_ratio"]),
+                target,
+            )
+        )
     for name, d in res.get("distill", {}).items():
         head = name == res["headline_preset"]
         ref = rate(d["reference"]["images_per_s"])
-        rows.append((f"distillation step, {name} presets, batch {d['batch']}, teacher-output cache amortised",
-                     rate(d["vitkd_best"]["images_per_s"]), ref, ratio(d["speedup_ratio"]),
-                     _target(res, "distill_speedup_ratio") if head else ""))
+        rows.append(
+            (
+                f"distillation step, {name} presets, batch {d['batch']}, teacher-output cache amortised",
+                rate(d["vitkd_best"]["images_per_s"]),
+                ref,
+                ratio(d["speedup_ratio"]),
+                _target(res, "distill_speedup_ratio") if head else "",
+            )
+        )
         cached = max(("fp32", "bf16"), key=lambda k: d[f"vitkd_{k}_cached_teacher"]["images_per_s"])
-        rows.append((f"the same, cache warm ({cached})", rate(d[f"vitkd_{cached}_cached_teacher"]["images_per_s"]), ref,
-                     ratio(d["speedup_ratio_cached_teacher"]), ""))
-        rows.append((f"the same, teacher run every step ({d['teacher_every_step_best_config'].split(',')[0]})",
-                     rate(d["vitkd_teacher_every_step_best"]["images_per_s"]), ref,
-                     ratio(d["speedup_ratio_teacher_every_step"]), ""))
+        rows.append(
+            (
+                f"the same, cache warm ({cached})",
+                rate(d[f"vitkd_{cached}_cached_teacher"]["images_per_s"]),
+                ref,
+                ratio(d["speedup_ratio_cached_teacher"]),
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"the same, teacher run every step ({d['teacher_every_step_best_config'].split(',')[0]})",
+                rate(d["vitkd_teacher_every_step_best"]["images_per_s"]),
+                ref,
+                ratio(d["speedup_ratio_teacher_every_step"]),
+                "",
+            )
+        )
     sc = res.get("scale", {})
     for n in ("100000", "1000000"):
         if n in sc:
-            rows.append((f"selection through the CLI, {int(n):,} wild images, peak RSS {sc[n]['peak_rss_mb']:,.0f} MB",
-                         rate(sc[n]["images_per_s"]), "", "", ""))
+            rows.append(
+                (
+                    f"selection through the CLI, {int(n):,} wild images, peak RSS {sc[n]['peak_rss_mb']:,.0f} MB",
+                    rate(sc[n]["images_per_s"]),
+                    "",
+                    "",
+                    "",
+                )
+            )
     if "memory_ratio_1m_over_100k" in sc:
-        rows.append(("peak RSS, 1M over 100k images", "", "", ratio(sc["memory_ratio_1m_over_100k"]),
-                     _target(res, "scale_memory_ratio_1m_over_100k")))
+        rows.append(
+            (
+                "peak RSS, 1M over 100k images",
+                "",
+                "",
+                ratio(sc["memory_ratio_1m_over_100k"]),
+                _target(res, "scale_memory_ratio_1m_over_100k"),
+            )
+        )
     return md_table(("figure", "vitkd img/s", "reference img/s", "ratio", "target"), rows, right=(2, 3))
 
 
 def bench_scale(res: dict) -> str:
     """Every selection the scale benchmark ran through the CLI: its size, extra arguments, speed and memory."""
     sc = res["scale"]
-    rows = [(f"{int(k.split('_')[0]):,}", f"`{sc[k]['args']}`" if sc[k].get("args") else "(the config's)",
-             rate(sc[k]["images_per_s"]), f"{sc[k]['wall_s']:,.0f}", f"{sc[k]['peak_rss_mb']:,.0f}")
-            for k in sorted((k for k in sc if k.split("_")[0].isdigit()), key=lambda k: (int(k.split("_")[0]), k))]
+    rows = [
+        (
+            f"{int(k.split('_')[0]):,}",
+            f"`{sc[k]['args']}`" if sc[k].get("args") else "(the config's)",
+            rate(sc[k]["images_per_s"]),
+            f"{sc[k]['wall_s']:,.0f}",
+            f"{sc[k]['peak_rss_mb']:,.0f}",
+        )
+        for k in sorted((k for k in sc if k.split("_")[0].isdigit()), key=lambda k: (int(k.split("_")[0]), k))
+    ]
     return md_table(("wild images", "arguments", "images/s", "wall s", "peak RSS (MB)"), rows, right=(0, 2, 3, 4))
 
 
@@ -201,9 +294,13 @@ def bench_peak(res: dict) -> str:
     rows = [("bf16 / fp32 matmul peak (GFLOP/s)", peaks, "")]
     for name, f in res.get("flops", {}).items():
         for what in ("selector", "distill"):
-            rows.append((f"{what}, {name} presets: share of the bf16 peak",
-                         pct(f[f"{what}_vitkd_fraction_of_bf16_peak"]) + "%",
-                         pct(f[f"{what}_reference_fraction_of_bf16_peak"]) + "%"))
+            rows.append(
+                (
+                    f"{what}, {name} presets: share of the bf16 peak",
+                    pct(f[f"{what}_vitkd_fraction_of_bf16_peak"]) + "%",
+                    pct(f[f"{what}_reference_fraction_of_bf16_peak"]) + "%",
+                )
+            )
     return md_table(("figure", "vitkd", "reference"), rows, right=(1, 2))
 
 
@@ -212,20 +309,35 @@ def bench_digits(res: dict) -> str:
     d = res["distill"]["digits"]
     fp32, bf16 = d["vitkd_fp32"]["images_per_s"], d["vitkd_bf16"]["images_per_s"]
     rows = [
-        (f"frozen teacher forward, batch {d['batch']}", rate(d["teacher_forward_fp32"]["images_per_s"]),
-         rate(d["teacher_forward_bf16"]["images_per_s"]),
-         ratio(d["teacher_forward_bf16"]["images_per_s"] / d["teacher_forward_fp32"]["images_per_s"])),
+        (
+            f"frozen teacher forward, batch {d['batch']}",
+            rate(d["teacher_forward_fp32"]["images_per_s"]),
+            rate(d["teacher_forward_bf16"]["images_per_s"]),
+            ratio(d["teacher_forward_bf16"]["images_per_s"] / d["teacher_forward_fp32"]["images_per_s"]),
+        ),
         ("distillation step, teacher every step (student fp32 / all bf16)", rate(fp32), rate(bf16), ratio(bf16 / fp32)),
     ]
     if "vitkd_fp32_teacher_bf16" in d:
         tb = d["vitkd_fp32_teacher_bf16"]["images_per_s"]
-        rows.append(("distillation step, fp32 student, teacher alone in bf16 (`teacher_bf16`)", rate(fp32), rate(tb),
-                     ratio(tb / fp32)))
+        rows.append(
+            (
+                "distillation step, fp32 student, teacher alone in bf16 (`teacher_bf16`)",
+                rate(fp32),
+                rate(tb),
+                ratio(tb / fp32),
+            )
+        )
     st = res.get("stream")
     if st:
         plain, mem = st["plain"]["images_per_s_per_epoch"], st["memory_cache"]["images_per_s_per_epoch"]
-        rows.append((f"shard stream, {st['samples']:,} samples, epoch 2 (tar + PNG / `memory_cache`)", rate(plain[1]),
-                     rate(mem[1]), ratio(st["speedup_epoch_2_on"])))
+        rows.append(
+            (
+                f"shard stream, {st['samples']:,} samples, epoch 2 (tar + PNG / `memory_cache`)",
+                rate(plain[1]),
+                rate(mem[1]),
+                ratio(st["speedup_epoch_2_on"]),
+            )
+        )
     return md_table(("figure", "img/s without the lever", "img/s with it", "ratio"), rows, right=(1, 2, 3))
 
 
@@ -296,10 +408,12 @@ def update(root: Path, check: bool = False) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m vitkd.demos.tables", description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true",
-                   help="change nothing; exit 1 when a page's table differs from its JSON")
-    p.add_argument("--root", type=Path, default=Path("."),
-                   help="the repository root (README.md, docs/, benchmarks/results/)")
+    p.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 when a page's table differs from its JSON"
+    )
+    p.add_argument(
+        "--root", type=Path, default=Path("."), help="the repository root (README.md, docs/, benchmarks/results/)"
+    )
     a = p.parse_args(argv)
     if not (a.root / "README.md").is_file():
         raise VitkdInputError(f"--root {a.root}: no README.md there; run from the repository root or pass --root")

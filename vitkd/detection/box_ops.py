@@ -3,6 +3,7 @@
 Formats: ``cxcywh`` (centre, size; normalised to [0, 1] by the image size: what the model predicts and the
 losses see), ``xyxy`` (corners; GIoU and the evaluation), ``xywh`` (COCO JSON: top-left corner and size, pixels).
 """
+
 from __future__ import annotations
 
 import torch

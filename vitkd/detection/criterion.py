@@ -16,6 +16,7 @@ For the Hungarian matching σ of predictions to targets (``matcher.py``), per im
 
 Matching and all losses run in fp32 with autocast off, also inside an autocast region (see ``matcher.py``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,15 +46,23 @@ def global_num_boxes(targets: list[dict], device: torch.device) -> torch.Tensor:
 
 class SetCriterion(nn.Module):
     """Args:
-        num_classes: K object classes (the no-object class is index K).
-        matcher: a ``HungarianMatcher``.
-        weight_ce, weight_bbox, weight_giou: loss weights (DETR: 1, 5, 2).
-        eos_coef: class weight of no-object in the cross-entropy (DETR: 0.1).
-        aux_loss: add the terms on every earlier decoder layer.
+    num_classes: K object classes (the no-object class is index K).
+    matcher: a ``HungarianMatcher``.
+    weight_ce, weight_bbox, weight_giou: loss weights (DETR: 1, 5, 2).
+    eos_coef: class weight of no-object in the cross-entropy (DETR: 0.1).
+    aux_loss: add the terms on every earlier decoder layer.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_ce: float = 1.0, weight_bbox: float = 5.0,
-                 weight_giou: float = 2.0, eos_coef: float = 0.1, aux_loss: bool = True):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        eos_coef: float = 0.1,
+        aux_loss: bool = True,
+    ):
         super().__init__()
         self.num_classes, self.matcher, self.aux_loss = num_classes, matcher, aux_loss
         self.weights = {"ce": weight_ce, "bbox": weight_bbox, "giou": weight_giou}
@@ -73,7 +82,9 @@ class SetCriterion(nn.Module):
         src_idx = torch.cat([src for src, _ in indices]).to(device)
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
-        target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(device)
+        target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(
+            device
+        )
         ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(device))
 
         if num_boxes is None:
@@ -81,7 +92,9 @@ class SetCriterion(nn.Module):
         src_boxes = boxes[batch_idx, src_idx]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(device).float()
         bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))).sum() / num_boxes
+        giou = (
+            1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
+        ).sum() / num_boxes
         return {"ce": ce, "bbox": bbox, "giou": giou}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ predicted relative to (Anchor DETR / Deformable DETR): DETR's slow convergence o
 Presets (``DETR_PRESETS``): ``detr_aerial_teacher``, ``detr_aerial_student`` (fewer layers, half width, fewer
 queries) and ``detr_test`` (the smallest, for tests). ``create_detr(name, **overrides)`` builds one.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,42 @@ from vitkd.errors import VitkdInputError
 
 DETR_PRESETS: dict[str, dict[str, Any]] = {
     # backbone: ViT patch / width / depth / heads; transformer: width, encoder and decoder layers, heads, FFN; queries
-    "detr_aerial_teacher": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, d_model=128, enc_layers=1, dec_layers=3, nhead=4, dim_feedforward=256, num_queries=16),
-    "detr_aerial_student": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, d_model=64, enc_layers=1, dec_layers=2, nhead=2, dim_feedforward=128, num_queries=12),
-    "detr_test": dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, d_model=32, enc_layers=1, dec_layers=2, nhead=2, dim_feedforward=32, num_queries=5),
+    "detr_aerial_teacher": dict(
+        patch_size=8,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        d_model=128,
+        enc_layers=1,
+        dec_layers=3,
+        nhead=4,
+        dim_feedforward=256,
+        num_queries=16,
+    ),
+    "detr_aerial_student": dict(
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        d_model=64,
+        enc_layers=1,
+        dec_layers=2,
+        nhead=2,
+        dim_feedforward=128,
+        num_queries=12,
+    ),
+    "detr_test": dict(
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        d_model=32,
+        enc_layers=1,
+        dec_layers=2,
+        nhead=2,
+        dim_feedforward=32,
+        num_queries=5,
+    ),
 }
 
 
@@ -66,23 +100,56 @@ def grid_logits(n: int) -> torch.Tensor:
 class DETR(nn.Module):
     """ViT-backbone DETR. The backbone is ``self.vit`` (a timm ViT: the attention-probe callback finds it)."""
 
-    def __init__(self, num_classes: int, img_size: int = 64, in_chans: int = 3, patch_size: int = 8, embed_dim: int = 128,
-                 depth: int = 4, num_heads: int = 4, d_model: int = 128, enc_layers: int = 1, dec_layers: int = 3, nhead: int = 4,
-                 dim_feedforward: int = 256, num_queries: int = 12, dropout: float = 0.0, box_prior: float = 0.15,
-                 reference_points: bool = True, attn_sigma: float | None = 0.2):
+    def __init__(
+        self,
+        num_classes: int,
+        img_size: int = 64,
+        in_chans: int = 3,
+        patch_size: int = 8,
+        embed_dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        d_model: int = 128,
+        enc_layers: int = 1,
+        dec_layers: int = 3,
+        nhead: int = 4,
+        dim_feedforward: int = 256,
+        num_queries: int = 12,
+        dropout: float = 0.0,
+        box_prior: float = 0.15,
+        reference_points: bool = True,
+        attn_sigma: float | None = 0.2,
+    ):
         super().__init__()
         if img_size % patch_size:
-            raise VitkdInputError(f"img_size {img_size} is not a multiple of the patch size {patch_size}: resize the images or pick another preset")
+            raise VitkdInputError(
+                f"img_size {img_size} is not a multiple of the patch size {patch_size}: resize the images or pick another preset"
+            )
         self.num_classes, self.num_queries = num_classes, num_queries
         self.vit = timm.models.vision_transformer.VisionTransformer(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, embed_dim=embed_dim,
-            depth=depth, num_heads=num_heads, mlp_ratio=2.0,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=2.0,
         )
         num_patches = self.vit.patch_embed.num_patches
         self.input_proj = nn.Linear(embed_dim, d_model)
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches, d_model) * 0.02)
-        layer = dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), enc_layers, enable_nested_tensor=False)
+        layer = dict(
+            d_model=d_model,
+            nhead=nhead,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**layer), enc_layers, enable_nested_tensor=False
+        )
         self.decoder_layers = nn.ModuleList(nn.TransformerDecoderLayer(**layer) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(d_model)
         self.query_embed = nn.Embedding(num_queries, d_model)
@@ -104,7 +171,7 @@ class DETR(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder memory (B, N, d_model) from the ViT's patch tokens."""
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]
         return self.encoder(self.input_proj(tokens) + self.pos_embed)
 
     def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,7 +191,9 @@ class DETR(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         memory = self.features(x)
         bias = self.attention_bias()
-        h = self.query_embed.weight.unsqueeze(0).repeat(x.shape[0], 1, 1)  # a copy, not a view: the FLOP counter's module tracker fails on views of parameters in inference mode
+        h = self.query_embed.weight.unsqueeze(0).repeat(
+            x.shape[0], 1, 1
+        )  # a copy, not a view: the FLOP counter's module tracker fails on views of parameters in inference mode
         outs = []
         for i, layer in enumerate(self.decoder_layers):
             h = layer(h, memory, memory_mask=bias)
@@ -154,5 +223,3 @@ def postprocess(outputs: dict, img_size: int) -> list[dict[str, torch.Tensor]]:
     scores, labels = prob.max(-1)
     boxes = normalized_to_pixel_xyxy(outputs["pred_boxes"].float(), img_size, img_size)
     return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
-
-

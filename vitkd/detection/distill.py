@@ -26,6 +26,7 @@ names only "classification, bounding-box and distillation losses"; the terms bel
 
 All terms run in fp32 with autocast off.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,9 @@ def teacher_set(outputs: dict, threshold: float) -> list[dict[str, torch.Tensor]
     return out
 
 
-def detr_kd_losses(student: dict, teacher: dict, matcher: HungarianMatcher, kd_threshold: float = 0.3,
-                   temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def detr_kd_losses(
+    student: dict, teacher: dict, matcher: HungarianMatcher, kd_threshold: float = 0.3, temperature: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Unweighted Eq. (D1)–(D3): ``kd_cls``, ``kd_bbox``, ``kd_giou`` of the student's last layer."""
     device = student["pred_logits"].device
     with torch.autocast(device_type=device.type, enabled=False):
@@ -68,7 +70,15 @@ def detr_kd_losses(student: dict, teacher: dict, matcher: HungarianMatcher, kd_t
         s_logits = s_out["pred_logits"][batch_idx, src_idx]
         s_boxes = s_out["pred_boxes"][batch_idx, src_idx]
         tau = temperature
-        kd_cls = F.kl_div(F.log_softmax(s_logits / tau, -1), F.log_softmax(t_logits / tau, -1), reduction="batchmean", log_target=True) * tau**2
+        kd_cls = (
+            F.kl_div(
+                F.log_softmax(s_logits / tau, -1),
+                F.log_softmax(t_logits / tau, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * tau**2
+        )
         kd_bbox = F.l1_loss(s_boxes, t_boxes, reduction="sum") / n_t
         kd_giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(s_boxes), cxcywh_to_xyxy(t_boxes)))).sum() / n_t
     return {"kd_cls": kd_cls, "kd_bbox": kd_bbox, "kd_giou": kd_giou}

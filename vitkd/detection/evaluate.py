@@ -4,6 +4,7 @@
 - ``detection_map``: torchmetrics' ``MeanAveragePrecision`` with ``backend="pycocotools"`` (the same COCOeval
   underneath, with torchmetrics' accumulation and DDP syncing), used by the stages on validation and test.
 """
+
 from __future__ import annotations
 
 import contextlib

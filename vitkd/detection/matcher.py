@@ -11,6 +11,7 @@ solved by ``scipy.optimize.linear_sum_assignment`` on CPU, image by image.
 Always in fp32, also under autocast: in fp16 box areas and costs overflow and ``linear_sum_assignment``
 raises "matrix contains invalid numeric entries" (mmdetection PR #10335).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ class HungarianMatcher(nn.Module):
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
-    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, tgt_labels: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
+    def cost_matrix(
+        self, logits: torch.Tensor, boxes: torch.Tensor, tgt_labels: torch.Tensor, tgt_boxes: torch.Tensor
+    ) -> torch.Tensor:
         """(Q, T) cost of one image: ``logits`` (Q, K+1), ``boxes`` (Q, 4) cxcywh; targets (T,), (T, 4)."""
         prob = logits.float().softmax(-1)
         boxes, tgt_boxes = boxes.float(), tgt_boxes.float()

@@ -8,6 +8,7 @@ Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based Token Propaga
 - the semantic k-NN graph is symmetrised before normalisation (the authors' row-wise k-NN is not);
 - ``num_prop = 0`` propagates nothing (the authors' slice ``[:-0]`` would propagate every token).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -120,7 +121,12 @@ def split_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torc
 
 
 def propagate(
-    patches: torch.Tensor, size: torch.Tensor | None, graph: torch.Tensor, kept: torch.Tensor, prop: torch.Tensor, alpha: float
+    patches: torch.Tensor,
+    size: torch.Tensor | None,
+    graph: torch.Tensor,
+    kept: torch.Tensor,
+    prop: torch.Tensor,
+    alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """GTP propagation rule (``GraphProp``): x_kept ← x_kept + α · W[kept, prop] · x_prop, and the same for
     token sizes s_kept ← s_kept + α · W[kept, prop] · s_prop. The next block's graph is W[kept, kept],
@@ -157,28 +163,43 @@ class GTPViT(nn.Module):
             (``sparsify_attention``): one value for every block or one per block; 1 (default) is off.
     """
 
-    def __init__(self, vit: nn.Module, num_prop: int | list[int] = 0, graph: GraphType = "mixed",
-                 num_neighbours: int = 8, alpha: float = 0.1, token_scale: bool = True,
-                 sparsity: float | list[float] = 1.0):
+    def __init__(
+        self,
+        vit: nn.Module,
+        num_prop: int | list[int] = 0,
+        graph: GraphType = "mixed",
+        num_neighbours: int = 8,
+        alpha: float = 0.1,
+        token_scale: bool = True,
+        sparsity: float | list[float] = 1.0,
+    ):
         super().__init__()
         vp.check_vit(vit, "GTP")
         self.vit = vit
         self.num_prop = [int(n) for n in vp.per_block(num_prop, len(vit.blocks), "num_prop")]
         n_patches = vit.patch_embed.num_patches
         if any(n < 0 for n in self.num_prop) or sum(self.num_prop) >= n_patches:
-            raise VitkdInputError(f"GTP num_prop {num_prop} removes {sum(self.num_prop)} of {n_patches} patches: keep at least one (lower num_prop)")
+            raise VitkdInputError(
+                f"GTP num_prop {num_prop} removes {sum(self.num_prop)} of {n_patches} patches: keep at least one (lower num_prop)"
+            )
         if graph not in ("spatial", "semantic", "mixed"):
             raise VitkdInputError(f"GTP graph {graph!r} is unknown: use spatial, semantic or mixed")
         self.sparsity = [float(t) for t in vp.per_block(sparsity, len(vit.blocks), "sparsity")]
         if any(not 0.0 < t <= 1.0 for t in self.sparsity):
             raise VitkdInputError(f"GTP sparsity {sparsity} is outside (0, 1]: use e.g. 0.7, or 1 for none")
         self.graph, self.num_neighbours, self.alpha, self.token_scale = graph, num_neighbours, alpha, token_scale
-        self.lost: list[torch.Tensor] = []  # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no device sync)
+        self.lost: list[
+            torch.Tensor
+        ] = []  # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no device sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, p = self.vit, self.vit.num_prefix_tokens
         x = vp.embed(vit, x)
-        graph = build_graph(x[:, p:], vit.patch_embed.grid_size, self.graph, self.num_neighbours) if any(self.num_prop) else None
+        graph = (
+            build_graph(x[:, p:], vit.patch_embed.grid_size, self.graph, self.num_neighbours)
+            if any(self.num_prop)
+            else None
+        )
         size = x.new_ones(x.shape[:2]) if self.token_scale else None
         self.lost = []
         for blk, n, theta in zip(vit.blocks, self.num_prop, self.sparsity):
@@ -191,7 +212,9 @@ class GTPViT(nn.Module):
             x = vp.attn_residual(blk, x, vp.project(blk.attn, out, y))
             if n > 0:
                 kept, prop = split_tokens(token_importance(amap, p), n)
-                patches, psize, graph, lost = propagate(x[:, p:], size[:, p:] if size is not None else None, graph, kept, prop, self.alpha)
+                patches, psize, graph, lost = propagate(
+                    x[:, p:], size[:, p:] if size is not None else None, graph, kept, prop, self.alpha
+                )
                 x = torch.cat([x[:, :p], patches], dim=1)
                 size = torch.cat([size[:, :p], psize], dim=1) if size is not None else None
                 self.lost.append(lost.detach())

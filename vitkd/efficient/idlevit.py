@@ -7,6 +7,7 @@ The selected tokens are gathered, attend only among themselves, go through the M
 in training as in evaluation (the authors mask in training and gather only at test; gathering in both keeps
 train and test the same computation). qkv is computed for all tokens, because selection needs every key.
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,13 +86,17 @@ class IdleViT(nn.Module):
         layers = default_idle_layers(depth) if idle_layers is None else [int(i) % depth for i in idle_layers]
         ratios = keep_ratio if isinstance(keep_ratio, (list, tuple)) else [keep_ratio] * len(layers)
         if len(ratios) != len(layers):
-            raise VitkdInputError(f"IdleViT keep_ratio has {len(ratios)} values for {len(layers)} idle layers: give one value or one per idle layer")
+            raise VitkdInputError(
+                f"IdleViT keep_ratio has {len(ratios)} values for {len(layers)} idle layers: give one value or one per idle layer"
+            )
         if any(not 0.0 < float(r) <= 1.0 for r in ratios):
             raise VitkdInputError(f"IdleViT keep_ratio {keep_ratio} is outside (0, 1]: use e.g. 0.7")
         n = vit.patch_embed.num_patches
         self.keep = {layer: keep_count(n, float(r)) for layer, r in zip(layers, ratios)}
 
-    def forward_aux(self, x: torch.Tensor, with_cut_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward_aux(
+        self, x: torch.Tensor, with_cut_loss: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits, pooled pre-logit feature, mean token cut loss over idle layers or None)."""
         vit, p = self.vit, self.vit.num_prefix_tokens
         x = vp.embed(vit, x)

@@ -9,6 +9,7 @@
 - ``images_per_s``: measured, inference mode, after warm-up, with the device synchronised before the clock
   starts and before it stops; the batch size, iterations, device and CPU threads are stated next to it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,7 +78,9 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 256, warmup: int = 5, iters: int = 20) -> dict[str, Any]:
+def throughput(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 256, warmup: int = 5, iters: int = 20
+) -> dict[str, Any]:
     """Measured images/s of ``model`` in eval + inference mode on its own device (a random batch; the cost of these
     models does not depend on the pixel values except through which tokens are reduced)."""
     device = _device(model)
@@ -108,7 +111,9 @@ def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int =
     }
 
 
-def measure(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 256, warmup: int = 5, iters: int = 20) -> dict[str, Any]:
+def measure(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 256, warmup: int = 5, iters: int = 20
+) -> dict[str, Any]:
     """All cost figures of ``model`` for a ``metrics.json`` or a summary row (labels in the module docstring)."""
     flops = flops_per_image(model, input_shape)
     out: dict[str, Any] = {

@@ -4,14 +4,15 @@ Restated from the ToMe paper and ``facebookresearch/ToMe`` ``tome/merge.py`` (Bo
 between attention and MLP of every block, r tokens are merged by size-weighted average; attention is
 proportional (log token size added to the key logits); the similarity metric is the keys averaged over heads.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkd.errors import VitkdInputError
 from vitkd.efficient import vit_parts as vp
+from vitkd.errors import VitkdInputError
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool = True):

@@ -3,6 +3,7 @@
 The wrappers keep timm's own modules (patch embedding, norms, qkv/proj linears, MLP, layer scale,
 drop path, head) and only re-sequence them, so a trained checkpoint runs unchanged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,12 +18,18 @@ def check_vit(model: nn.Module, what: str) -> None:
     """Token reducers need a timm ViT with ``blocks`` of standard ``Block``s and CLS-token pooling."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "patch_embed"):
-        raise VitkdInputError(f"{what} needs a timm VisionTransformer, got {type(model).__name__}: pass a ViT teacher or student")
+        raise VitkdInputError(
+            f"{what} needs a timm VisionTransformer, got {type(model).__name__}: pass a ViT teacher or student"
+        )
     for b in blocks:
         if not (hasattr(b, "norm1") and hasattr(b.attn, "qkv") and hasattr(b, "mlp")):
-            raise VitkdInputError(f"{what} needs timm Blocks with norm1/attn.qkv/mlp, got {type(b).__name__}: use a plain ViT arch")
+            raise VitkdInputError(
+                f"{what} needs timm Blocks with norm1/attn.qkv/mlp, got {type(b).__name__}: use a plain ViT arch"
+            )
     if getattr(model, "global_pool", "token") != "token" or model.num_prefix_tokens != 1:
-        raise VitkdInputError(f"{what} needs a ViT pooled by its single CLS token (global_pool='token'): build the model with class_token=True")
+        raise VitkdInputError(
+            f"{what} needs a ViT pooled by its single CLS token (global_pool='token'): build the model with class_token=True"
+        )
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

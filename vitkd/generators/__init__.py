@@ -1,5 +1,6 @@
 """Data-free image generators: DAFL's convolutional generator, vitkd's transformer-augmented generator, and
 Fast-DFKD's meta-synthesis round with its memory bank."""
+
 from __future__ import annotations
 
 from vitkd.errors import VitkdInputError
@@ -18,4 +19,12 @@ def create_generator(name: str, img_size: int, in_chans: int, latent_dim: int, *
     return GENERATORS[name](img_size=img_size, in_chans=in_chans, latent_dim=latent_dim, **kwargs)
 
 
-__all__ = ["MemoryBank", "meta_synthesize", "DAFLGenerator", "TransformerGenerator", "GENERATORS", "create_generator", "photometric_view"]
+__all__ = [
+    "MemoryBank",
+    "meta_synthesize",
+    "DAFLGenerator",
+    "TransformerGenerator",
+    "GENERATORS",
+    "create_generator",
+    "photometric_view",
+]

@@ -9,6 +9,7 @@ The eps=0.8 batch norms are the reference's quirk (kept: the maintainer says it 
 The final affine-free BN is off by default in vitkd: vitkd teachers take inputs in [-1, 1] and the
 BN would take the output out of that range; ``final_bn=True`` restores the reference behaviour.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,14 @@ from vitkd.errors import VitkdInputError
 class DAFLGenerator(nn.Module):
     """DAFL's generator for square images whose side is a multiple of 4; output in [-1, 1] (tanh)."""
 
-    def __init__(self, img_size: int = 16, in_chans: int = 1, latent_dim: int = 100, width: int = 128, final_bn: bool = False):
+    def __init__(
+        self, img_size: int = 16, in_chans: int = 1, latent_dim: int = 100, width: int = 128, final_bn: bool = False
+    ):
         super().__init__()
         if img_size % 4:
-            raise VitkdInputError(f"DAFL generator needs an image size divisible by 4, got {img_size}: use the transformer generator or resize the teacher input")
+            raise VitkdInputError(
+                f"DAFL generator needs an image size divisible by 4, got {img_size}: use the transformer generator or resize the teacher input"
+            )
         self.init_size, self.width, self.latent_dim = img_size // 4, width, latent_dim
         self.l1 = nn.Linear(latent_dim, width * self.init_size**2)
         self.bn0 = nn.BatchNorm2d(width)

@@ -9,6 +9,7 @@ a ``MemoryBank`` the student draws its batches from, so most student steps cost 
 Restated from the authors' ``datafree/synthesis/fast_meta.py``, not copied; the loss of the inner
 loop is vitkd's L_G (the ViT teachers have no batch norms for Fast-DFKD's BN-statistics term).
 """
+
 from __future__ import annotations
 
 import copy

@@ -13,6 +13,7 @@ then log2(patch_size) rounds of ×2 nearest upsampling → conv3×3 → BN(eps 0
 conv3×3 → tanh. The attention blocks decide what goes where on the patch grid; the convolutions draw
 strokes that cross patch borders, where the per-token head drew a separate texture in every patch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,14 +57,22 @@ class TransformerGenerator(nn.Module):
     ):
         super().__init__()
         if img_size % patch_size:
-            raise VitkdInputError(f"transformer generator: image size {img_size} is not a multiple of patch_size {patch_size}: set --model.init_args.generator_kwargs.patch_size to a divisor")
+            raise VitkdInputError(
+                f"transformer generator: image size {img_size} is not a multiple of patch_size {patch_size}: set --model.init_args.generator_kwargs.patch_size to a divisor"
+            )
         if embed_dim % num_heads:
-            raise VitkdInputError(f"transformer generator: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise VitkdInputError(
+                f"transformer generator: embed_dim {embed_dim} is not divisible by num_heads {num_heads}"
+            )
         if head not in ("patch", "conv"):
-            raise VitkdInputError(f"transformer generator: head {head!r} is not one of 'patch', 'conv': set --model.init_args.generator_kwargs.head")
+            raise VitkdInputError(
+                f"transformer generator: head {head!r} is not one of 'patch', 'conv': set --model.init_args.generator_kwargs.head"
+            )
         ups = patch_size.bit_length() - 1
         if head == "conv" and 2**ups != patch_size:
-            raise VitkdInputError(f"transformer generator: the conv head upsamples by 2, so patch_size {patch_size} must be a power of 2")
+            raise VitkdInputError(
+                f"transformer generator: the conv head upsamples by 2, so patch_size {patch_size} must be a power of 2"
+            )
         self.img_size, self.in_chans, self.patch_size, self.head = img_size, in_chans, patch_size, head
         self.grid = img_size // patch_size
         self.num_tokens, self.embed_dim, self.pixel_hidden = self.grid**2, embed_dim, pixel_hidden
@@ -71,7 +80,9 @@ class TransformerGenerator(nn.Module):
         self.to_tokens = nn.Linear(latent_dim, self.num_tokens * embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, init_values=init_values) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, init_values=init_values) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(embed_dim)
         if head == "patch":
             self.to_pixels = nn.Linear(embed_dim, patch_size * patch_size * pixel_hidden)
@@ -82,7 +93,12 @@ class TransformerGenerator(nn.Module):
             c_in = embed_dim
             for i in range(ups):
                 c_out = max(8, conv_width // 2**i)
-                layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out, eps=0.8), nn.LeakyReLU(0.2)]
+                layers += [
+                    nn.Upsample(scale_factor=2),
+                    nn.Conv2d(c_in, c_out, 3, padding=1),
+                    nn.BatchNorm2d(c_out, eps=0.8),
+                    nn.LeakyReLU(0.2),
+                ]
                 c_in = c_out
             layers += [nn.Conv2d(c_in, in_chans, 3, padding=1), nn.Tanh()]
             self.conv_head = nn.Sequential(*layers)

@@ -1,4 +1,5 @@
 """A second view of a generated image for the attention-consistency loss (vitkd's own choice)."""
+
 from __future__ import annotations
 
 import torch

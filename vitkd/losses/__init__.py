@@ -1,9 +1,17 @@
 """Loss terms, one paper equation per function (the docstring names the equation)."""
+
 from vitkd.losses.kd import kd_loss
 from vitkd.losses.noisy_adaptation import NoisyAdaptation, adapted_cross_entropy
 from vitkd.losses.probe_relation import cls_relation, probe_relation_loss, relation_rows_loss
 
-__all__ = ["kd_loss", "NoisyAdaptation", "adapted_cross_entropy", "cls_relation", "probe_relation_loss", "relation_rows_loss"]
+__all__ = [
+    "kd_loss",
+    "NoisyAdaptation",
+    "adapted_cross_entropy",
+    "cls_relation",
+    "probe_relation_loss",
+    "relation_rows_loss",
+]
 from vitkd.losses.data_free import (  # noqa: E402
     adversarial_loss,
     attention_consistency_loss,

@@ -1,5 +1,6 @@
 """DAFL's teacher-as-discriminator generator terms (Chen et al., "Data-Free Learning of Student Networks",
 ICCV 2019, arXiv 1904.01186, Eqs. 2-4 and 5): L_oh, L_a, L_ie and their weighted sum."""
+
 from __future__ import annotations
 
 import torch

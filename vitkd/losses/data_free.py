@@ -11,6 +11,7 @@ L_attention an "attention-consistency loss" on attention probes, nothing more. v
 
 Each term is switched off by a weight of 0 (and then not computed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -102,7 +103,9 @@ def attention_loss(
     return out
 
 
-def generator_loss(adv_terms: dict[str, torch.Tensor], attention_terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+def generator_loss(
+    adv_terms: dict[str, torch.Tensor], attention_terms: dict[str, torch.Tensor], lam: float
+) -> torch.Tensor:
     """L_G = L_adv + λ·L_attention (the paper's composition; the terms inside are vitkd's)."""
     parts = list(adv_terms.values())
     if lam and attention_terms:

@@ -4,6 +4,7 @@ Q is DFND's ("Learning student networks in the wild"): row i says how a true cla
 teacher's (noisy) label. Its diagonal is fixed to the teacher's accuracy; each row's off-diagonal mass
 (1 − acc) is spread by a softmax over learned, zero-initialised logits θ ∈ R^{C×(C−1)}.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ class NoisyAdaptation(nn.Module):
         self.theta = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
         eye = torch.eye(num_classes, dtype=torch.bool)
         # column index of each off-diagonal entry, row by row
-        self.register_buffer("off_cols", torch.arange(num_classes).expand(num_classes, -1)[~eye].view(num_classes, -1), persistent=False)
+        self.register_buffer(
+            "off_cols", torch.arange(num_classes).expand(num_classes, -1)[~eye].view(num_classes, -1), persistent=False
+        )
 
     def matrix(self) -> torch.Tensor:
         c = self.num_classes

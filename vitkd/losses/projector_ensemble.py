@@ -6,6 +6,7 @@ matched to the teacher's pooled feature by cosine: L = mean_batch (1 − cos(f̄
 only by their random initialisation; the authors use 3 (a 4th is built but never used) with ReLU.
 For a ViT, the pooled feature is the pre-logit vector (the normed CLS token).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 class ProjectorEnsemble(nn.Module):
     """``num_projectors`` Linear(student_dim → teacher_dim) projectors (+ ReLU); ``forward`` returns their mean."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_projectors: int = 3, activation: Literal["relu", "none"] = "relu"):
+    def __init__(
+        self, student_dim: int, teacher_dim: int, num_projectors: int = 3, activation: Literal["relu", "none"] = "relu"
+    ):
         super().__init__()
         if num_projectors < 1:
             from vitkd.errors import VitkdInputError

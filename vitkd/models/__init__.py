@@ -1,5 +1,6 @@
 """Models: ViT presets, channel-shuffle students and the CNN-control LeNets (each module registers its presets
 in timm when imported here, as timm's own model package does), the attention probe and feature taps."""
+
 from __future__ import annotations
 
 import timm
@@ -24,4 +25,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["lenet", "shuffle_block", "vit", "AttentionProbe", "FeatureTap", "create_model", "count_params", "probe_from_qkv"]
+__all__ = [
+    "lenet",
+    "shuffle_block",
+    "vit",
+    "AttentionProbe",
+    "FeatureTap",
+    "create_model",
+    "count_params",
+    "probe_from_qkv",
+]

@@ -6,6 +6,7 @@ arXiv:2106.14881). The token grid is the same as a patch-4 ViT's (img_size / 4 p
 attention probe (``vitkd.models.probe``) reads it unchanged. Written as a ``PatchEmbed`` subclass: timm's
 ``HybridEmbed`` needs a backbone model and measures its feature size with a dummy forward at build time.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn

@@ -7,6 +7,7 @@ timm has no LeNet, hence this small file; it exposes timm's classifier interface
 ``forward_head(pre_logits=True)``, ``head``) that the stages read. The pre-logits feature is the conv3
 output, the feature DAFL's activation term reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,14 @@ class LeNet5(nn.Module):
         c1, c2, c3, c4 = (max(1, int(round(c * width))) for c in (6, 16, 120, 84))
         self.num_classes, self.num_features = num_classes, c3
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 4), nn.ReLU(),
+            nn.Conv2d(in_chans, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 4),
+            nn.ReLU(),
         )
         self.fc = nn.Sequential(nn.Linear(c3, c4), nn.ReLU())
         self.head = nn.Linear(c4, num_classes)

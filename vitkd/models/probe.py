@@ -5,6 +5,7 @@ The probe needs only the CLS query row, so a forward hook on the probed block's 
 layer takes q of token 0 and all keys from that layer's own output and recomputes just that row:
 O(B·H·N·d) extra work on probed blocks only, while training keeps the fused kernel everywhere.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -28,7 +29,9 @@ def _check_blocks(model: nn.Module, blocks: Iterable[int], what: str) -> list[in
     return [b % depth for b in blocks]
 
 
-def probe_from_qkv(qkv: torch.Tensor, attn: nn.Module, num_prefix_tokens: int, head: HeadReduce = "mean") -> torch.Tensor:
+def probe_from_qkv(
+    qkv: torch.Tensor, attn: nn.Module, num_prefix_tokens: int, head: HeadReduce = "mean"
+) -> torch.Tensor:
     """CLS row of the post-softmax attention over patch tokens, from a block's qkv projection output.
 
     Attention Probe, arXiv 2102.05958, Eq. 2: P(x) = γ(A(x)[0, 1:N+1]) (before the reshape γ). Softmax runs over all
@@ -107,9 +110,7 @@ class FeatureTap:
     def __init__(self, model: nn.Module, blocks: Sequence[int]):
         self.blocks = _check_blocks(model, blocks, "feature")
         self._out: dict[int, torch.Tensor] = {}
-        self._handles = [
-            model.blocks[b].register_forward_hook(self._hook(b)) for b in self.blocks
-        ]
+        self._handles = [model.blocks[b].register_forward_hook(self._hook(b)) for b in self.blocks]
 
     def _hook(self, block: int):
         def fn(_mod, _inp, out):
@@ -136,4 +137,3 @@ def unfused_attention(block_attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     qkv = block_attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
     q, k = block_attn.q_norm(qkv[0]), block_attn.k_norm(qkv[1])
     return ((q @ k.transpose(-2, -1)) * (c // h) ** -0.5).softmax(dim=-1)
-

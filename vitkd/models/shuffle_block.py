@@ -7,6 +7,7 @@ Only the abstract is public (Xu, Wang, Chen, Liu, arXiv 2310.05642): the split r
 shuffle pattern are our choices. The block is a drop-in ``block_fn`` for timm's ``VisionTransformer``, built from
 timm's own ``Attention`` and ``Mlp`` (fused attention kept), so every vitkd stage trains it through ``arch``.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -59,16 +60,31 @@ class ChannelShuffleBlock(nn.Module):
         super().__init__()
         self.attended = int(attended_dim) if attended_dim else int(round(dim * attended_ratio))
         if not 0 < self.attended <= dim or self.attended % num_heads:
-            raise VitkdInputError(f"channel-shuffle attended width {self.attended} (dim {dim} × {attended_ratio}) must be in 1..{dim} and divisible by {num_heads} heads: change attended_ratio or num_heads")
+            raise VitkdInputError(
+                f"channel-shuffle attended width {self.attended} (dim {dim} × {attended_ratio}) must be in 1..{dim} and divisible by {num_heads} heads: change attended_ratio or num_heads"
+            )
         if dim % shuffle_groups:
-            raise VitkdInputError(f"channel-shuffle dim {dim} is not divisible by shuffle_groups {shuffle_groups}: change one of them")
+            raise VitkdInputError(
+                f"channel-shuffle dim {dim} is not divisible by shuffle_groups {shuffle_groups}: change one of them"
+            )
         self.shuffle_groups = shuffle_groups
         self.norm1 = norm_layer(self.attended)
-        self.attn = Attention(self.attended, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
+        self.attn = Attention(
+            self.attended,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+        )
         self.ls1 = LayerScale(self.attended, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop)
+        self.mlp = mlp_layer(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop
+        )
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -80,8 +96,16 @@ class ChannelShuffleBlock(nn.Module):
         return channel_shuffle(x, self.shuffle_groups)
 
 
-def _shuffle_vit(pretrained: bool = False, attended_ratio: float = 0.5, attended_dim: int | None = None, shuffle_groups: int = 2, **kwargs) -> VisionTransformer:
-    block = partial(ChannelShuffleBlock, attended_ratio=attended_ratio, attended_dim=attended_dim, shuffle_groups=shuffle_groups)
+def _shuffle_vit(
+    pretrained: bool = False,
+    attended_ratio: float = 0.5,
+    attended_dim: int | None = None,
+    shuffle_groups: int = 2,
+    **kwargs,
+) -> VisionTransformer:
+    block = partial(
+        ChannelShuffleBlock, attended_ratio=attended_ratio, attended_dim=attended_dim, shuffle_groups=shuffle_groups
+    )
     return VisionTransformer(block_fn=block, **preset_kwargs(pretrained, kwargs))
 
 
@@ -89,7 +113,9 @@ def _shuffle_vit(pretrained: bool = False, attended_ratio: float = 0.5, attended
 def digits_shuffle_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Channel-shuffle digits student: dim 38 (Attended 18, 2 heads of 9), depth 6, sized so its FlopCounter FLOPs
     (2.77 M) are within 1% of ``digits_student_patch4_16`` (dim 32, attention on all channels: 2.75 M)."""
-    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=38, attended_dim=18, depth=6, num_heads=2, num_classes=10)
+    args = dict(
+        img_size=16, patch_size=4, in_chans=1, embed_dim=38, attended_dim=18, depth=6, num_heads=2, num_classes=10
+    )
     return _shuffle_vit(pretrained, **{**args, **kwargs})
 
 

@@ -4,6 +4,7 @@ The paper pair (Attention Probe, arXiv 2102.05958, §3.1): DeiT-XSmall teacher (
 DeiT-XTiny student (dim 128, depth 12, 2 heads), patch 4 at 32×32. The ``digits_*`` presets are small
 enough to train on a 2-core CPU in minutes on the embedded default data (16×16, 1 channel).
 """
+
 from __future__ import annotations
 
 from functools import partial

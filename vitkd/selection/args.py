@@ -1,5 +1,6 @@
 """The selector's arguments checked together before the teacher is loaded: one ``VitkdInputError`` line naming
 the argument and the fix."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,8 +10,14 @@ from vitkd.selection.scoring import STABILITY_VIEWS
 
 
 def check_selection_args(
-    num_keep: int, probe_blocks: Sequence[int], lambda_a: Sequence[float], stability_views: Sequence[str],
-    strategy: str, fusion_weights: dict[str, float] | None, extra_scores: bool, class_balance: bool,
+    num_keep: int,
+    probe_blocks: Sequence[int],
+    lambda_a: Sequence[float],
+    stability_views: Sequence[str],
+    strategy: str,
+    fusion_weights: dict[str, float] | None,
+    extra_scores: bool,
+    class_balance: bool,
 ) -> None:
     """A positive ``num_keep``, one λa per probe block, known stability views; ``fusion`` weighs known,
     nonzero columns it has scores for; ``class_balance`` ranks by a value (``value`` or ``fusion``)."""

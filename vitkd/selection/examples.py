@@ -5,6 +5,7 @@ attribute (an ``ExampleRequest``, or None). The selector gathers the images whil
 shards to write them (``vitkd.selection.outputs.selected_samples``), runs its teacher on them and on some
 original training images, and hands the outputs over in the ``SelectionResult`` of ``on_selection_end``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -67,7 +68,9 @@ class ExampleGatherer:
                 group.append(image)
 
     def features(
-        self, teacher: torch.nn.Module, original: torch.Tensor | None = None,
+        self,
+        teacher: torch.nn.Module,
+        original: torch.Tensor | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
         """The teacher's outputs (``example_features``) for the gathered images and ``original`` ones."""
         images = {k: torch.stack(v) for k, v in self.images.items() if v}
@@ -92,7 +95,9 @@ def teacher_features(teacher: torch.nn.Module, x: torch.Tensor, features: Featur
 
 
 def example_features(
-    teacher: torch.nn.Module, images: dict[str, torch.Tensor], kinds: Iterable[Features],
+    teacher: torch.nn.Module,
+    images: dict[str, torch.Tensor],
+    kinds: Iterable[Features],
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{feature kind: {group: (N, D) teacher outputs}}`` for each group's images, groups in ``GROUPS`` order."""
     groups = [g for g in GROUPS if g in images and len(images[g])]

@@ -2,6 +2,7 @@
 
 One place for the figures both the selector's ``metrics.json`` and the selection report show.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,7 +10,9 @@ from collections.abc import Mapping
 import numpy as np
 
 
-def source_precision(scored: Mapping[str, int], kept: Mapping[str, int], positive_sources: list[str]) -> dict[str, float | dict[str, int]]:
+def source_precision(
+    scored: Mapping[str, int], kept: Mapping[str, int], positive_sources: list[str]
+) -> dict[str, float | dict[str, int]]:
     """Precision and recall of the kept set against ``positive_sources``, from samples scored and kept per
     ``src`` tag (``""`` = untagged), with the bounds that put the precision in context: ``precision_max``,
     the best any selection of this size could reach (keeping more than the pool's positives forces the
@@ -31,7 +34,9 @@ def source_precision(scored: Mapping[str, int], kept: Mapping[str, int], positiv
     }
 
 
-def score_auroc(columns: dict[str, np.ndarray], src: np.ndarray, names: dict[str, int], positive_sources: list[str]) -> dict[str, dict[str, float]]:
+def score_auroc(
+    columns: dict[str, np.ndarray], src: np.ndarray, names: dict[str, int], positive_sources: list[str]
+) -> dict[str, dict[str, float]]:
     """How well each score column (each ``va_blk*``, ``vn``, ``value``; low = kept) tells the positive
     sources from the rest: AUROC of −score against all other samples (``all``) and against each other
     source alone. 1.0 when the score ranks every positive sample first, 0.5 for chance; it judges the score

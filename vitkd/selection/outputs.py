@@ -7,6 +7,7 @@ holding kept samples again for their image bytes, with the teacher's pseudo-labe
 them to the data layer's atomic shard writer (``data_modules.shards.write_shards``: the directory appears
 whole or not at all).
 """
+
 from __future__ import annotations
 
 import csv
@@ -63,7 +64,9 @@ class SelectionTallies:
 
 
 def part_rows(
-    parts: RankedParts, kept: Kept, only_kept: bool = False,
+    parts: RankedParts,
+    kept: Kept,
+    only_kept: bool = False,
 ) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
     """Each part's columns with its ``selected`` mask, in shard order (only parts with kept rows if asked)."""
     for i in sorted(kept) if only_kept else range(len(parts.urls)):
@@ -74,7 +77,12 @@ def part_rows(
 
 
 def _tally_skipped(
-    totals: Counter, by_shard: dict, url: str, info: dict[str, Any], n_scored: int, expected: int | None,
+    totals: Counter,
+    by_shard: dict,
+    url: str,
+    info: dict[str, Any],
+    n_scored: int,
+    expected: int | None,
 ) -> None:
     """A part's damaged data into ``totals`` and ``by_shard`` (only shards with something skipped)."""
     lost = skipped_count(info, n_scored, expected)
@@ -82,14 +90,22 @@ def _tally_skipped(
     totals.update(damaged_shards=damaged, corrupt_images=corrupt, skipped_samples=lost)
     if lost or damaged or corrupt:
         by_shard[url] = {
-            "scored": n_scored, "skipped": lost, "damaged": bool(damaged), "corrupt_images": corrupt,
+            "scored": n_scored,
+            "skipped": lost,
+            "damaged": bool(damaged),
+            "corrupt_images": corrupt,
             "causes": list(info.get("causes", [])),
         }
 
 
 def write_scores(
-    path: Path, parts: RankedParts, kept: Kept, score_names: Sequence[str], positive_sources: Sequence[str],
-    num_classes: int, pool_counts: dict[str, int] | None = None,
+    path: Path,
+    parts: RankedParts,
+    kept: Kept,
+    score_names: Sequence[str],
+    positive_sources: Sequence[str],
+    num_classes: int,
+    pool_counts: dict[str, int] | None = None,
 ) -> SelectionTallies:
     """``scores.csv`` (key, the ``score_names`` columns, pred, selected, src, cls), written atomically; the
     same pass tallies samples scored and kept per source, kept per teacher-predicted class, the damaged data
@@ -108,8 +124,12 @@ def write_scores(
             # labels, e.g. EMNIST's letters or ImageNet's classes, are another label space)
             has = (cols["label"] >= 0) & (cols["label"] < num_classes) & np.isin(cols["src"], positive)
             right = cols["label"] == cols["pred"]
-            labelled.update(scored=int(has.sum()), scored_right=int((has & right).sum()), kept=int((has & mask).sum()),
-                            kept_right=int((has & right & mask).sum()))
+            labelled.update(
+                scored=int(has.sum()),
+                scored_right=int((has & right).sum()),
+                kept=int((has & mask).sum()),
+                kept_right=int((has & right & mask).sum()),
+            )
             scored.update(cols["src"].tolist())
             kept_src.update(cols["src"][mask].tolist())
             kept_pred.update(cols["pred"][mask].tolist())
@@ -124,21 +144,36 @@ def write_scores(
             floats = [cols.get(c, np.empty(0)) for c in score_names]
             for j in range(len(mask)):
                 label = int(cols["label"][j])
-                w.writerow([
-                    cols["key"][j], *(f"{c[j]:.7g}" for c in floats), int(cols["pred"][j]), int(mask[j]),
-                    cols["src"][j], label if label >= 0 else "",
-                ])
+                w.writerow(
+                    [
+                        cols["key"][j],
+                        *(f"{c[j]:.7g}" for c in floats),
+                        int(cols["pred"][j]),
+                        int(mask[j]),
+                        cols["src"][j],
+                        label if label >= 0 else "",
+                    ]
+                )
     src = np.concatenate(codes) if codes else np.empty(0, np.int32)
     full = {c: np.concatenate(v) for c, v in columns.items() if v}
     return SelectionTallies(
-        scored=scored, kept=kept_src, kept_per_class=kept_pred, skipped=skipped, skipped_by_shard=by_shard,
-        labelled=labelled, auroc=score_auroc(full, src, names, positive), columns=full,
+        scored=scored,
+        kept=kept_src,
+        kept_per_class=kept_pred,
+        skipped=skipped,
+        skipped_by_shard=by_shard,
+        labelled=labelled,
+        auroc=score_auroc(full, src, names, positive),
+        columns=full,
         selected=np.concatenate(masks) if masks else np.empty(0, bool),
     )
 
 
 def selected_samples(
-    parts: RankedParts, kept: Kept, read_shard: Callable[[str], Iterable[dict]], fields: Sequence[str],
+    parts: RankedParts,
+    kept: Kept,
+    read_shard: Callable[[str], Iterable[dict]],
+    fields: Sequence[str],
     examples: ExampleGatherer | None = None,
 ) -> Iterator[dict]:
     """The kept samples of each shard in pool order (``read_shard(url)`` gives its raw samples): ``__key__``,
@@ -159,8 +194,13 @@ def selected_samples(
 
 
 def selection_metrics(
-    tallies: SelectionTallies, num_shards: int, selected_urls: str, strategy: str, class_balance: bool,
-    num_classes: int, positive_sources: Sequence[str],
+    tallies: SelectionTallies,
+    num_shards: int,
+    selected_urls: str,
+    strategy: str,
+    class_balance: bool,
+    num_classes: int,
+    positive_sources: Sequence[str],
 ) -> dict[str, Any]:
     """The selection's figures for ``metrics.json``."""
     skipped, labelled = tallies.skipped, tallies.labelled

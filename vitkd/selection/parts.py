@@ -4,6 +4,7 @@ Each rank scores its share of the wild shards and saves every finished shard's s
 interrupted selection resumes without rescoring finished shards; ``fingerprint.json`` records what the scores
 depend on, so a resumed selection only reuses scores computed the same way.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,7 +73,10 @@ class ScoreParts:
             cols = {k: z[k] for k in z.files if k not in ("url", "skipped")}
         if "key" not in cols:  # a shard with no readable sample
             cols = {
-                "key": np.empty(0, str), "src": np.empty(0, str), "value": np.empty(0), "vn": np.empty(0),
+                "key": np.empty(0, str),
+                "src": np.empty(0, str),
+                "value": np.empty(0),
+                "vn": np.empty(0),
                 "pred": np.empty(0, np.int64),
             }
         if "label" not in cols:  # parts scored before labels were kept: no sample counts as labelled
@@ -119,17 +123,26 @@ def warn_skipped(url: str, info: dict[str, Any], n_scored: int, expected: int | 
 
 
 def score_fingerprint(
-    hparams: Mapping[str, Any], probe_blocks: list[int], lambda_a: list[float], precision: str,
+    hparams: Mapping[str, Any],
+    probe_blocks: list[int],
+    lambda_a: list[float],
+    precision: str,
 ) -> dict[str, Any]:
     """What the saved scores depend on, from the selector's ``hparams``: resuming with any of it changed would
     mix incomparable scores. ``probe_blocks`` in block order, each ``lambda_a`` with its block."""
     ckpt = Path(hparams["teacher_ckpt"])
     stat = ckpt.stat()
     return {
-        "teacher_ckpt": str(ckpt.resolve()), "teacher_size": stat.st_size, "teacher_mtime": int(stat.st_mtime),
-        "probe_blocks": list(probe_blocks), "probe_head": hparams["probe_head"], "lambda_a": list(lambda_a),
+        "teacher_ckpt": str(ckpt.resolve()),
+        "teacher_size": stat.st_size,
+        "teacher_mtime": int(stat.st_mtime),
+        "probe_blocks": list(probe_blocks),
+        "probe_head": hparams["probe_head"],
+        "lambda_a": list(lambda_a),
         "lambda_n": hparams["lambda_n"],
-        "img_size": hparams["img_size"], "in_chans": hparams["in_chans"], "precision": precision,
+        "img_size": hparams["img_size"],
+        "in_chans": hparams["in_chans"],
+        "precision": precision,
         # absent when off: parts scored before the switch existed resume
         **({"compile": True} if hparams.get("compile") else {}),
         **({"extra_scores": list(hparams["stability_views"])} if hparams.get("extra_scores") else {}),

@@ -5,6 +5,7 @@ arXiv 2102.05958, Eq. 6) as scored; ``fusion`` by ``vitkd.selection.scoring.zsco
 columns, μ and σ over the whole pool; ``oracle`` puts every positive source first (by its ``src`` tag, a
 benchmark's upper bound only), then ranks by V. ``random`` does not rank (``vitkd.selection.topk.random_k``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,7 +46,10 @@ class RankedParts:
     ``random``); the fusion's statistics are taken over the pool once, when this is built."""
 
     def __init__(
-        self, parts: ScoreParts, strategy: str, positive_sources: Sequence[str] = (),
+        self,
+        parts: ScoreParts,
+        strategy: str,
+        positive_sources: Sequence[str] = (),
         fusion_weights: dict[str, float] | None = None,
     ):
         self.parts, self.strategy = parts, strategy
@@ -71,4 +75,3 @@ class RankedParts:
             outside = ~np.isin(cols["src"], self.positive_sources)
             cols["value"] = cols["value"].astype(np.float64) + ORACLE_OFFSET * outside
         return cols
-

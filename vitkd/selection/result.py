@@ -1,4 +1,5 @@
 """What the selector hands the callbacks once its outputs exist: ``on_selection_end(trainer, stage, result)``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,6 +1,7 @@
 """The teacher's selection scores of a batch (Wang et al., "Attention Probe: Vision Transformer Distillation in
 the Wild", arXiv 2102.05958, Eqs. 4–6): V_a per probed block, V_n, V and the teacher's prediction, and with
 stability views vitkd's V_s and energy (``vitkd.selection.scoring``)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -34,8 +35,13 @@ class ProbeScorer:
     of ``STABILITY_VIEWS``) one more teacher forward per view for V_s, and the energy."""
 
     def __init__(
-        self, teacher: torch.nn.Module, probe_blocks: Sequence[int], probe_head: str | int, lambda_a: Sequence[float],
-        lambda_n: float, stability_views: Sequence[str] | None = None,
+        self,
+        teacher: torch.nn.Module,
+        probe_blocks: Sequence[int],
+        probe_head: str | int,
+        lambda_a: Sequence[float],
+        lambda_n: float,
+        stability_views: Sequence[str] | None = None,
     ):
         self.teacher, self.lambda_n, self.views = teacher, lambda_n, list(stability_views or [])
         self.probe = AttentionProbe(teacher, probe_blocks, probe_head) if probe_blocks else None

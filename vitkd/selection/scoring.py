@@ -1,4 +1,5 @@
 """Wild-data value function of the attention-probe selector (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eqs. 4–6)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,7 +26,9 @@ def confidence_value(teacher_logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, logits.argmax(dim=1), reduction="none")
 
 
-def selection_value(va: Sequence[torch.Tensor], vn: torch.Tensor, lambda_a: Sequence[float], lambda_n: float) -> torch.Tensor:
+def selection_value(
+    va: Sequence[torch.Tensor], vn: torch.Tensor, lambda_a: Sequence[float], lambda_n: float
+) -> torch.Tensor:
     """Eq. 6: V(x) = Σ_l λa_l · V_a^l(x) + λn · V_n(x); the selector keeps the lowest values."""
     v = lambda_n * vn
     for w, a in zip(lambda_a, va, strict=True):
@@ -59,7 +62,9 @@ def stability_value(teacher_logits: torch.Tensor, view_logits: Sequence[torch.Te
     not from a paper: the teacher is as sure of glyphs and textures as of its own classes, but less steadily
     so. (B, C) and views of (B, C) → (B,); low = stable (kept)."""
     logp = teacher_logits.float().log_softmax(dim=1)
-    kls = [F.kl_div(v.float().log_softmax(dim=1), logp, log_target=True, reduction="none").sum(dim=1) for v in view_logits]
+    kls = [
+        F.kl_div(v.float().log_softmax(dim=1), logp, log_target=True, reduction="none").sum(dim=1) for v in view_logits
+    ]
     return torch.stack(kls).mean(dim=0)
 
 
@@ -73,7 +78,9 @@ def fusion_columns(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def zscore_fusion(columns: dict[str, np.ndarray], weights: dict[str, float], stats: dict[str, tuple[float, float]]) -> np.ndarray:
+def zscore_fusion(
+    columns: dict[str, np.ndarray], weights: dict[str, float], stats: dict[str, tuple[float, float]]
+) -> np.ndarray:
     """vitkd's fused selection value V_z(x) = Σ_c w_c · (s_c(x) − μ_c) / σ_c over score columns c (``vn``,
     ``va`` = the mean of the probed blocks' V_a, ``vs``, ``energy``), μ_c and σ_c taken over the whole pool.
     Eq. 6 adds V_a (a cosine in [0, 1]) to V_n (a cross-entropy in [0, log C]) with fixed λ, so the term with

@@ -4,6 +4,7 @@ k candidates (2k with a per-class quota) plus one part in memory.
 A kept set is ``{part index: sorted row indices}``. Ties in the value are broken by position (shard order,
 then order in the shard), so any number of ranks scoring the pool gives the same set.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

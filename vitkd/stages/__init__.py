@@ -1,4 +1,5 @@
 """Stages as LightningModules: each runs through ``python -m vitkd.fit``."""
+
 from vitkd.stages.base import Stage
 from vitkd.stages.classifier import Classifier
 from vitkd.stages.data_free import DataFreeGAN, GeneratorLossWeights, StudentLossWeights

@@ -1,4 +1,5 @@
 """What every stage shares: a LightningModule that knows how to run itself and what to report."""
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,14 @@ class Stage(pl.LightningModule):
 
     reused_outputs: tuple[str, ...] = ()  # run-directory entries ``--overwrite`` keeps because the run reuses them
 
-    def check_run_dir(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    def check_run_dir(
+        self,
+        trainer: pl.Trainer,
+        datamodule: pl.LightningDataModule,
+        run_dir: Path,
+        ckpt_path: str | None,
+        overwrite: bool,
+    ) -> None:
         """Called before the run writes anything: a ``ckpt_path`` to resume must be this stage's and fit its
         model (one line naming the first tensor that does not, instead of a long state-dict error); the data
         module must fit the stage (``check_data``)."""
@@ -75,9 +83,13 @@ class Stage(pl.LightningModule):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as err:  # truncated or not a torch file
-            raise VitkdInputError(f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}): pass a .ckpt from a run's checkpoints/ folder") from err
+            raise VitkdInputError(
+                f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}): pass a .ckpt from a run's checkpoints/ folder"
+            ) from err
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise VitkdInputError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint: pass a .ckpt from a run's checkpoints/ folder")
+            raise VitkdInputError(
+                f"--ckpt_path {ckpt_path} is not a Lightning checkpoint: pass a .ckpt from a run's checkpoints/ folder"
+            )
         stage = ckpt.get("vitkd_stage")
         if stage is not None and stage != type(self).__name__:
             raise VitkdInputError(
@@ -87,14 +99,20 @@ class Stage(pl.LightningModule):
         mismatch = shape_mismatch(self, ckpt["state_dict"])
         if mismatch:
             arch = (ckpt.get("hyper_parameters") or {}).get("arch")
-            hint = f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}" if arch else "pass a checkpoint of the same model"
+            hint = (
+                f"it was saved for arch {arch!r}: pass --model.init_args.arch {arch}"
+                if arch
+                else "pass a checkpoint of the same model"
+            )
             raise VitkdInputError(f"--ckpt_path {ckpt_path} does not fit this model ({mismatch}); {hint}")
 
     def check_data(self, datamodule: Any) -> None:
         """The data module implements ``data_contract`` (else one line naming what it lacks)."""
         require(datamodule, self.data_contract, type(self).__name__)
 
-    def execute(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None) -> dict[str, Any]:
+    def execute(
+        self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, ckpt_path: str | None = None
+    ) -> dict[str, Any]:
         trainer.fit(self, datamodule=datamodule, ckpt_path=ckpt_path)
         return self.test_best(trainer, datamodule=datamodule)
 
@@ -120,7 +138,9 @@ class Stage(pl.LightningModule):
         steps = torch.tensor([getattr(self, "_train_batches", 0)], device=self.device)
         out["train_batches_per_rank"] = [int(v) for v in trainer.strategy.all_gather(steps).flatten().tolist()]
         if hasattr(self, "_val_samples"):
-            out["val_samples_per_epoch"] = int(trainer.strategy.reduce(torch.tensor(float(self._val_samples), device=self.device), reduce_op="sum"))
+            out["val_samples_per_epoch"] = int(
+                trainer.strategy.reduce(torch.tensor(float(self._val_samples), device=self.device), reduce_op="sum")
+            )
         if isinstance(trainer.datamodule, ReportingData):
             for k, v in trainer.datamodule.data_report().items():
                 out[k] = int(trainer.strategy.reduce(torch.tensor(float(v), device=self.device), reduce_op="sum"))
@@ -150,12 +170,18 @@ class Stage(pl.LightningModule):
         ``--trainer.callbacks+=callbacks.AttentionProbeLogger --trainer.callbacks.every_n_epochs 0``."""
         defaults = []
         if is_overridden("training_step", self, pl.LightningModule):
-            defaults += [RngState(), ThroughputMonitor(), AttentionProbeLogger()]  # the clock stops before the maps are drawn
+            defaults += [
+                RngState(),
+                ThroughputMonitor(),
+                AttentionProbeLogger(),
+            ]  # the clock stops before the maps are drawn
         if is_overridden("predict_step", self, pl.LightningModule):
             defaults.append(SelectionReport())
         present = list(self.trainer.callbacks) if self._trainer is not None else []
         return [
-            ModelCheckpoint(filename="best", monitor=self.monitor, mode=self.monitor_mode, enable_version_counter=False),
+            ModelCheckpoint(
+                filename="best", monitor=self.monitor, mode=self.monitor_mode, enable_version_counter=False
+            ),
             # last.ckpt after every epoch (Lightning's save_last writes it only in epochs that improve the best),
             # after best.ckpt, so it holds the epoch's best score too: a resume continues from the epoch that ended last
             ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
@@ -163,7 +189,9 @@ class Stage(pl.LightningModule):
         ]
 
     # -- optimisation shared by training stages -----------------------------------------------
-    def cosine_schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()):
+    def cosine_schedule(
+        self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()
+    ):
         """Linear warm-up then cosine decay, stepped per batch when the epoch length is known, else per epoch."""
         total = self.trainer.estimated_stepping_batches
         per_step = math.isfinite(total) and total > 0  # a stream of unknown length gives inf or -1
@@ -177,7 +205,10 @@ class Stage(pl.LightningModule):
 
         lambdas = [(lambda _s: 1.0) if i in constant_groups else factor for i in range(len(optimizer.param_groups))]
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step" if per_step else "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": sched, "interval": "step" if per_step else "epoch"},
+        }
 
 
 class TrainingStage(Stage):

@@ -1,4 +1,5 @@
 """Supervised training of a ViT on labeled data: the teacher, and the student-from-scratch baseline."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,7 +38,9 @@ class Classifier(ClassificationStage):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {}))
+        self.model = create_model(
+            arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})
+        )
         self.add_accuracy(num_classes)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ disk (``last.ckpt`` from the previous epoch) are left untouched. The check reads
 only every ``finite_check_every`` steps (default: the trainer's ``log_every_n_steps``) and at an epoch's
 last step, before any checkpoint of that epoch, so a step costs no host sync.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,14 @@ from vitkd.data_contract import DataFreeData
 from vitkd.errors import VitkdInputError
 from vitkd.generators import MemoryBank, create_generator, meta_synthesize, photometric_view
 from vitkd.io import atomic_path
-from vitkd.losses import adversarial_loss, attention_loss, generator_loss, kd_loss, probe_relation_loss, total_variation_loss
+from vitkd.losses import (
+    adversarial_loss,
+    attention_loss,
+    generator_loss,
+    kd_loss,
+    probe_relation_loss,
+    total_variation_loss,
+)
 from vitkd.models import AttentionProbe, count_params, create_model
 from vitkd.stages.base import warmup_cosine
 from vitkd.stages.distillation import DistillationStage, weight_group
@@ -230,9 +238,13 @@ class DataFreeGAN(DistillationStage):
         g = weight_group(GeneratorLossWeights, generator_weights)
         sw = weight_group(StudentLossWeights, student_weights)
         if not 0.0 <= wild_ratio < 1.0:
-            raise VitkdInputError(f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch")
+            raise VitkdInputError(
+                f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch"
+            )
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
-            raise VitkdInputError("steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args")
+            raise VitkdInputError(
+                "steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args"
+            )
         for name, value, allowed in (
             ("synthesizer", synthesizer, ("joint", "fast")),
             ("val_generator_mode", val_generator_mode, ("train", "eval")),
@@ -241,14 +253,24 @@ class DataFreeGAN(DistillationStage):
             if value not in allowed:
                 raise VitkdInputError(f"{name} {value!r} is not one of {allowed}: set --model.init_args.{name}")
         if synthesizer == "fast" and val_generator_mode == "eval":
-            raise VitkdInputError("the fast synthesizer trains copies of the generator, so its running batch-norm statistics describe no batch: use val_generator_mode train")
+            raise VitkdInputError(
+                "the fast synthesizer trains copies of the generator, so its running batch-norm statistics describe no batch: use val_generator_mode train"
+            )
         if synthesizer == "fast" and (fast_inner_steps < 1 or fast_synth_every < 1 or fast_bank_batches < 1):
-            raise VitkdInputError("the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args")
+            raise VitkdInputError(
+                "the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args"
+            )
         if not any((sw.kd, sw.ce, sw.patch)):
-            raise VitkdInputError("every student loss term is switched off: set one of --model.init_args.student_weights.{kd,ce,patch} above 0")
+            raise VitkdInputError(
+                "every student loss term is switched off: set one of --model.init_args.student_weights.{kd,ce,patch} above 0"
+            )
         super().__init__(
             create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
-            teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+            teacher_ckpt,
+            teacher_arch,
+            img_size=img_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
         )
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -257,7 +279,13 @@ class DataFreeGAN(DistillationStage):
         self.generator = create_generator(generator, img_size, in_chans, latent_dim, **(generator_kwargs or {}))
         # the teacher's logits are banked with the images unless the student loss needs its features too
         self.reuse_logits = sw.patch == 0
-        self.bank = MemoryBank(fast_bank_batches * batch_size, (in_chans, img_size, img_size), num_classes if self.reuse_logits else 0) if synthesizer == "fast" else None
+        self.bank = (
+            MemoryBank(
+                fast_bank_batches * batch_size, (in_chans, img_size, img_size), num_classes if self.reuse_logits else 0
+            )
+            if synthesizer == "fast"
+            else None
+        )
         self.generator_steps = 0  # generator forward/backward passes so far (inner steps for ``fast``)
         self.student_images = 0  # images the student has stepped on so far
         self.use_attention = g.attention > 0 and (g.peak > 0 or g.consistency > 0)
@@ -293,7 +321,9 @@ class DataFreeGAN(DistillationStage):
         self.check_data(datamodule)
         if self.n_wild > 0:
             if not datamodule.train_urls:
-                raise VitkdInputError("wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'")
+                raise VitkdInputError(
+                    "wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'"
+                )
             self._wild_loader = datamodule.train_stream(trainer, self.n_wild)
             self._datamodule = datamodule
         steps = DataLoader(_Steps(hp.steps_per_epoch * trainer.world_size), batch_size=1)
@@ -313,7 +343,9 @@ class DataFreeGAN(DistillationStage):
         counts = torch.zeros(2, device=self.device)
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
-            counts += torch.stack([(self.model(x).argmax(dim=1) == y).sum().float(), torch.tensor(float(len(y)), device=self.device)])
+            counts += torch.stack(
+                [(self.model(x).argmax(dim=1) == y).sum().float(), torch.tensor(float(len(y)), device=self.device)]
+            )
         self.model.train(was)
         if self.trainer is not None and self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
@@ -321,8 +353,16 @@ class DataFreeGAN(DistillationStage):
 
     def report(self) -> dict[str, Any]:
         out = super().report()
-        out.update(generator_params=count_params(self.generator), generator=self.hparams.generator, synthesizer=self.hparams.synthesizer)
-        out.update(generator_steps=int(self.generator_steps), student_images=int(self.student_images), batch_size=self.hparams.batch_size)
+        out.update(
+            generator_params=count_params(self.generator),
+            generator=self.hparams.generator,
+            synthesizer=self.hparams.synthesizer,
+        )
+        out.update(
+            generator_steps=int(self.generator_steps),
+            student_images=int(self.student_images),
+            batch_size=self.hparams.batch_size,
+        )
         if self.noise_fingerprint is not None:
             out["noise_fingerprint"] = self.noise_fingerprint
         if self.n_wild:
@@ -332,7 +372,9 @@ class DataFreeGAN(DistillationStage):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
+            "find_unused_parameters", False
+        ):
             raise VitkdInputError(
                 "the generator stage's two backward passes each use one network, which plain DDP rejects: use --trainer.strategy ddp_find_unused_parameters_true"
             )
@@ -418,7 +460,10 @@ class DataFreeGAN(DistillationStage):
         if w.patch:
             s_feats = self.taps[1].features()
             out["patch"] = w.patch * probe_relation_loss(
-                [s_feats[s] for _, s in self.pairs], [t_feats[t] for t, _ in self.pairs], hp.relation_norm, self.model.num_prefix_tokens
+                [s_feats[s] for _, s in self.pairs],
+                [t_feats[t] for t, _ in self.pairs],
+                hp.relation_norm,
+                self.model.num_prefix_tokens,
             )
         return out
 
@@ -448,7 +493,11 @@ class DataFreeGAN(DistillationStage):
             which, bad = bad[0][0], [k for w, k in bad if w == bad[0][0]]
             ckpt = self.trainer.checkpoint_callback if self.trainer is not None else None
             last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
-            kept = f"last good checkpoint kept: {last}" if last is not None and last.is_file() else "no checkpoint was written before it"
+            kept = (
+                f"last good checkpoint kept: {last}"
+                if last is not None and last.is_file()
+                else "no checkpoint was written before it"
+            )
             weight = "lr_s" if which == "student" else "lr_g"
             raise GeneratorDiverged(
                 f"{which} loss term {bad[0]!r} is not finite at epoch {self.current_epoch} step {self._step_in_epoch}; run stopped, {kept}: lower --model.init_args.{weight} or that term's weight"
@@ -548,7 +597,9 @@ class DataFreeGAN(DistillationStage):
 
         self.toggle_optimizer(opt_g)
         opt_g.zero_grad(set_to_none=True)
-        x, loss_g = meta_synthesize(self.generator, z, loss_fn, hp.fast_inner_steps, hp.lr_g, hp.fast_lr_z, backward=self.manual_backward)
+        x, loss_g = meta_synthesize(
+            self.generator, z, loss_fn, hp.fast_inner_steps, hp.lr_g, hp.fast_lr_z, backward=self.manual_backward
+        )
         if self.trainer is not None and self.trainer.world_size > 1:  # the meta generator is one across ranks
             for p in self.generator.parameters():
                 if p.grad is not None:
@@ -626,7 +677,9 @@ class DataFreeGAN(DistillationStage):
     def configure_optimizers(self):
         hp = self.hparams
         # the fast synthesizer's meta optimiser: Adam at lr_g × inner steps, betas (0.5, 0.999), as the authors'
-        lr_g, betas = (hp.lr_g * hp.fast_inner_steps, (0.5, 0.999)) if hp.synthesizer == "fast" else (hp.lr_g, tuple(hp.betas_g))
+        lr_g, betas = (
+            (hp.lr_g * hp.fast_inner_steps, (0.5, 0.999)) if hp.synthesizer == "fast" else (hp.lr_g, tuple(hp.betas_g))
+        )
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=betas)
         opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr_s, weight_decay=hp.weight_decay)
         if hp.student_schedule == "constant":
@@ -636,4 +689,3 @@ class DataFreeGAN(DistillationStage):
         warmup = hp.warmup_epochs * per_epoch
 
         return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, warmup_cosine(total, warmup))]
-

@@ -2,6 +2,7 @@
 labelled boxes (the teacher, or a student from scratch); ``DetrDistillation`` trains a student DETR from a
 frozen DETR teacher. Both keep the checkpoint with the best ``val/map`` and report ``test/map``,
 ``test/map50``, ``params``, ``gflops`` and ``images_per_s`` of the trained model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +27,23 @@ def load_detr(path: str | Path, img_size: int, in_chans: int, num_classes: int) 
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "arch" not in hp or "state_dict" not in ckpt:
-        raise VitkdInputError(f"teacher checkpoint {path} is not a DETR stage checkpoint: train one with experiments/detection/teacher.yaml")
+        raise VitkdInputError(
+            f"teacher checkpoint {path} is not a DETR stage checkpoint: train one with experiments/detection/teacher.yaml"
+        )
     for key, mine in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if key in hp and hp[key] != mine:
-            raise VitkdInputError(f"teacher checkpoint {path} has {key}={hp[key]} but the data has {mine}: distil on data of the teacher's format")
-    model = create_detr(hp["arch"], num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(hp.get("model_kwargs") or {}))
+            raise VitkdInputError(
+                f"teacher checkpoint {path} has {key}={hp[key]} but the data has {mine}: distil on data of the teacher's format"
+            )
+    model = create_detr(
+        hp["arch"], num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(hp.get("model_kwargs") or {})
+    )
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise VitkdInputError(f"teacher checkpoint {path} does not fit DETR arch {hp['arch']!r} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        raise VitkdInputError(
+            f"teacher checkpoint {path} does not fit DETR arch {hp['arch']!r} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        )
     model.eval().requires_grad_(False)
     return model, {"arch": hp["arch"]}
 
@@ -56,16 +65,36 @@ class DetrTrainer(TrainingStage):
     monitor = "val/map"
     monitor_mode = "max"
 
-    def __init__(self, arch: str = "detr_aerial_teacher", img_size: int = 64, in_chans: int = 3, num_classes: int = 4,
-                 model_kwargs: dict[str, Any] | None = None, lr: float = 1e-3, lr_backbone: float | None = None,
-                 weight_decay: float = 1e-4, warmup_epochs: float = 1.0, cost_class: float = 1.0, cost_bbox: float = 5.0,
-                 cost_giou: float = 2.0, weight_ce: float = 1.0, weight_bbox: float = 5.0, weight_giou: float = 2.0,
-                 eos_coef: float = 0.1, aux_loss: bool = True, measure_batch_size: int = 64):
+    def __init__(
+        self,
+        arch: str = "detr_aerial_teacher",
+        img_size: int = 64,
+        in_chans: int = 3,
+        num_classes: int = 4,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        lr_backbone: float | None = None,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 1.0,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        eos_coef: float = 0.1,
+        aux_loss: bool = True,
+        measure_batch_size: int = 64,
+    ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_detr(arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        self.model = create_detr(
+            arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {})
+        )
         self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
-        self.criterion = SetCriterion(num_classes, self.matcher, weight_ce, weight_bbox, weight_giou, eos_coef, aux_loss)
+        self.criterion = SetCriterion(
+            num_classes, self.matcher, weight_ce, weight_bbox, weight_giou, eos_coef, aux_loss
+        )
         self.val_map, self.test_map = detection_map(), detection_map()
 
     def forward(self, x: torch.Tensor) -> dict:
@@ -82,7 +111,9 @@ class DetrTrainer(TrainingStage):
         x, targets = batch
         preds = postprocess(self(x), self.hparams.img_size)
         size = self.hparams.img_size
-        gts = [{"boxes": normalized_to_pixel_xyxy(t["boxes"].float(), size, size), "labels": t["labels"]} for t in targets]
+        gts = [
+            {"boxes": normalized_to_pixel_xyxy(t["boxes"].float(), size, size), "labels": t["labels"]} for t in targets
+        ]
         metric.update(preds, gts)
 
     def validation_step(self, batch, batch_idx):
@@ -108,7 +139,10 @@ class DetrTrainer(TrainingStage):
         backbone = list(self.model.vit.parameters())
         ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        opt = torch.optim.AdamW([{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}], weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(
+            [{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}],
+            weight_decay=hp.weight_decay,
+        )
         return self.cosine_schedule(opt, hp.warmup_epochs)
 
 
@@ -129,12 +163,26 @@ class DetrDistillation(DetrTrainer):
         probe_blocks: (teacher block, student block) of the probe term (D4), negative = from the end.
     """
 
-    def __init__(self, teacher_ckpt: str, arch: str = "detr_aerial_student", label_source: str = "data", gt_weight: float = 1.0,
-                 pseudo_threshold: float = 0.5, kd_threshold: float = 0.3, kd_temperature: float = 1.0, kd_cls_weight: float = 1.0,
-                 kd_bbox_weight: float = 5.0, kd_giou_weight: float = 2.0, probe_weight: float = 0.0,
-                 probe_blocks: tuple[int, int] = (-1, -1), **kwargs: Any):
+    def __init__(
+        self,
+        teacher_ckpt: str,
+        arch: str = "detr_aerial_student",
+        label_source: str = "data",
+        gt_weight: float = 1.0,
+        pseudo_threshold: float = 0.5,
+        kd_threshold: float = 0.3,
+        kd_temperature: float = 1.0,
+        kd_cls_weight: float = 1.0,
+        kd_bbox_weight: float = 5.0,
+        kd_giou_weight: float = 2.0,
+        probe_weight: float = 0.0,
+        probe_blocks: tuple[int, int] = (-1, -1),
+        **kwargs: Any,
+    ):
         if label_source not in ("data", "teacher"):
-            raise VitkdInputError(f"label_source {label_source!r} is not valid: use 'data' (labelled boxes) or 'teacher' (pseudo ground truth)")
+            raise VitkdInputError(
+                f"label_source {label_source!r} is not valid: use 'data' (labelled boxes) or 'teacher' (pseudo ground truth)"
+            )
         super().__init__(arch=arch, **kwargs)
         self.save_hyperparameters()
         hp = self.hparams
@@ -157,7 +205,11 @@ class DetrDistillation(DetrTrainer):
             terms.update({k: hp.gt_weight * v for k, v in self.criterion(s_out, targets).items()})
         if hp.kd_cls_weight > 0 or hp.kd_bbox_weight > 0 or hp.kd_giou_weight > 0:
             kd = detr_kd_losses(s_out, t_out, self.matcher, hp.kd_threshold, hp.kd_temperature)
-            for name, w in (("kd_cls", hp.kd_cls_weight), ("kd_bbox", hp.kd_bbox_weight), ("kd_giou", hp.kd_giou_weight)):
+            for name, w in (
+                ("kd_cls", hp.kd_cls_weight),
+                ("kd_bbox", hp.kd_bbox_weight),
+                ("kd_giou", hp.kd_giou_weight),
+            ):
                 if w > 0:
                     terms[name] = w * kd[name]
         if self.probes is not None:

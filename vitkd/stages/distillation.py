@@ -6,6 +6,7 @@ teacher-output cache and the test step (student accuracy on the test split). A s
 loss terms and steps: ``teacher_outputs(x)`` (what its terms read from the teacher) and
 ``losses(x, y, teacher_out)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,13 +54,23 @@ class DistillationStage(ClassificationStage):
     """
 
     def __init__(
-        self, student: nn.Module | Callable[[nn.Module], nn.Module], teacher_ckpt: str, teacher_arch: str | None = None, *,
-        img_size: int, in_chans: int, num_classes: int, teacher_bf16: bool = False, teacher_cache: bool = False,
+        self,
+        student: nn.Module | Callable[[nn.Module], nn.Module],
+        teacher_ckpt: str,
+        teacher_arch: str | None = None,
+        *,
+        img_size: int,
+        in_chans: int,
+        num_classes: int,
+        teacher_bf16: bool = False,
+        teacher_cache: bool = False,
     ):
         super().__init__()
         if isinstance(student, nn.Module):
             self.model = student
-        self.load_frozen_teacher(teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        self.load_frozen_teacher(
+            teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes
+        )
         if not isinstance(student, nn.Module):
             self.model = student(self.teacher)
         self.teacher_bf16 = teacher_bf16
@@ -120,7 +131,9 @@ class DistillationStage(ClassificationStage):
         x, y, keys = batch
         return self.losses(x, y, teacher_out=self.cache(keys, x, self.teacher_outputs))
 
-    def losses(self, x: torch.Tensor, y: Any, teacher_out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, x: torch.Tensor, y: Any, teacher_out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Each weighted loss term for a batch; ``teacher_out``: ``teacher_outputs(x)`` when already known."""
         raise NotImplementedError
 

@@ -5,6 +5,7 @@ L = w_ce·CE + w_cut·(mean token cut loss over idle layers) + w_kd·KL(T ‖ S,
 where the teacher T is the same trained ViT without idling (frozen) and f is the pooled pre-logit feature.
 The authors' defaults are w_cut = 20, w_kd = 5 and w_feat = 100·w_kd (ImageNet, 30 epochs).
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,7 +71,9 @@ class IdleViTFinetune(DistillationStage):
         def student(teacher: torch.nn.Module) -> IdleViT:
             return IdleViT(copy.deepcopy(teacher).train().requires_grad_(True), keep_ratio, idle_layers)
 
-        super().__init__(student, teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+        super().__init__(
+            student, teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes
+        )
         self.save_hyperparameters()
         self.weights = weight_group(IdleViTLossWeights, loss_weights)
         self.save_weight_groups(loss_weights=self.weights)
@@ -81,9 +84,14 @@ class IdleViTFinetune(DistillationStage):
         """The unreduced teacher's ``logits`` and pooled pre-logit feature ``feat`` (one trunk pass)."""
         with self.teacher_precision(x):
             tokens = self.teacher.forward_features(x)
-            return {"logits": self.teacher.forward_head(tokens), "feat": self.teacher.forward_head(tokens, pre_logits=True)}
+            return {
+                "logits": self.teacher.forward_head(tokens),
+                "feat": self.teacher.forward_head(tokens, pre_logits=True),
+            }
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, teacher_out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         hp, w = self.hparams, self.weights
         tout = teacher_out if teacher_out is not None else self.teacher_outputs(x)
         t_logits, t_feat = tout["logits"], tout["feat"]
@@ -109,5 +117,7 @@ class IdleViTFinetune(DistillationStage):
         out = super().report()
         out["keep"] = {str(k): v for k, v in self.model.keep.items()}
         if hp.measure_batch_size > 0:
-            out["teacher_gflops"] = measure(self.teacher, (hp.in_chans, hp.img_size, hp.img_size), batch_size=8, warmup=0, iters=1)["gflops"]
+            out["teacher_gflops"] = measure(
+                self.teacher, (hp.in_chans, hp.img_size, hp.img_size), batch_size=8, warmup=0, iters=1
+            )["gflops"]
         return out

@@ -17,6 +17,7 @@ then merges the parts into the global top-k (``vitkd.selection.topk``) holding a
 shard in memory, writes the outputs (``vitkd.selection.outputs``) and hands the callbacks a
 ``vitkd.selection.result.SelectionResult`` through their ``on_selection_end`` hook.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -211,7 +212,12 @@ class AttentionProbeSelector(Stage):
         per_class = k // hp.num_classes if hp.get("class_balance") else 0
         kept = choose(ranked, k, hp.seed if hp.strategy == "random" else None, per_class)
         tallies = write_scores(
-            run_dir / "scores.csv", ranked, kept, self.scorer.names(), hp.positive_sources, hp.num_classes,
+            run_dir / "scores.csv",
+            ranked,
+            kept,
+            self.scorer.names(),
+            hp.positive_sources,
+            hp.num_classes,
             self._pool_counts,
         )
         gather = ExampleGatherer(request, self._decode) if request else None
@@ -221,8 +227,13 @@ class AttentionProbeSelector(Stage):
             samples, out, pattern="shard-%06d.tar", maxcount=hp.shard_size, meta={"source": urls}
         )  # atomic: the folder appears whole
         metrics = selection_metrics(
-            tallies, len(urls), shards.shard_url(out, len(written), "shard"), hp.strategy,
-            bool(hp.get("class_balance")), hp.num_classes, hp.positive_sources,
+            tallies,
+            len(urls),
+            shards.shard_url(out, len(written), "shard"),
+            hp.strategy,
+            bool(hp.get("class_balance")),
+            hp.num_classes,
+            hp.positive_sources,
         )
         examples = {}
         if gather is not None:

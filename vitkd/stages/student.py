@@ -4,6 +4,7 @@ One stage covers the paper's student and its baselines by switching terms:
 attention probe = CE through Q + α·L_P + β·L_KD on selected wild shards; DFND = CE through Q + β·L_KD
 on confidence-selected shards; KD on original data = CE to the true labels + β·L_KD.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,11 +92,18 @@ class ProbeDistillation(DistillationStage):
     ):
         w = weight_group(ProbeLossWeights, loss_weights)
         if not any((w.ce, w.alpha, w.beta, w.projector)):
-            raise VitkdInputError("every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0")
+            raise VitkdInputError(
+                "every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0"
+            )
         super().__init__(
             create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
-            teacher_ckpt, teacher_arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
-            teacher_bf16=teacher_bf16, teacher_cache=teacher_cache,
+            teacher_ckpt,
+            teacher_arch,
+            img_size=img_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            teacher_bf16=teacher_bf16,
+            teacher_cache=teacher_cache,
         )
         self.save_hyperparameters()
         self.weights = w
@@ -103,14 +111,18 @@ class ProbeDistillation(DistillationStage):
         if noisy_adaptation and w.ce > 0:
             diag = q_diagonal if q_diagonal is not None else self.teacher_info.get("val_acc")
             if diag is None:
-                raise VitkdInputError(f"teacher checkpoint {teacher_ckpt} records no validation accuracy: set --model.q_diagonal (the teacher's accuracy)")
+                raise VitkdInputError(
+                    f"teacher checkpoint {teacher_ckpt} records no validation accuracy: set --model.q_diagonal (the teacher's accuracy)"
+                )
             self.q = NoisyAdaptation(num_classes, diag)
         else:
             self.q = None
         if w.alpha > 0:
             self.pair_taps(probe_pairs)
         self.projectors = (
-            ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act) if w.projector > 0 else None
+            ProjectorEnsemble(self.model.num_features, self.teacher.num_features, num_projectors, projector_act)
+            if w.projector > 0
+            else None
         )
         self.add_accuracy(num_classes)
 
@@ -124,13 +136,18 @@ class ProbeDistillation(DistillationStage):
         out = {"logits": logits.float()}
         if self.taps:
             feats = self.taps[0].features()
-            rows = [cls_relation(feats[t], self.hparams.relation_norm, self.teacher.num_prefix_tokens) for t, _ in self.pairs]
+            rows = [
+                cls_relation(feats[t], self.hparams.relation_norm, self.teacher.num_prefix_tokens)
+                for t, _ in self.pairs
+            ]
             out["relation"] = torch.stack(rows, dim=1)
         if pooled is not None:
             out["pooled"] = pooled.float()
         return out
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor | None, teacher_out: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, x: torch.Tensor, y: torch.Tensor | None, teacher_out: dict[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Each weighted term of Eq. 10 for a batch; terms with weight 0 are not computed.
 
         ``teacher_out``: the teacher's outputs for ``x`` from ``teacher_outputs``; computed here when None.
@@ -156,7 +173,9 @@ class ProbeDistillation(DistillationStage):
         return out
 
     def configure_optimizers(self):
-        params = list(self.model.parameters()) + (list(self.projectors.parameters()) if self.projectors is not None else [])
+        params = list(self.model.parameters()) + (
+            list(self.projectors.parameters()) if self.projectors is not None else []
+        )
         groups = [{"params": params, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}]
         if self.q is not None:
             # DFND trains θ with its own Adam(1e-3) every step: here a constant-lr group with no decay
@@ -171,7 +190,9 @@ class ProbeDistillation(DistillationStage):
         return out
 
 
-def _logits_and_pooled(model: torch.nn.Module, x: torch.Tensor, pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _logits_and_pooled(
+    model: torch.nn.Module, x: torch.Tensor, pooled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``model(x)``, plus the pooled pre-logit feature when asked (one trunk pass either way)."""
     if not pooled:
         return model(x), None
