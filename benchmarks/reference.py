@@ -30,7 +30,8 @@ def reference_model(model: nn.Module) -> nn.Module:
 
 
 class HookedAttention:
-    """Forward hooks on ``blocks[b].attn`` keeping each probed block's attention input (authors' ``identify_attnlier``)."""
+    """Forward hooks on ``blocks[b].attn`` keeping each probed block's attention input
+    (authors' ``identify_attnlier``)."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[int]):
         self.inputs: dict[int, torch.Tensor] = {}

@@ -88,8 +88,8 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         ):
             if value is not None and not str(value).strip():
                 raise VitkdInputError(
-                    f"--data.init_args.{name} is empty: pass shard URLs like 'dir/shard-{{000000..000009}}.tar', or leave it unset"
-                    + (" for the embedded pool" if name == "wild_urls" else "")
+                    f"--data.init_args.{name} is empty: pass shard URLs like 'dir/shard-{{000000..000009}}.tar', "
+                    "or leave it unset" + (" for the embedded pool" if name == "wild_urls" else "")
                 )
         self.save_hyperparameters()
         self.img_size, self.in_chans = img_size, in_chans
@@ -170,7 +170,8 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
             per_rank = per_rank // step * step  # whole batches per worker, so the loader's length is exact
         if per_rank == 0:
             raise VitkdInputError(
-                f"{total} training samples in {self.train_urls} are fewer than the {world} ranks: use fewer devices or more data"
+                f"{total} training samples in {self.train_urls} are fewer than the {world} ranks: "
+                "use fewer devices or more data"
             )
         return per_rank
 

@@ -158,7 +158,8 @@ class ShardStream(IterableDataset):
                 yield item
             if n == 0:
                 raise VitkdInputError(
-                    f"no {self.part} samples in shards {self.urls[:3]}...: check the shard URLs and --data.init_args.val_fraction"
+                    f"no {self.part} samples in shards {self.urls[:3]}...: "
+                    "check the shard URLs and --data.init_args.val_fraction"
                 )
 
     def _decode(self, sample: dict):
@@ -169,16 +170,18 @@ class ShardStream(IterableDataset):
         label = shards.read_int(sample)
         if label is None:
             raise VitkdInputError(
-                f"shard sample {sample['__key__']!r} in {sample.get('__url__')} has no cls label: train on selected shards (they carry the teacher's pseudo-label)"
+                f"shard sample {sample['__key__']!r} in {sample.get('__url__')} has no cls label: "
+                "train on selected shards (they carry the teacher's pseudo-label)"
             )
         return (x, label, sample["__key__"]) if self.keys else (x, label)
 
 
 class ShardBatches(IterableDataset):
     """Scoring batches for the selector, one shard at a time: each shard is read whole by one worker and cut
-    into batches of dicts (``image``, ``key``, ``src``, ``cls`` (-1 where a sample has none), ``url``, ``last``). ``last`` marks a shard's final
-    batch (possibly empty), so a consumer knows when a shard is finished and can save its scores. Batches
-    never mix shards, so a sample's batch (and its score) does not depend on the number of ranks.
+    into batches of dicts (``image``, ``key``, ``src``, ``cls`` (-1 where a sample has none), ``url``, ``last``).
+    ``last`` marks a shard's final batch (possibly empty), so a consumer knows when a shard is finished and can save
+    its scores.
+    Batches never mix shards, so a sample's batch (and its score) does not depend on the number of ranks.
     A damaged shard or a bad image is skipped as in the training streams (``shards.decode_or_skip``); the last
     batch carries the shard's own ``skipped`` counts (``damaged_shards``, ``corrupt_images``), the samples
     ``read`` from it, and the ``causes`` (the shard's damage, the first skipped images')."""

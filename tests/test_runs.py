@@ -1,4 +1,5 @@
-"""How the demos run their jobs (vitkd.demos.runs.run_graph) and write an embedded data set once (vitkd.io.build_once)."""
+"""How the demos run their jobs (vitkd.demos.runs.run_graph) and write an embedded data set once
+(vitkd.io.build_once)."""
 
 import threading
 import time

@@ -56,7 +56,8 @@ class _Alias(importlib.abc.Loader):
         new = MOVED[self.old]
         src = (
             f"import runpy, sys, warnings\n"
-            f"warnings.warn('python -m {self.old} moved to python -m {new} ({self.old} goes in vitkd 0.2)', FutureWarning)\n"
+            f"warnings.warn('python -m {self.old} moved to python -m {new} "
+            f"({self.old} goes in vitkd 0.2)', FutureWarning)\n"
             f"runpy.run_module({new!r}, run_name='__main__', alter_sys=True)\n"
         )
         return compile(src, f"<{self.old}: alias of {new}>", "exec")

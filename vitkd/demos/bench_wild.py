@@ -188,7 +188,8 @@ def bench_jobs(
         choice = {**choose_fusion(pool, val, inputs["pool"]["k1"]), "num_val": len(val["vn"])}
         write_json(out / "select" / "fusion_choice.json", choice)
         print(
-            f"  fusion weights chosen on {choice['num_val']} validation images: {choice['weights']} (kept share {choice['kept_share']:.3f})",
+            f"  fusion weights chosen on {choice['num_val']} validation images: {choice['weights']} "
+            f"(kept share {choice['kept_share']:.3f})",
             flush=True,
         )
         return choice
@@ -320,7 +321,8 @@ def table(rows: list[dict]) -> str:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         kept = str(r["num_keep"]) if r.get("num_keep") is not None else "-"
         lines.append(
-            f"{r['run']:<16} {kept:>6}  {acc:>15}  {cell(r, 'precision', 9)}  {cell(r, 'recall', 6)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
+            f"{r['run']:<16} {kept:>6}  {acc:>15}  {cell(r, 'precision', 9)}  {cell(r, 'recall', 6)}  "
+            f"{cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
         )
     return "\n".join(lines)
 
@@ -409,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--teacher_dir",
         default=None,
-        help="the teacher's run, reused; trained there first if it holds none (default runs/bench-wild/teacher, OUT/teacher with --out)",
+        help="the teacher's run, reused; trained there first if it holds none "
+        "(default runs/bench-wild/teacher, OUT/teacher with --out)",
     )
     p.add_argument(
         "--markdown",
@@ -426,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget ({' '.join(QUICK_ARGS)})",
+        help=f"one seed, the pool's first {QUICK_SHARDS} shards and a fifth of the students' budget "
+        f"({' '.join(QUICK_ARGS)})",
     )
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     p.add_argument("--data_dir", default="data", help="where the wild pool is written (make data-fashion)")
@@ -515,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     print(
-        f"teacher, wild pool, {len(SELECTIONS)} selections x 2 kept sizes, students x {len(seeds)} seeds; {a.jobs} at a time",
+        f"teacher, wild pool, {len(SELECTIONS)} selections x 2 kept sizes, students x {len(seeds)} seeds; "
+        f"{a.jobs} at a time",
         flush=True,
     )
 
@@ -550,8 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table(rows))
     print(f"plot: {plot(rows, out)}")
+    teacher_note = "reused" if meta["teacher_reused"] else f"trained in {teacher_s:.0f}s, not counted"
     print(
-        f"bench-wild finished in {wall:.0f}s on {meta['machine']} (teacher {'reused' if meta['teacher_reused'] else f'trained in {teacher_s:.0f}s, not counted'}); "
+        f"bench-wild finished in {wall:.0f}s on {meta['machine']} (teacher {teacher_note}); "
         f"table in {out / 'summary.json'}"
     )
 

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"run": run, "test_acc": evaluate(model, loader), **cost(model, bs), "fine_tuned": False, **extra})
         r = rows[-1]
         print(
-            f"[demo-efficient] {run:28s} acc {r['test_acc']:.4f}  MFLOPs {r['gflops'] * 1e3:6.2f}  img/s {r['images_per_s']:8.0f}",
+            f"[demo-efficient] {run:28s} acc {r['test_acc']:.4f}  MFLOPs {r['gflops'] * 1e3:6.2f}  "
+            f"img/s {r['images_per_s']:8.0f}",
             flush=True,
         )
 
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(
-            f"[demo-efficient] {rows[-1]['run']:28s} acc {m['test/acc']:.4f}  MFLOPs {m['gflops'] * 1e3:6.2f}  img/s {m['images_per_s']:8.0f}",
+            f"[demo-efficient] {rows[-1]['run']:28s} acc {m['test/acc']:.4f}  MFLOPs {m['gflops'] * 1e3:6.2f}  "
+            f"img/s {m['images_per_s']:8.0f}",
             flush=True,
         )
     # students distilled the same way: plain vs channel-shuffle (equal FLOPs), plain vs + projector ensemble
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(
-            f"[demo-efficient] {rows[-1]['run']:28s} acc {rows[-1]['test_acc']:.4f}  MFLOPs {first['gflops'] * 1e3:6.2f}  img/s {rows[-1]['images_per_s']:8.0f}  ({accs})",
+            f"[demo-efficient] {rows[-1]['run']:28s} acc {rows[-1]['test_acc']:.4f}  "
+            f"MFLOPs {first['gflops'] * 1e3:6.2f}  img/s {rows[-1]['images_per_s']:8.0f}  ({accs})",
             flush=True,
         )
     t = next(r for r in rows if r["run"] == "teacher")
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "summary.json", rows)
     plot(rows, out / "accuracy_vs_gflops.png")
     print(
-        f"[demo-efficient] wrote {out / 'summary.json'} and {out / 'accuracy_vs_gflops.png'} in {time.time() - t_start:.0f} s",
+        f"[demo-efficient] wrote {out / 'summary.json'} and {out / 'accuracy_vs_gflops.png'} "
+        f"in {time.time() - t_start:.0f} s",
         flush=True,
     )
     return 0

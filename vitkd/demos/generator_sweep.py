@@ -8,8 +8,8 @@ ViT student. Per point: test accuracy of the checkpoint chosen on ``val/agree``,
 with the generator's batch norms in train mode (``val/agree``) and in eval mode (``val/agree_eval``).
 
 Runs live in ``runs/generator-sweep/<teacher>_<epochs>ep/seed<k>``; a point whose ``metrics.json`` exists is
-read, not rerun. Writes ``runs/generator-sweep/summary.json`` and ``benchmarks/results/generator-sweep/<machine>-<date>.json``
-and prints a markdown table.
+read, not rerun. Writes ``runs/generator-sweep/summary.json`` and
+``benchmarks/results/generator-sweep/<machine>-<date>.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "points": points,
         "load_average": [round(v, 2) for v in os.getloadavg()],
-        "validation_mode": "train: the generator's batch norms use batch statistics during validation, as in training (DAFL never uses eval mode); eval mode is logged beside it",
+        "validation_mode": "train: the generator's batch norms use batch statistics during validation, as in training "
+        "(DAFL never uses eval mode); eval mode is logged beside it",
         "estimate_24000_steps_h": {
             r["teacher"]: 24_000 * r["s_per_generator_step"] / 3600 for r in rows if r["s_per_generator_step"]
         },

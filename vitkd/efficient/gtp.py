@@ -4,7 +4,8 @@ Per block: attention (token-size aware, optionally sparsified with θ) → choos
 tokens → propagate their features to their graph neighbours with weight α and drop them → MLP on the shorter
 sequence.
 Rules restated from the GTP-ViT paper and the authors' ``models_v3.py`` (see
-Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based Token Propagation", WACV 2024, arXiv 2311.03035); deviations are ours and named in the docstrings:
+Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based Token Propagation", WACV 2024, arXiv 2311.03035);
+deviations are ours and named in the docstrings:
 - the semantic k-NN graph is symmetrised before normalisation (the authors' row-wise k-NN is not);
 - ``num_prop = 0`` propagates nothing (the authors' slice ``[:-0]`` would propagate every token).
 """
@@ -180,7 +181,8 @@ class GTPViT(nn.Module):
         n_patches = vit.patch_embed.num_patches
         if any(n < 0 for n in self.num_prop) or sum(self.num_prop) >= n_patches:
             raise VitkdInputError(
-                f"GTP num_prop {num_prop} removes {sum(self.num_prop)} of {n_patches} patches: keep at least one (lower num_prop)"
+                f"GTP num_prop {num_prop} removes {sum(self.num_prop)} of {n_patches} patches: "
+                "keep at least one (lower num_prop)"
             )
         if graph not in ("spatial", "semantic", "mixed"):
             raise VitkdInputError(f"GTP graph {graph!r} is unknown: use spatial, semantic or mixed")
@@ -188,9 +190,9 @@ class GTPViT(nn.Module):
         if any(not 0.0 < t <= 1.0 for t in self.sparsity):
             raise VitkdInputError(f"GTP sparsity {sparsity} is outside (0, 1]: use e.g. 0.7, or 1 for none")
         self.graph, self.num_neighbours, self.alpha, self.token_scale = graph, num_neighbours, alpha, token_scale
-        self.lost: list[
-            torch.Tensor
-        ] = []  # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no device sync)
+        # per reducing block, fraction of propagated tokens with no kept neighbour (last forward; tensors, so no
+        # device sync)
+        self.lost: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, p = self.vit, self.vit.num_prefix_tokens

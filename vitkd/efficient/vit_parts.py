@@ -28,7 +28,8 @@ def check_vit(model: nn.Module, what: str) -> None:
             )
     if getattr(model, "global_pool", "token") != "token" or model.num_prefix_tokens != 1:
         raise VitkdInputError(
-            f"{what} needs a ViT pooled by its single CLS token (global_pool='token'): build the model with class_token=True"
+            f"{what} needs a ViT pooled by its single CLS token (global_pool='token'): "
+            "build the model with class_token=True"
         )
 
 

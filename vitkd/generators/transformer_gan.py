@@ -1,4 +1,5 @@
-"""vitkd's transformer-augmented generator (Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge Transfer", arXiv 2408.05952, names the idea; the architecture is vitkd's own).
+"""vitkd's transformer-augmented generator (Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge
+Transfer", arXiv 2408.05952, names the idea; the architecture is vitkd's own).
 
 Only the paper's abstract is public ("Transformer-augmented GANs that leverage patch-level attention"),
 so the design here is vitkd's: noise z → one linear map to a grid of patch tokens (+ learned position
@@ -58,7 +59,8 @@ class TransformerGenerator(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise VitkdInputError(
-                f"transformer generator: image size {img_size} is not a multiple of patch_size {patch_size}: set --model.init_args.generator_kwargs.patch_size to a divisor"
+                f"transformer generator: image size {img_size} is not a multiple of patch_size {patch_size}: "
+                "set --model.init_args.generator_kwargs.patch_size to a divisor"
             )
         if embed_dim % num_heads:
             raise VitkdInputError(
@@ -66,7 +68,8 @@ class TransformerGenerator(nn.Module):
             )
         if head not in ("patch", "conv"):
             raise VitkdInputError(
-                f"transformer generator: head {head!r} is not one of 'patch', 'conv': set --model.init_args.generator_kwargs.head"
+                f"transformer generator: head {head!r} is not one of 'patch', 'conv': "
+                "set --model.init_args.generator_kwargs.head"
             )
         ups = patch_size.bit_length() - 1
         if head == "conv" and 2**ups != patch_size:

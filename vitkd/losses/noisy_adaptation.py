@@ -1,4 +1,5 @@
-"""Noisy adaptation matrix Q and the CE term of probe distillation (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 10, first term).
+"""Noisy adaptation matrix Q and the CE term of probe distillation (Wang et al., "Attention Probe: Vision Transformer
+Distillation in the Wild", arXiv 2102.05958, Eq. 10, first term).
 
 Q is DFND's ("Learning student networks in the wild"): row i says how a true class i turns into the
 teacher's (noisy) label. Its diagonal is fixed to the teacher's accuracy; each row's off-diagonal mass

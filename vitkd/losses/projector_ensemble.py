@@ -1,6 +1,8 @@
-"""Projector-ensemble feature distillation (PEFD; Chen et al., "Improved Feature Distillation via Projector Ensemble", arXiv 2210.15274).
+"""Projector-ensemble feature distillation (PEFD; Chen et al., "Improved Feature Distillation via Projector Ensemble",
+arXiv 2210.15274).
 
-Restated from the PEFD paper and ``chenyd7/PEFD`` (Chen et al., "Improved Feature Distillation via Projector Ensemble", NeurIPS 2022, arXiv 2210.15274): several projectors
+Restated from the PEFD paper and ``chenyd7/PEFD`` (Chen et al., "Improved Feature Distillation via Projector Ensemble",
+NeurIPS 2022, arXiv 2210.15274): several projectors
 f_i = act(W_i f_s + b_i) map the student's pooled feature to the teacher's width; their average f̄ is
 matched to the teacher's pooled feature by cosine: L = mean_batch (1 − cos(f̄, f_t)). The projectors differ
 only by their random initialisation; the authors use 3 (a 4th is built but never used) with ReLU.

@@ -1,4 +1,5 @@
-"""Wild-data value function of the attention-probe selector (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eqs. 4–6)."""
+"""Wild-data value function of the attention-probe selector (Wang et al., "Attention Probe: Vision Transformer
+Distillation in the Wild", arXiv 2102.05958, Eqs. 4–6)."""
 
 from __future__ import annotations
 

@@ -28,12 +28,14 @@ def load_detr(path: str | Path, img_size: int, in_chans: int, num_classes: int) 
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "arch" not in hp or "state_dict" not in ckpt:
         raise VitkdInputError(
-            f"teacher checkpoint {path} is not a DETR stage checkpoint: train one with experiments/detection/teacher.yaml"
+            f"teacher checkpoint {path} is not a DETR stage checkpoint: "
+            "train one with experiments/detection/teacher.yaml"
         )
     for key, mine in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if key in hp and hp[key] != mine:
             raise VitkdInputError(
-                f"teacher checkpoint {path} has {key}={hp[key]} but the data has {mine}: distil on data of the teacher's format"
+                f"teacher checkpoint {path} has {key}={hp[key]} but the data has {mine}: "
+                "distil on data of the teacher's format"
             )
     model = create_detr(
         hp["arch"], num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(hp.get("model_kwargs") or {})
@@ -42,7 +44,8 @@ def load_detr(path: str | Path, img_size: int, in_chans: int, num_classes: int) 
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VitkdInputError(
-            f"teacher checkpoint {path} does not fit DETR arch {hp['arch']!r} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            f"teacher checkpoint {path} does not fit DETR arch {hp['arch']!r} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
         )
     model.eval().requires_grad_(False)
     return model, {"arch": hp["arch"]}
@@ -181,7 +184,8 @@ class DetrDistillation(DetrTrainer):
     ):
         if label_source not in ("data", "teacher"):
             raise VitkdInputError(
-                f"label_source {label_source!r} is not valid: use 'data' (labelled boxes) or 'teacher' (pseudo ground truth)"
+                f"label_source {label_source!r} is not valid: "
+                "use 'data' (labelled boxes) or 'teacher' (pseudo ground truth)"
             )
         super().__init__(arch=arch, **kwargs)
         self.save_hyperparameters()

@@ -1,4 +1,5 @@
-"""Probe distillation of a student ViT from a frozen teacher (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 10).
+"""Probe distillation of a student ViT from a frozen teacher (Wang et al., "Attention Probe: Vision Transformer
+Distillation in the Wild", arXiv 2102.05958, Eq. 10).
 
 One stage covers the paper's student and its baselines by switching terms:
 attention probe = CE through Q + α·L_P + β·L_KD on selected wild shards; DFND = CE through Q + β·L_KD
@@ -93,7 +94,8 @@ class ProbeDistillation(DistillationStage):
         w = weight_group(ProbeLossWeights, loss_weights)
         if not any((w.ce, w.alpha, w.beta, w.projector)):
             raise VitkdInputError(
-                "every loss term is switched off: set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0"
+                "every loss term is switched off: "
+                "set one of --model.init_args.loss_weights.{ce,alpha,beta,projector} above 0"
             )
         super().__init__(
             create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
@@ -112,7 +114,8 @@ class ProbeDistillation(DistillationStage):
             diag = q_diagonal if q_diagonal is not None else self.teacher_info.get("val_acc")
             if diag is None:
                 raise VitkdInputError(
-                    f"teacher checkpoint {teacher_ckpt} records no validation accuracy: set --model.q_diagonal (the teacher's accuracy)"
+                    f"teacher checkpoint {teacher_ckpt} records no validation accuracy: "
+                    "set --model.q_diagonal (the teacher's accuracy)"
                 )
             self.q = NoisyAdaptation(num_classes, diag)
         else:
