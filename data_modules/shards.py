@@ -192,7 +192,8 @@ class SkipCounter:
         with self._images.get_lock():
             self._images.value += 1
         self.image_causes.append(
-            f"sample {sample.get('__key__')!r}: {_cause(exn) if not isinstance(exn, VitkdInputError) else 'no png or jpg entry'}"
+            f"sample {sample.get('__key__')!r}: "
+            f"{_cause(exn) if not isinstance(exn, VitkdInputError) else 'no png or jpg entry'}"
         )
 
     def add(self, other: "SkipCounter") -> None:
@@ -271,7 +272,8 @@ def decode_image(sample: dict) -> Image.Image:
         if ext in sample:
             return Image.open(io.BytesIO(sample[ext]))
     raise VitkdInputError(
-        f"shard sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image: every sample needs a png or jpg entry"
+        f"shard sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image: "
+        "every sample needs a png or jpg entry"
     )
 
 

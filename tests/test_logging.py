@@ -83,7 +83,10 @@ def test_wandb_run_id_is_stable_across_processes(tmp_path):
     """Python's hash() differs between processes; the id must not (a requeued job continues its W&B run)."""
     run = tmp_path / "run"
     here = stable_run_id(run, "my run")
-    code = f"from pathlib import Path; from vitkd.loggers import stable_run_id; print(stable_run_id(Path({str(run)!r}), 'my run'))"
+    code = (
+        "from pathlib import Path; from vitkd.loggers import stable_run_id; "
+        f"print(stable_run_id(Path({str(run)!r}), 'my run'))"
+    )
     other = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

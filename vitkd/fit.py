@@ -45,7 +45,10 @@ class VitkdCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="Replace the results of an earlier run in --run_dir (otherwise such a run_dir is refused, so nothing is lost).",
+            help=(
+                "Replace the results of an earlier run in --run_dir "
+                "(otherwise such a run_dir is refused, so nothing is lost)."
+            ),
         )
         parser.add_class_arguments(WandbOptions, "wandb")
         for key in ("num_classes", "img_size", "in_chans"):
@@ -92,7 +95,8 @@ class VitkdCLI(LightningCLI):
                     f"--ckpt_path {last} to resume training, " if last.is_file() else ""
                 )  # a selection has no checkpoints
                 raise VitkdInputError(
-                    f"--run_dir {self.run_dir} already holds a run ({earlier}): pass a new --run_dir, {resume}or --overwrite true to replace it"
+                    f"--run_dir {self.run_dir} already holds a run ({earlier}): "
+                    f"pass a new --run_dir, {resume}or --overwrite true to replace it"
                 )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -236,7 +240,8 @@ def _check_config_files(args: ArgsType) -> None:
                 content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise VitkdInputError(
-                    f"--config {path} is not a UTF-8 YAML file: pass a YAML config such as experiments/digits/teacher.yaml"
+                    f"--config {path} is not a UTF-8 YAML file: "
+                    "pass a YAML config such as experiments/digits/teacher.yaml"
                 ) from None
             except yaml.YAMLError as err:
                 mark = getattr(err, "problem_mark", None)
@@ -246,7 +251,8 @@ def _check_config_files(args: ArgsType) -> None:
                 ) from None
             if content is not None and not isinstance(content, dict):
                 raise VitkdInputError(
-                    f"--config {path} holds a {type(content).__name__}, not a mapping of keys: pass a config such as experiments/digits/teacher.yaml"
+                    f"--config {path} holds a {type(content).__name__}, not a mapping of keys: "
+                    "pass a config such as experiments/digits/teacher.yaml"
                 )
 
 
@@ -320,7 +326,8 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
         earlier = None if cli.config.overwrite or cli.config.ckpt_path or lock is None else earlier_results(run_dir)
         if earlier:
             raise VitkdInputError(
-                f"--run_dir {run_dir} already holds a run ({earlier}): pass a new --run_dir, or --overwrite true to replace it"
+                f"--run_dir {run_dir} already holds a run ({earlier}): "
+                "pass a new --run_dir, or --overwrite true to replace it"
             )
         cli.model.check_run_dir(trainer, cli.datamodule, run_dir, cli.config.ckpt_path, cli.config.overwrite)
     except BaseException:

@@ -15,17 +15,20 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise VitkdInputError(
-            f"teacher checkpoint {path} is a folder: pass the checkpoint file in it, e.g. {path / 'checkpoints' / 'best.ckpt'}"
+            f"teacher checkpoint {path} is a folder: pass the checkpoint file in it, "
+            f"e.g. {path / 'checkpoints' / 'best.ckpt'}"
         )
     if not path.is_file():
         raise VitkdInputError(
-            f"teacher checkpoint {path} does not exist: train one (python -m vitkd.fit --config experiments/digits/teacher.yaml) or pass --model.teacher_ckpt PATH"
+            f"teacher checkpoint {path} does not exist: train one "
+            "(python -m vitkd.fit --config experiments/digits/teacher.yaml) or pass --model.teacher_ckpt PATH"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated or not a torch file
         raise VitkdInputError(
-            f"teacher checkpoint {path} cannot be read ({type(err).__name__}): pass a Lightning .ckpt or a torch state dict"
+            f"teacher checkpoint {path} cannot be read ({type(err).__name__}): "
+            "pass a Lightning .ckpt or a torch state dict"
         ) from err
 
 
@@ -62,12 +65,14 @@ def load_teacher(path: str | Path, arch: str | None = None, **model_kwargs) -> t
     mismatch = shape_mismatch(model, state)
     if mismatch:
         raise VitkdInputError(
-            f"teacher checkpoint {path} does not fit arch {arch!r} ({mismatch}): pass the arch (--model.init_args.teacher_arch) and sizes it was trained with"
+            f"teacher checkpoint {path} does not fit arch {arch!r} ({mismatch}): "
+            "pass the arch (--model.init_args.teacher_arch) and sizes it was trained with"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VitkdInputError(
-            f"teacher checkpoint {path} does not fit arch {arch!r} ({len(missing)} missing, {len(unexpected)} unexpected keys): pass the arch it was trained with"
+            f"teacher checkpoint {path} does not fit arch {arch!r} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys): pass the arch it was trained with"
         )
     model.eval().requires_grad_(False)
     return model, {"arch": arch, "val_acc": _best_score(ckpt), **kwargs}

@@ -47,7 +47,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['run']:<18} {r['map']:>7.4f} {r['map50']:>7.4f} {r['params']:>9} {r['gflops']:>8.4f} {r['images_per_s']:>9.0f}"
+            f"{r['run']:<18} {r['map']:>7.4f} {r['map50']:>7.4f} "
+            f"{r['params']:>9} {r['gflops']:>8.4f} {r['images_per_s']:>9.0f}"
         )
     return "\n".join(lines)
 
@@ -56,14 +57,19 @@ def note(rows: dict[str, dict]) -> str:
     """Whether the distilled student beats the student from scratch on test mAP, by how much, and why not if not."""
     t, s, d = rows["teacher"], rows["student_scratch"], rows["student_distilled"]
     gap = d["map"] - s["map"]
-    both = f"mAP {d['map']:.4f} vs {s['map']:.4f}, mAP@50 {d['map50']:.4f} vs {s['map50']:.4f}, best val mAP {d['best_val_map']:.4f} vs {s['best_val_map']:.4f}"
+    both = (
+        f"mAP {d['map']:.4f} vs {s['map']:.4f}, mAP@50 {d['map50']:.4f} vs {s['map50']:.4f}, "
+        f"best val mAP {d['best_val_map']:.4f} vs {s['best_val_map']:.4f}"
+    )
     if gap > 0:
         return (
             f"the distilled student beats the student from scratch by {gap:+.4f} test mAP at the same budget ({both})"
         )
     return (
-        f"the distilled student falls short of the student from scratch by {-gap:.4f} test mAP at the same budget ({both}): "
-        f"the teacher itself reaches only {t['map']:.4f} mAP in this CPU budget, so its classes and boxes are noisier targets "
+        f"the distilled student falls short of the student from scratch by {-gap:.4f} test mAP "
+        f"at the same budget ({both}): "
+        f"the teacher itself reaches only {t['map']:.4f} mAP in this CPU budget, "
+        "so its classes and boxes are noisier targets "
         "than the labels that every training image has here (one seed per run: no spread measured)"
     )
 

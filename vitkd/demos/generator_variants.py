@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("| variant | what | labelled val acc (%) | test acc (%) | val/agree |\n|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['variant']}{' (chosen)' if r is chosen else ''} | {r['what']} | {100 * r['labelled_val_acc_mean']:.2f} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | {r['best_val_agree_mean']:.3f} |"
+            f"| {r['variant']}{' (chosen)' if r is chosen else ''} | {r['what']} "
+            f"| {100 * r['labelled_val_acc_mean']:.2f} "
+            f"| {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | {r['best_val_agree_mean']:.3f} |"
         )
     return res
 

@@ -34,12 +34,16 @@ SHOW = ("test/acc", "precision", "num_kept")
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  {'precision':>9}  {'(max)':>6}  {'V AUROC':>7}"
+    head = (
+        f"{'run':<16} {'data used':<32} {'params':>8}  {'test acc (%)':>16}  "
+        f"{'precision':>9}  {'(max)':>6}  {'V AUROC':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         lines.append(
-            f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  {cell(r, 'precision', 9)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
+            f"{r['run']:<16} {r['data']:<32} {r['params']:>8}  {acc:>16}  "
+            f"{cell(r, 'precision', 9)}  {cell(r, 'precision_max', 6)}  {cell(r, 'value_auroc', 7)}"
         )
     return "\n".join(lines)
 
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     t0 = time.time()
     print(
-        f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(seeds)} seeds; {a.jobs} at a time",
+        f"teacher, wild pool, {len(SELECTIONS)} selections, {len(STUDENTS)} students x {len(seeds)} seeds; "
+        f"{a.jobs} at a time",
         flush=True,
     )
     rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)

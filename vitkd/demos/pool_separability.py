@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if positive.all() or not positive.any():
             found = ", ".join(sorted(set(tags.tolist()))) or "none"
             raise VitkdInputError(
-                f"--positive {' '.join(a.positive)}: the pool needs samples of those src tags and of others (tags found: {found})"
+                f"--positive {' '.join(a.positive)}: the pool needs samples of those src tags and of others "
+                f"(tags found: {found})"
             )
         result = separability(tags, out_of_fold_scores(x, positive, a.seed), a.positive, a.num_keep)
     except VitkdInputError as err:

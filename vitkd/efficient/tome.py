@@ -1,8 +1,9 @@
 """ToMe — bipartite soft token matching (Bolya et al., ICLR 2023), the training-free baseline GTP is compared with.
 
-Restated from the ToMe paper and ``facebookresearch/ToMe`` ``tome/merge.py`` (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv 2210.09461):
-between attention and MLP of every block, r tokens are merged by size-weighted average; attention is
-proportional (log token size added to the key logits); the similarity metric is the keys averaged over heads.
+Restated from the ToMe paper and ``facebookresearch/ToMe`` ``tome/merge.py`` (Bolya et al., "Token Merging: Your
+ViT But Faster", ICLR 2023, arXiv 2210.09461): between attention and MLP of every block, r tokens are merged by
+size-weighted average; attention is proportional (log token size added to the key logits); the similarity metric
+is the keys averaged over heads.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""DAFL (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019, arXiv 1904.01186): the convolutional generator.
+"""DAFL (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019, arXiv 1904.01186): the convolutional
+generator.
 
 Its teacher-as-discriminator terms live in ``vitkd.losses.dafl``.
 
-Restated from the authors' ``DAFL-train.py`` (github.com/huawei-noah/Efficient-Computing, Data-Efficient-Model-Compression/DAFL), not copied:
+Restated from the authors' ``DAFL-train.py`` (github.com/huawei-noah/Efficient-Computing,
+Data-Efficient-Model-Compression/DAFL), not copied:
 z → Linear → 128×(s/4)² → BN → ×2 up → conv3 128→128 → BN(eps 0.8) → LeakyReLU(0.2) → ×2 up →
 conv3 128→64 → BN(eps 0.8) → LeakyReLU(0.2) → conv3 64→C → tanh [→ BN(C, affine=False)].
 The eps=0.8 batch norms are the reference's quirk (kept: the maintainer says it came from GAN code).
@@ -28,7 +30,8 @@ class DAFLGenerator(nn.Module):
         super().__init__()
         if img_size % 4:
             raise VitkdInputError(
-                f"DAFL generator needs an image size divisible by 4, got {img_size}: use the transformer generator or resize the teacher input"
+                f"DAFL generator needs an image size divisible by 4, got {img_size}: "
+                "use the transformer generator or resize the teacher input"
             )
         self.init_size, self.width, self.latent_dim = img_size // 4, width, latent_dim
         self.l1 = nn.Linear(latent_dim, width * self.init_size**2)

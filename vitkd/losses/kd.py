@@ -1,4 +1,5 @@
-"""Logit distillation (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 9)."""
+"""Logit distillation (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958,
+Eq. 9)."""
 
 from __future__ import annotations
 

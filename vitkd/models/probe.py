@@ -1,4 +1,5 @@
-"""The attention probe (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eq. 2) and block-output taps, without unfused attention.
+"""The attention probe (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958,
+Eq. 2) and block-output taps, without unfused attention.
 
 timm's ``Attention`` uses fused scaled-dot-product attention, so the attention matrix never exists.
 The probe needs only the CLS query row, so a forward hook on the probed block's ``attn.qkv`` linear
@@ -73,7 +74,8 @@ class AttentionProbe:
             head = int(head)
         if isinstance(head, int) and not 0 <= head < model.blocks[0].attn.num_heads:
             raise VitkdInputError(
-                f"probe head {head} is beyond the {model.blocks[0].attn.num_heads} heads: use 0..{model.blocks[0].attn.num_heads - 1}"
+                f"probe head {head} is beyond the {model.blocks[0].attn.num_heads} heads: "
+                f"use 0..{model.blocks[0].attn.num_heads - 1}"
             )
         self.head = head
         self.num_prefix_tokens = model.num_prefix_tokens

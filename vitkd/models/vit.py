@@ -79,6 +79,7 @@ def fashion_teacher_convstem_28(pretrained: bool = False, **kwargs) -> VisionTra
 
 @register_model
 def fashion_student_convstem_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Student of the Fashion-MNIST benchmark: the teacher's layout at dim 32, depth 4, 2 heads (the paper's 3:1 width ratio)."""
+    """Student of the Fashion-MNIST benchmark: the teacher's layout at dim 32, depth 4, 2 heads (the paper's 3:1 width
+    ratio)."""
     args = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=10)
     return _conv_stem_vit(pretrained, stem_width=8, **{**args, **kwargs})

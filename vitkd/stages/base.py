@@ -84,7 +84,8 @@ class Stage(pl.LightningModule):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as err:  # truncated or not a torch file
             raise VitkdInputError(
-                f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}): pass a .ckpt from a run's checkpoints/ folder"
+                f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}): "
+                "pass a .ckpt from a run's checkpoints/ folder"
             ) from err
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise VitkdInputError(
@@ -93,7 +94,8 @@ class Stage(pl.LightningModule):
         stage = ckpt.get("vitkd_stage")
         if stage is not None and stage != type(self).__name__:
             raise VitkdInputError(
-                f"--ckpt_path {ckpt_path} is a {stage} checkpoint, not {type(self).__name__}: pass a checkpoint of this stage's run "
+                f"--ckpt_path {ckpt_path} is a {stage} checkpoint, not {type(self).__name__}: "
+                "pass a checkpoint of this stage's run "
                 "(a trained teacher goes in --model.teacher_ckpt)"
             )
         mismatch = shape_mismatch(self, ckpt["state_dict"])
@@ -163,8 +165,9 @@ class Stage(pl.LightningModule):
         return measure(model, (hp.in_chans, hp.img_size, hp.img_size), batch_size=batch, warmup=2, iters=5)
 
     def configure_callbacks(self):
-        """Best checkpoint on validation and the last epoch's; training stages add their random state to the checkpoints (``callbacks.RngState``), attention-probe maps (``callbacks.AttentionProbeLogger``)
-        and throughput (``callbacks.ThroughputMonitor``), scoring stages the selection report
+        """Best checkpoint on validation and the last epoch's; training stages add their random state to the
+        checkpoints (``callbacks.RngState``), attention-probe maps (``callbacks.AttentionProbeLogger``) and
+        throughput (``callbacks.ThroughputMonitor``), scoring stages the selection report
         (``callbacks.SelectionReport``). A callback of the same type in the config's ``trainer.callbacks`` is
         kept instead of the default: that is how to tune or switch one off, e.g.
         ``--trainer.callbacks+=callbacks.AttentionProbeLogger --trainer.callbacks.every_n_epochs 0``."""

@@ -104,7 +104,8 @@ class DistillationStage(ClassificationStage):
     # -- the teacher-output cache ------------------------------------------------------------------
     @property
     def data_contract(self) -> type:
-        """``KeyedTrainData`` with the teacher cache on (training batches must carry sample keys), else ``StageData``."""
+        """``KeyedTrainData`` with the teacher cache on (training batches must carry sample keys), else
+        ``StageData``."""
         return KeyedTrainData if self.cache is not None else StageData
 
     def check_data(self, datamodule: Any) -> None:
@@ -114,8 +115,8 @@ class DistillationStage(ClassificationStage):
         require(datamodule, self.data_contract, f"{type(self).__name__} with --model.init_args.teacher_cache true")
         if datamodule.augment:
             raise VitkdInputError(
-                "--model.init_args.teacher_cache true needs --data.init_args.augment false: augmented inputs change every epoch, "
-                "so the teacher's outputs cannot be reused"
+                "--model.init_args.teacher_cache true needs --data.init_args.augment false: "
+                "augmented inputs change every epoch, so the teacher's outputs cannot be reused"
             )
 
     def setup(self, stage: str) -> None:

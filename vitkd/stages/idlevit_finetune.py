@@ -1,4 +1,5 @@
-"""IdleViT fine-tuning stage: self-distillation from the unreduced model (Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654).
+"""IdleViT fine-tuning stage: self-distillation from the unreduced model (Xu et al., "IdleViT: Efficient Vision
+Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654).
 
 L = w_ce·CE + w_cut·(mean token cut loss over idle layers) + w_kd·KL(T ‖ S, T = 1)
     + w_feat·MSE(normalize(f_S), normalize(f_T)),
