@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
+.PHONY: setup lint demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -65,6 +65,11 @@ report: setup
 # The result tables of README.md and docs/*.md, rewritten from the committed results JSON (benchmarks/results/).
 docs: setup
 	$(PY) -m vitkd.demos.tables
+
+# Lint and format check (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m pytest -q -m "not soak"

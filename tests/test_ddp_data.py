@@ -158,7 +158,10 @@ def test_two_node_selection_equals_one_process(tiny_teacher, tmp_path):
     assert [r["selected"] for r in rows1] == [r["selected"] for r in rows2]
     assert np.allclose([float(r["value"]) for r in rows1], [float(r["value"]) for r in rows2], atol=1e-6)
     assert two["world_size"] == 2 and two["num_kept"] == one["num_kept"] == 60 and two["precision"] == one["precision"]
-    kept = lambda d: sorted(s["__key__"] for s in shards.raw_samples(shards.expand_urls(d)))  # noqa: E731
+
+    def kept(d):
+        return sorted(s["__key__"] for s in shards.raw_samples(shards.expand_urls(d)))
+
     assert kept(two["selected_urls"]) == kept(one["selected_urls"])
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import timm
 
-import vitkd.models  # noqa: F401
 from vitkd.efficient.measure import flops_per_image, linear_macs_per_image, measure, throughput
+from vitkd.models import create_model
 
 
 def _formula(img=16, patch=4, chans=1, d=16, depth=2, classes=10, mlp_ratio=4):
@@ -24,16 +24,16 @@ def _formula(img=16, patch=4, chans=1, d=16, depth=2, classes=10, mlp_ratio=4):
 
 
 def test_flops_of_tiny_vit_match_the_formula():
-    m = timm.create_model("test_vit_patch4_16")
+    m = create_model("test_vit_patch4_16")
     flops, macs = _formula()
     assert flops_per_image(m, (1, 16, 16)) == flops == 254400
     assert linear_macs_per_image(m, (1, 16, 16)) == macs == 108704
-    wide = timm.create_model("test_vit_patch4_16", embed_dim=32, depth=3)
+    wide = create_model("test_vit_patch4_16", embed_dim=32, depth=3)
     assert flops_per_image(wide, (1, 16, 16)) == _formula(d=32, depth=3)[0]
 
 
 def test_flop_count_does_not_change_the_model():
-    m = timm.create_model("test_vit_patch4_16")
+    m = create_model("test_vit_patch4_16")
     flops_per_image(m, (1, 16, 16))
     assert all(
         getattr(mod, "fused_attn", True) == timm.layers.use_fused_attn()
@@ -43,7 +43,7 @@ def test_flop_count_does_not_change_the_model():
 
 
 def test_throughput_states_its_settings():
-    m = timm.create_model("test_vit_patch4_16").train()
+    m = create_model("test_vit_patch4_16").train()
     t = throughput(m, (1, 16, 16), batch_size=8, warmup=1, iters=2)
     assert t["images_per_s"] > 0 and t["throughput_batch_size"] == 8 and t["throughput_device"] == "cpu"
     assert m.training  # restored

@@ -5,21 +5,20 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
-import vitkd.models  # noqa: F401  (registers the presets)
 from vitkd.efficient import vit_parts as vp
 from vitkd.efficient.gtp import GTPViT, normalize_graph, propagate, semantic_graph, spatial_graph
 from vitkd.efficient.idlevit import IdleViT, token_cut_loss
 from vitkd.efficient.tome import ToMeViT, bipartite_soft_matching, merge_weighted_average
 from vitkd.errors import VitkdInputError
+from vitkd.models import create_model
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return timm.create_model("test_vit_patch4_16").eval()
+    return create_model("test_vit_patch4_16").eval()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +141,7 @@ def test_tome_merges_the_most_similar_pair():
 
 def test_idle_tokens_pass_through_unchanged(images):
     torch.manual_seed(0)
-    m = timm.create_model("test_vit_patch4_16", depth=1).eval()
+    m = create_model("test_vit_patch4_16", depth=1).eval()
     wrapped = IdleViT(m, keep_ratio=0.25, idle_layers=[0])
     seen = []
     h = m.norm.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))

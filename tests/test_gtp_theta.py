@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import Attention
 
-import vitkd.models  # noqa: F401  (registers the presets)
 from vitkd.efficient import gtp
 from vitkd.efficient.gtp import GTPViT, sparse_attend, sparsify_attention, split_tokens
 from vitkd.errors import VitkdInputError
+from vitkd.models import create_model
 
 # Two heads of a 2-token map. Head 0 sorted: .3 .4 .6 .7; head 1 sorted: .1 .5 .5 .9.
 MAP = torch.tensor([[[[0.7, 0.3], [0.4, 0.6]], [[0.5, 0.5], [0.1, 0.9]]]])
@@ -54,7 +53,7 @@ def test_stable_tie_break_keeps_the_earlier_token():
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return timm.create_model("test_vit_patch4_16").eval()
+    return create_model("test_vit_patch4_16").eval()
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,10 @@ def make_cifar10(root, per_batch=3):
         ys.append(labels)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     _dump(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
-    chw = lambda d: d.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # noqa: E731
+
+    def chw(d):
+        return d.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
     return chw(np.concatenate(xs[:5])), np.concatenate(ys[:5]), chw(xs[5]), np.asarray(ys[5])
 
 

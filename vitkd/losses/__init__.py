@@ -1,18 +1,7 @@
 """Loss terms, one paper equation per function (the docstring names the equation)."""
 
-from vitkd.losses.kd import kd_loss
-from vitkd.losses.noisy_adaptation import NoisyAdaptation, adapted_cross_entropy
-from vitkd.losses.probe_relation import cls_relation, probe_relation_loss, relation_rows_loss
-
-__all__ = [
-    "kd_loss",
-    "NoisyAdaptation",
-    "adapted_cross_entropy",
-    "cls_relation",
-    "probe_relation_loss",
-    "relation_rows_loss",
-]
-from vitkd.losses.data_free import (  # noqa: E402
+from vitkd.losses.dafl import activation_loss, dafl_loss, information_entropy_loss, onehot_loss
+from vitkd.losses.data_free import (
     adversarial_loss,
     attention_consistency_loss,
     attention_loss,
@@ -21,8 +10,16 @@ from vitkd.losses.data_free import (  # noqa: E402
     generator_loss,
     total_variation_loss,
 )
+from vitkd.losses.kd import kd_loss
+from vitkd.losses.noisy_adaptation import NoisyAdaptation, adapted_cross_entropy
+from vitkd.losses.probe_relation import cls_relation, probe_relation_loss, relation_rows_loss
+from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 
-__all__ += [
+__all__ = [
+    "activation_loss",
+    "dafl_loss",
+    "information_entropy_loss",
+    "onehot_loss",
     "adversarial_loss",
     "attention_consistency_loss",
     "attention_loss",
@@ -30,7 +27,12 @@ __all__ += [
     "discrepancy_loss",
     "generator_loss",
     "total_variation_loss",
+    "kd_loss",
+    "NoisyAdaptation",
+    "adapted_cross_entropy",
+    "cls_relation",
+    "probe_relation_loss",
+    "relation_rows_loss",
+    "ProjectorEnsemble",
+    "projector_ensemble_loss",
 ]
-from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss  # noqa: E402
-
-__all__ += ["ProjectorEnsemble", "projector_ensemble_loss"]
