@@ -1,7 +1,10 @@
 """How well a tagged wild pool's positive sources can be told from the rest at all: a reference for the
 selector's precision.
 
-``python -m vitkd.demos.pool_separability --urls 'pool/wild-{000000..000009}.tar' --positive digit --num_keep 12000 8000``
+Example::
+
+    python -m vitkd.demos.pool_separability --urls 'pool/wild-{000000..000009}.tar' \\
+        --positive digit --num_keep 12000 8000
 
 A small classifier learns the pool's own ``src`` tags (positive sources vs the rest) from the pixels, scored
 out of fold (2-fold cross-fitting: every sample is scored by the model that did not train on it). Its AUROC,
