@@ -120,7 +120,8 @@ class CocoDetection(Dataset):
                 ) from err
             if not (self.root / entry["file_name"]).is_file():
                 raise VitkdInputError(
-                    f"{self.ann_file}: image id {entry['id']} file {entry['file_name']!r} not found under {self.root}: add the file or remove the entry"
+                    f"{self.ann_file}: image id {entry['id']} file {entry['file_name']!r} not found under {self.root}: "
+                    "add the file or remove the entry"
                 )
             by_id[entry["id"]] = entry
             self.images.append(entry)
@@ -184,7 +185,8 @@ class DetectionShards(IterableDataset):
             k = int(ann.get("category_id", -1))
             if k < 0 or (self.num_classes is not None and k >= self.num_classes):
                 raise VitkdInputError(
-                    f"{where}: category_id {k} is not a class index 0..{(self.num_classes or 1) - 1}: repack with class indices"
+                    f"{where}: category_id {k} is not a class index 0..{(self.num_classes or 1) - 1}: "
+                    "repack with class indices"
                 )
             anns.append((list(ann["bbox"]), k))
         return to_tensor(image, self.img_size, self.in_chans), make_target(

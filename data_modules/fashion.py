@@ -54,7 +54,8 @@ def missing_message(where: str) -> str:
     return (
         f"Fashion-MNIST not found ({where}): put the four original IDX files (train-images-idx3-ubyte.gz, "
         f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, from the Fashion-MNIST "
-        f"project's releases) in a folder and set FASHION_MNIST_DIR to it, or run 'apt-get install {DEBIAN_PACKAGE}' as root"
+        f"project's releases) in a folder and set FASHION_MNIST_DIR to it, "
+        f"or run 'apt-get install {DEBIAN_PACKAGE}' as root"
     )
 
 
@@ -115,7 +116,8 @@ def load_fashion(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         x, y = np.asarray(read_idx(path[img], IDX_IMAGES)), np.asarray(read_idx(path[lab], IDX_LABELS)).astype(np.int64)
         if x.ndim != 3 or len(x) != len(y):
             raise VitkdInputError(
-                f"{path[img]} {tuple(x.shape)} and {path[lab]} {tuple(y.shape)} do not match: pass the original Fashion-MNIST files"
+                f"{path[img]} {tuple(x.shape)} and {path[lab]} {tuple(y.shape)} do not match: "
+                "pass the original Fashion-MNIST files"
             )
         if len(y) and (y.min() < 0 or y.max() >= len(CLASSES)):
             raise VitkdInputError(f"{path[lab]} has labels outside 0..9: it is not a Fashion-MNIST labels file")
@@ -144,7 +146,8 @@ def split_indices(
         w, v = int(wild_counts[c]), val_per_class
         if len(idx) < w + v + 1:
             raise VitkdInputError(
-                f"class {c} has {len(idx)} train images, fewer than the {w} wild + {v} val it needs: pass the full Fashion-MNIST train files"
+                f"class {c} has {len(idx)} train images, fewer than the {w} wild + {v} val it needs: "
+                "pass the full Fashion-MNIST train files"
             )
         parts["wild"].append(idx[:w])
         parts["val"].append(idx[w : w + v])
@@ -207,7 +210,8 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def embedded_wild_urls(self) -> str:
         raise VitkdInputError(
-            "FashionMNISTDataModule has no embedded wild pool: run 'make data-fashion' and pass --data.init_args.wild_urls 'data/fashion-wild-v1/wild-{000000..000020}.tar'"
+            "FashionMNISTDataModule has no embedded wild pool: run 'make data-fashion' and pass "
+            "--data.init_args.wild_urls 'data/fashion-wild-v1/wild-{000000..000020}.tar'"
         )
 
 

@@ -170,7 +170,8 @@ def test_finished_run_is_not_replaced_unless_asked(tiny_teacher, tmp_path):
     )
     with pytest.raises(
         VitkdInputError,
-        match=r"--run_dir .*teacher already holds a run \(metrics.json\): pass a new --run_dir, --ckpt_path .*last.ckpt to resume training, or --overwrite true",
+        match=r"--run_dir .*teacher already holds a run \(metrics.json\): pass a new --run_dir, "
+        r"--ckpt_path .*last.ckpt to resume training, or --overwrite true",
     ):
         fit(*args)
     assert _digest(run) == before, "a refused run writes nothing"
@@ -220,7 +221,8 @@ def test_resume_checkpoint_of_another_stage_or_model(tiny_teacher, tmp_path):
         )
     with pytest.raises(
         VitkdInputError,
-        match=r"does not fit this model \(model\.\S+: \(\d+.*; it was saved for arch 'test_vit_patch4_16': pass --model.init_args.arch test_vit_patch4_16",
+        match=r"does not fit this model \(model\.\S+: \(\d+.*; it was saved for arch 'test_vit_patch4_16': "
+        r"pass --model.init_args.arch test_vit_patch4_16",
     ):
         fit(
             "--config",

@@ -152,7 +152,8 @@ def test_the_demo_writes_the_pool_its_selection_config_names(tmp_path, monkeypat
     configs.mkdir()
     data_dir = tmp_path / "data"
     (configs / "select.yaml").write_text(
-        f"data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n"
+        "data:\n  class_path: data_modules.DigitsDataModule\n  init_args:\n"
+        f"    data_dir: {data_dir}\n    wild_pool_size: 7\n    wild_pool_seed: 3\n"
     )
     monkeypatch.setattr(vitkd.demos.pipeline, "CONFIGS", configs)
     vitkd.demos.pipeline.write_pool(tmp_path / "out")

@@ -185,7 +185,8 @@ KD_S_BOXES = [BOX_B_NEAR, BOX_FAR, BOX_A_NEAR]
 def test_teacher_set_hand_made():
     from vitkd.detection.distill import teacher_set
 
-    # image 0: p(q0) = softmax(2, 0, 0) → e²/(e² + 2) ≈ 0.787 class 0;  q1 → 1/(e³ + 2) ≈ 0.045;  q2 → e³/(e³ + 2) ≈ 0.909 class 1
+    # image 0: p(q0) = softmax(2, 0, 0) → e²/(e² + 2) ≈ 0.787 class 0;  q1 → 1/(e³ + 2) ≈ 0.045;
+    #          q2 → e³/(e³ + 2) ≈ 0.909 class 1
     # image 1: q0 = (1, 0, 3): 0.114 over all K + 1 classes (0.73 if no-object were left out of the softmax);
     #          q1 = (0, 1, 0.5): e/(e + 1 + e^0.5) ≈ 0.506 class 1;  q2 = (-1, -1, 4): ≈ 0.007
     logits = torch.tensor([KD_T_LOGITS, [[1.0, 0.0, 3.0], [0.0, 1.0, 0.5], [-1.0, -1.0, 4.0]]])
@@ -223,7 +224,8 @@ def test_detr_kd_losses_hand_values():
     assert kd["kd_giou"].item() == pytest.approx(
         (14 / 23 + 0.08 + 10 / 19 + 0.05) / 2, rel=1e-5
     )  # (D3) Σ (1 − GIoU) / N_T
-    # a one-query student (s2 only) matches q0 alone: KL is averaged over the 1 matched pair, the box terms still / N_T = 2
+    # a one-query student (s2 only) matches q0 alone: KL is averaged over the 1 matched pair,
+    # the box terms still / N_T = 2
     one = {"pred_logits": torch.tensor([KD_S_LOGITS[2:]]), "pred_boxes": torch.tensor([KD_S_BOXES[2:]])}
     kd1 = detr_kd_losses(one, teacher, HungarianMatcher(), kd_threshold=0.5, temperature=tau)
     assert kd1["kd_cls"].item() == pytest.approx(
@@ -268,7 +270,8 @@ def test_distill_stage_with_teacher_labels_uses_the_teacher_set(monkeypatch):
         def forward(self, x):
             return {k: v.clone() for k, v in self.out.items()}
 
-    # teacher: q0 class 1 on A (≈ 0.787), q1 below 0.5 (e³/(21e³ + 1) ≈ 0.048), q2 class 0 on B (≈ 0.909) → labels [1, 0], boxes [A, B]
+    # teacher: q0 class 1 on A (≈ 0.787), q1 below 0.5 (e³/(21e³ + 1) ≈ 0.048), q2 class 0 on B (≈ 0.909)
+    # → labels [1, 0], boxes [A, B]
     teacher = Fixed([[0.0, 2.0, 0.0], [3.0, 0.0, 3.0 + math.log(20)], [3.0, 0.0, 0.0]], [BOX_A, BOX_FAR, BOX_B])
     monkeypatch.setattr(stages, "load_detr", lambda *a, **k: (teacher, {"arch": "stub"}))
     stage = stages.DetrDistillation(

@@ -112,7 +112,8 @@ def test_default_is_plain_lowest_k():
 def test_class_balance_with_random_strategy_is_refused(tmp_path):
     with pytest.raises(VitkdInputError, match="class_balance applies to strategy value only, not random"):
         AttentionProbeSelector(teacher_ckpt="never/loaded.ckpt", num_keep=10, strategy="random", class_balance=True)
-    # through the CLI (in process: the CLI prints a VitkdInputError as its one-line ``vitkd: error:``, tests/test_bad_input.py)
+    # through the CLI (in process: the CLI prints a VitkdInputError as its one-line ``vitkd: error:``,
+    # tests/test_bad_input.py)
     with pytest.raises(VitkdInputError, match="class_balance applies to strategy value only") as err:
         fit(
             "--config",

@@ -57,7 +57,8 @@ def _free(folder: Path) -> str:
 def _disk_full_error(path: Path, existed: bool) -> DiskFullError:
     kept = f"the previous {path.name} is kept" if existed else "nothing was replaced"
     return DiskFullError(
-        f"no space left on the device writing {path} ({_free(path.parent)} free there): free some space or pass a --run_dir on another disk; {kept}"
+        f"no space left on the device writing {path} ({_free(path.parent)} free there): "
+        f"free some space or pass a --run_dir on another disk; {kept}"
     )
 
 

@@ -155,7 +155,8 @@ def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
     if not overwrite:
         differs = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
         raise VitkdInputError(
-            f"OUT {out} holds shards of another pack (differs in: {', '.join(differs) or 'unknown'}): pass a new OUT, or --overwrite to replace them"
+            f"OUT {out} holds shards of another pack (differs in: {', '.join(differs) or 'unknown'}): "
+            "pass a new OUT, or --overwrite to replace them"
         )
     for prefix in {plan["name"], (old or {}).get("name") or plan["name"]}:
         for p in _own_shards(out, prefix):
@@ -274,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         type=int,
         default=None,
-        help="side of the stored square images (default: 28 for MNIST/Fashion-MNIST/EMNIST, 32 otherwise; 0 keeps each image's size)",
+        help=(
+            "side of the stored square images (default: 28 for MNIST/Fashion-MNIST/EMNIST, 32 otherwise; "
+            "0 keeps each image's size)"
+        ),
     )
     p.add_argument(
         "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})"
@@ -283,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         default="train",
-        help="train, test or all (train then test) for the fixed data sets; only a name for folder/flat (default train)",
+        help=(
+            "train, test or all (train then test) for the fixed data sets; only a name for folder/flat (default train)"
+        ),
     )
     p.add_argument(
         "--emnist-split",

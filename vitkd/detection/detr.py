@@ -123,7 +123,8 @@ class DETR(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise VitkdInputError(
-                f"img_size {img_size} is not a multiple of the patch size {patch_size}: resize the images or pick another preset"
+                f"img_size {img_size} is not a multiple of the patch size {patch_size}: "
+                "resize the images or pick another preset"
             )
         self.num_classes, self.num_queries = num_classes, num_queries
         self.vit = timm.models.vision_transformer.VisionTransformer(

@@ -1,5 +1,6 @@
-"""IdleViT — token idling (Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654), restated from the paper and the authors'
-``vit.py``/``losses.py`` (Ackesnal/IdleViT; Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654).
+"""IdleViT — token idling (Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss",
+arXiv 2310.05654), restated from the paper and the authors' ``vit.py``/``losses.py`` (Ackesnal/IdleViT; Xu et al.,
+"IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss", arXiv 2310.05654).
 
 In an idle layer, the image tokens with the highest CLS-row attention logits (pre-softmax, mean over heads)
 are computed; the others pass through unchanged ("idle") and may be selected again in a later layer.
@@ -87,7 +88,8 @@ class IdleViT(nn.Module):
         ratios = keep_ratio if isinstance(keep_ratio, (list, tuple)) else [keep_ratio] * len(layers)
         if len(ratios) != len(layers):
             raise VitkdInputError(
-                f"IdleViT keep_ratio has {len(ratios)} values for {len(layers)} idle layers: give one value or one per idle layer"
+                f"IdleViT keep_ratio has {len(ratios)} values for {len(layers)} idle layers: "
+                "give one value or one per idle layer"
             )
         if any(not 0.0 < float(r) <= 1.0 for r in ratios):
             raise VitkdInputError(f"IdleViT keep_ratio {keep_ratio} is outside (0, 1]: use e.g. 0.7")

@@ -37,7 +37,8 @@ def _copy_eval(model: nn.Module) -> nn.Module:
 
 
 def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Matmul/conv FLOPs (2 per multiply-add) of one forward on one image, by ``FlopCounterMode`` (unfused attention)."""
+    """Matmul/conv FLOPs (2 per multiply-add) of one forward on one image, by ``FlopCounterMode``
+    (unfused attention)."""
     m = _copy_eval(model)
     x = torch.zeros(1, *input_shape, device=_device(model))
     counter = FlopCounterMode(display=False)
@@ -120,16 +121,21 @@ def measure(
         "params": count_params(model),
         "flops": flops,
         "gflops": flops / 1e9,
-        "flops_convention": "FlopCounterMode matmul/conv FLOPs per image, 2 per multiply-add, attention matmuls included",
+        "flops_convention": (
+            "FlopCounterMode matmul/conv FLOPs per image, 2 per multiply-add, attention matmuls included"
+        ),
         "macs_linear": linear_macs_per_image(model, input_shape),
-        "macs_linear_convention": "nn.Linear + nn.Conv2d multiply-accumulates per image (thop style), attention matmuls excluded",
+        "macs_linear_convention": (
+            "nn.Linear + nn.Conv2d multiply-accumulates per image (thop style), attention matmuls excluded"
+        ),
     }
     out.update(throughput(model, input_shape, batch_size, warmup, iters))
     return out
 
 
 def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``), else what ``platform`` knows: results name the machine."""
+    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``), else what ``platform`` knows:
+    results name the machine."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

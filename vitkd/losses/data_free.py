@@ -1,4 +1,5 @@
-"""Generator loss L_G = L_adv + λ·L_attention (Habib et al., "Optimizing Vision Transformers with Data-Free Knowledge Transfer", arXiv 2408.05952, names it; every term's form is vitkd's own).
+"""Generator loss L_G = L_adv + λ·L_attention (Habib et al., "Optimizing Vision Transformers with Data-Free
+Knowledge Transfer", arXiv 2408.05952, names it; every term's form is vitkd's own).
 
 Only the paper's abstract and summary are public: they give L_G = L_adv + λ·L_attention and call
 L_attention an "attention-consistency loss" on attention probes, nothing more. vitkd defines:
@@ -32,7 +33,8 @@ def discrepancy_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
 
 
 def total_variation_loss(x: torch.Tensor) -> torch.Tensor:
-    """vitkd's smoothness prior (the total-variation part of DeepInversion's image prior R_prior, Yin et al., "Dreaming to Distill", arXiv 1912.08795):
+    """vitkd's smoothness prior (the total-variation part of DeepInversion's image prior R_prior, Yin et al.,
+    "Dreaming to Distill", arXiv 1912.08795):
     L_TV = mean |x[:, :, i+1, j] − x[:, :, i, j]| + mean |x[:, :, i, j+1] − x[:, :, i, j]|.
 
     Low for images made of smooth strokes, high for the per-pixel textures a generator finds when nothing

@@ -1,4 +1,5 @@
-"""Probe distillation through patch relations (Wang et al., "Attention Probe: Vision Transformer Distillation in the Wild", arXiv 2102.05958, Eqs. 7–8)."""
+"""Probe distillation through patch relations (Wang et al., "Attention Probe: Vision Transformer Distillation in the
+Wild", arXiv 2102.05958, Eqs. 7–8)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from vitkd.models.vit import preset_kwargs
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """ShuffleNetV2 channel shuffle on the last axis: (…, g·c) viewed as (…, g, c), transposed to (…, c, g), flattened."""
+    """ShuffleNetV2 channel shuffle on the last axis: (…, g·c) viewed as (…, g, c), transposed to (…, c, g),
+    flattened."""
     *lead, ch = x.shape
     return x.reshape(*lead, groups, ch // groups).transpose(-1, -2).reshape(*lead, ch)
 
@@ -61,7 +62,8 @@ class ChannelShuffleBlock(nn.Module):
         self.attended = int(attended_dim) if attended_dim else int(round(dim * attended_ratio))
         if not 0 < self.attended <= dim or self.attended % num_heads:
             raise VitkdInputError(
-                f"channel-shuffle attended width {self.attended} (dim {dim} × {attended_ratio}) must be in 1..{dim} and divisible by {num_heads} heads: change attended_ratio or num_heads"
+                f"channel-shuffle attended width {self.attended} (dim {dim} × {attended_ratio}) must be in 1..{dim} "
+                f"and divisible by {num_heads} heads: change attended_ratio or num_heads"
             )
         if dim % shuffle_groups:
             raise VitkdInputError(

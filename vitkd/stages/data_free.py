@@ -239,11 +239,13 @@ class DataFreeGAN(DistillationStage):
         sw = weight_group(StudentLossWeights, student_weights)
         if not 0.0 <= wild_ratio < 1.0:
             raise VitkdInputError(
-                f"wild_ratio {wild_ratio} is outside [0, 1): set --model.init_args.wild_ratio to the fraction of wild images per student batch"
+                f"wild_ratio {wild_ratio} is outside [0, 1): "
+                "set --model.init_args.wild_ratio to the fraction of wild images per student batch"
             )
         if steps_per_epoch < 1 or batch_size < 2 or student_steps < 1:
             raise VitkdInputError(
-                "steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): fix --model.init_args"
+                "steps_per_epoch and student_steps must be ≥ 1 and batch_size ≥ 2 (batch statistics): "
+                "fix --model.init_args"
             )
         for name, value, allowed in (
             ("synthesizer", synthesizer, ("joint", "fast")),
@@ -254,15 +256,18 @@ class DataFreeGAN(DistillationStage):
                 raise VitkdInputError(f"{name} {value!r} is not one of {allowed}: set --model.init_args.{name}")
         if synthesizer == "fast" and val_generator_mode == "eval":
             raise VitkdInputError(
-                "the fast synthesizer trains copies of the generator, so its running batch-norm statistics describe no batch: use val_generator_mode train"
+                "the fast synthesizer trains copies of the generator, so its running batch-norm statistics "
+                "describe no batch: use val_generator_mode train"
             )
         if synthesizer == "fast" and (fast_inner_steps < 1 or fast_synth_every < 1 or fast_bank_batches < 1):
             raise VitkdInputError(
-                "the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: fix --model.init_args"
+                "the fast synthesizer needs fast_inner_steps, fast_synth_every and fast_bank_batches ≥ 1: "
+                "fix --model.init_args"
             )
         if not any((sw.kd, sw.ce, sw.patch)):
             raise VitkdInputError(
-                "every student loss term is switched off: set one of --model.init_args.student_weights.{kd,ce,patch} above 0"
+                "every student loss term is switched off: "
+                "set one of --model.init_args.student_weights.{kd,ce,patch} above 0"
             )
         super().__init__(
             create_model(arch, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **(model_kwargs or {})),
@@ -322,7 +327,8 @@ class DataFreeGAN(DistillationStage):
         if self.n_wild > 0:
             if not datamodule.train_urls:
                 raise VitkdInputError(
-                    "wild_ratio > 0 (hybrid) needs selected shards: set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'"
+                    "wild_ratio > 0 (hybrid) needs selected shards: "
+                    "set --data.init_args.train_urls 'dir/shard-{000000..000001}.tar'"
                 )
             self._wild_loader = datamodule.train_stream(trainer, self.n_wild)
             self._datamodule = datamodule
@@ -376,7 +382,8 @@ class DataFreeGAN(DistillationStage):
             "find_unused_parameters", False
         ):
             raise VitkdInputError(
-                "the generator stage's two backward passes each use one network, which plain DDP rejects: use --trainer.strategy ddp_find_unused_parameters_true"
+                "the generator stage's two backward passes each use one network, which plain DDP rejects: "
+                "use --trainer.strategy ddp_find_unused_parameters_true"
             )
 
     def on_train_start(self) -> None:
@@ -500,7 +507,8 @@ class DataFreeGAN(DistillationStage):
             )
             weight = "lr_s" if which == "student" else "lr_g"
             raise GeneratorDiverged(
-                f"{which} loss term {bad[0]!r} is not finite at epoch {self.current_epoch} step {self._step_in_epoch}; run stopped, {kept}: lower --model.init_args.{weight} or that term's weight"
+                f"{which} loss term {bad[0]!r} is not finite at epoch {self.current_epoch} step {self._step_in_epoch}; "
+                f"run stopped, {kept}: lower --model.init_args.{weight} or that term's weight"
             )
 
     # -- training ---------------------------------------------------------------------------------
