@@ -555,7 +555,10 @@ def test_detr_presets_and_outputs():
     from vitkd.detection.detr import DETR_PRESETS, create_detr
 
     teacher, student = (create_detr(n, num_classes=4) for n in ("detr_aerial_teacher", "detr_aerial_student"))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     assert count(student) < count(teacher) / 3 and student.num_queries <= teacher.num_queries
     x = torch.randn(2, 3, 64, 64)
     out = teacher.train()(x)
