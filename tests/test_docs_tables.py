@@ -105,3 +105,45 @@ def test_bad_marker_is_one_line_error(tmp_path, marker, expect):
     page.write_text(marker)
     with pytest.raises(VitkdInputError, match=re.escape(expect)):
         tables.update(tmp_path, check=True)
+
+
+def test_digits_demo_tables_from_the_demo_record(tmp_path):
+    """The demo's rows, recorded with machine and date, render per-seed accuracies and the selection bounds."""
+    from vitkd.demos.pipeline import record
+
+    rows = [
+        {
+            "run": "teacher",
+            "data": "original (labels)",
+            "params": 1000,
+            "test_acc_mean": 0.98,
+            "test_acc_std": 0.0,
+            "seeds": 1,
+        },
+        {
+            "run": "attention_probe",
+            "data": "wild, selected",
+            "params": 100,
+            "test_acc_mean": 0.95,
+            "test_acc_std": 0.02,
+            "test_accs": [0.93, 0.95, 0.97],
+            "seeds": 3,
+            "precision": 0.46,
+            "precision_max": 0.667,
+            "value_auroc": 0.64,
+            "num_kept": 12000,
+        },
+    ]
+    path = record(rows, 812.4, 2, tmp_path)
+    res = json.loads(path.read_text())
+    assert path.name == f"{re.sub(r'[^a-z0-9]+', '-', res['machine'].lower()).strip('-')}-{res['date']}.json"
+    assert res["wall_s"] == 812 and res["jobs"] == 2 and res["rows"] == rows
+    full = tables.digits_demo(res).splitlines()
+    assert full[2] == "| teacher | original (labels) | 1,000 | – | 98.00 (1 run) | – | – | – |"
+    assert full[3] == (
+        "| attention_probe | wild, selected (12,000 kept) | 100 | 93.00, 95.00, 97.00 | 95.00 ± 2.00 | "
+        "0.460 | 0.667 | 0.640 |"
+    )
+    assert (
+        tables.digits_demo_short(res).splitlines()[3] == "| attention_probe | wild, selected | 95.00 ± 2.00 | 0.460 |"
+    )

@@ -36,7 +36,7 @@ from data_modules.fashion import (
     write_val_shards,
 )
 from vitkd.demos import tables
-from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.demos.runs import cell, machine, mean_std, run_fit, run_graph, run_logged
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
 from vitkd.io import write_json
 from vitkd.plotting import pyplot
@@ -104,13 +104,6 @@ def score_columns(parts: Path) -> dict[str, np.ndarray]:
     if not cols:
         raise VitkdInputError(f"no saved scores in {parts}: rerun the benchmark (its selections write them)")
     return {c: np.concatenate(v) for c, v in cols.items()}
-
-
-def machine() -> str:
-    """The CPU's model name with the core count: benchmark figures name the machine."""
-    from vitkd.efficient.measure import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def bench_jobs(

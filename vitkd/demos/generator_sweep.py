@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from vitkd.demos import tables
-from vitkd.demos.runs import mean_std, run_fit
+from vitkd.demos.runs import machine, mean_std, results_file, run_fit
 from vitkd.errors import OneLineParser, demo_main
 from vitkd.io import write_json
 
@@ -141,7 +141,6 @@ def parse_point(text: str) -> tuple[str, int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vitkd.demos.bench_wild import machine
 
     p = OneLineParser(
         prog="python -m vitkd.demos.generator_sweep",
@@ -178,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     write_json(root / "summary.json", res)
-    name = re.sub(r"[^a-z0-9]+", "-", res["machine"].lower()).strip("-")
-    write_json(Path(a.results) / f"{name}-{res['date']}.json", res)
+    write_json(results_file(a.results, res), res)
     print(markdown(rows, teachers))
     return res
 

@@ -14,12 +14,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vitkd.demos.runs import mean_std, run_fit
+from vitkd.demos.runs import machine, mean_std, results_file, run_fit
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
 
@@ -110,7 +109,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vitkd.demos.bench_wild import machine
 
     p = OneLineParser(
         prog="python -m vitkd.demos.generator_variants",
@@ -181,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     write_json(root / "summary.json", res)
-    name = re.sub(r"[^a-z0-9]+", "-", res["machine"].lower()).strip("-")
-    write_json(Path(a.results) / f"{name}-{res['date']}.json", res)
+    write_json(results_file(a.results, res), res)
     print("| variant | what | labelled val acc (%) | test acc (%) | val/agree |\n|---|---|---|---|---|")
     for r in rows:
         print(

@@ -8,13 +8,14 @@ the selection's ``precision``. Each checkpoint is chosen on its validation split
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from vitkd.demos.runs import cell, mean_std, run_fit, run_graph, run_logged
+from vitkd.demos.runs import cell, machine, mean_std, results_file, run_fit, run_graph, run_logged
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
 
@@ -131,6 +132,20 @@ def summary_rows(done: dict, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def record(rows: list[dict], wall_s: float, jobs: int, results: Path) -> Path:
+    """The demo's rows with the machine, the date and the wall time, as ``results/<machine>-<date>.json``."""
+    res = {
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "wall_s": round(wall_s),
+        "jobs": jobs,
+        "rows": rows,
+    }
+    path = results_file(results, res)
+    write_json(path, res)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(
         prog="python -m vitkd.demos.pipeline",
@@ -139,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (its earlier runs are replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each student run")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="also write the table with the machine, date and wall time as DIR/<machine>-<date>.json "
+        "(the committed results under benchmarks/results/demo/ are written so)",
+    )
     p.add_argument(
         "--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="runs at a time (2: one per core here)"
     )
@@ -153,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)
     write_json(out / "summary.json", rows)
+    if a.results:
+        print(f"results in {record(rows, time.time() - t0, a.jobs, Path(a.results))}")
     print(table(rows))
     print(f"demo finished in {time.time() - t0:.0f}s with {a.jobs} runs at a time; table in {out / 'summary.json'}")
 

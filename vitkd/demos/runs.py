@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from vitkd.efficient.measure import cpu_model
 from vitkd.errors import VitkdInputError
 
 # a demo owns its output folder: running it again replaces its earlier runs
@@ -109,3 +111,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def cell(row: Mapping[str, Any], key: str, width: int) -> str:
     """A table cell: ``row[key]`` to 3 places right-aligned in ``width``, or ``-`` where it is absent."""
     return f"{row[key]:>{width}.3f}" if row.get(key) is not None else f"{'-':>{width}}"
+
+
+def machine() -> str:
+    """The CPU's model name with the core count: benchmark figures name the machine."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def results_file(results: Path, res: Mapping[str, Any]) -> Path:
+    """``results/<machine>-<date>.json`` for a results dict holding ``machine`` and ``date``."""
+    return Path(results) / f"{re.sub(r'[^a-z0-9]+', '-', res['machine'].lower()).strip('-')}-{res['date']}.json"

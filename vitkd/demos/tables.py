@@ -341,7 +341,55 @@ def bench_digits(res: dict) -> str:
     return md_table(("figure", "img/s without the lever", "img/s with it", "ratio"), rows, right=(1, 2, 3))
 
 
+# -- the digits demo --------------------------------------------------------------------------------------------
+def _acc(r: dict) -> str:
+    return (
+        f"{pct(r['test_acc_mean'])} (1 run)"
+        if r["seeds"] == 1
+        else pct_spread(r["test_acc_mean"], r["test_acc_std"], r["seeds"])
+    )
+
+
+def digits_demo(res: dict) -> str:
+    """Every row of ``make demo``: the data each student used, per-seed accuracies, and what bounds a selection."""
+    rows = []
+    for r in res["rows"]:
+        seeds = ", ".join(pct(a) for a in r.get("test_accs", [])) or "–"
+        kept = f" ({r['num_kept']:,} kept)" if r.get("num_kept") is not None else ""
+        rows.append(
+            (
+                r["run"],
+                r["data"] + kept,
+                f"{r['params']:,}",
+                seeds,
+                _acc(r),
+                frac(r.get("precision")),
+                frac(r.get("precision_max")),
+                frac(r.get("value_auroc")),
+            )
+        )
+    header = (
+        "run",
+        "data used",
+        "params",
+        "test acc (%) per seed",
+        "mean ± std",
+        "precision",
+        "precision max",
+        "V AUROC",
+    )
+    return md_table(header, rows, right=(2, 5, 6, 7))
+
+
+def digits_demo_short(res: dict) -> str:
+    """The demo's rows: the data each run trains on, its test accuracy and its selection's precision."""
+    rows = [(r["run"], r["data"], _acc(r), frac(r.get("precision"))) for r in res["rows"]]
+    return md_table(("run", "data the student trains on", "test acc (%)", "selection precision"), rows, right=(3,))
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
+    "digits-demo": digits_demo,
+    "digits-demo-short": digits_demo_short,
     "bench-wild": bench_wild,
     "bench-wild-short": bench_wild_short,
     "fusion-grid": fusion_grid,
