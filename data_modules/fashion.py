@@ -30,6 +30,7 @@ import numpy as np
 from data_modules.image_data import ImageDataModule
 from data_modules.readers.idx import FASHION_CLASSES as CLASSES  # defined there so vitkd.pack needs no Lightning
 from data_modules.readers.idx import IDX_IMAGES, IDX_LABELS, read_idx
+from data_modules.shards import encode_png, shard_url, write_shards
 from vitkd.errors import VitkdInputError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -219,8 +220,6 @@ def write_val_shards(out: str | Path, limit: int, wild_max: int = WILD_MAX, val_
     """The first ``limit`` validation images as shards (``src`` ``fashion-val``, true ``cls``) in ``out``, for
     scoring them as the pool is scored (the labelled split vitkd's own selection settings are chosen on);
     returns their brace URL."""
-    from data_modules.shards import encode_png, shard_url, write_shards
-
     x, y = fashion_splits(str(find_fashion_dir()), wild_max=wild_max, val_per_class=val_per_class)["val"]
     samples = (
         {"__key__": f"val{i:07d}", "png": encode_png(x[i]), "src": "fashion-val", "cls": str(int(y[i]))}

@@ -34,6 +34,7 @@ The pool is built once under ``data/fashion-wild-v{POOL_VERSION}`` (``fashion_po
 
 from __future__ import annotations
 
+import argparse
 import json
 import string
 import sys
@@ -362,12 +363,8 @@ def fashion_pool_urls(
     return shard_url(pool, json.loads((pool / "meta.json").read_text())["shards"], "wild")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m data_modules.fashion_pool`` (``make data-fashion``): find or install Fashion-MNIST, build the
-    benchmark's wild pool (``data_modules.fashion_pool``) once under ``--data_dir`` and print its shard URL."""
-    p = OneLineParser(prog="python -m data_modules.fashion_pool", description=main.__doc__)
-    p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """The pool's size options (``--wild_max``, ``--val_per_class``, ``--ood_scale``), smaller only for tests."""
     p.add_argument(
         "--wild_max",
         type=positive_int,
@@ -386,6 +383,15 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="fraction of every out-of-distribution source's count (smaller only for tests)",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m data_modules.fashion_pool`` (``make data-fashion``): find or install Fashion-MNIST, build the
+    benchmark's wild pool (``data_modules.fashion_pool``) once under ``--data_dir`` and print its shard URL."""
+    p = OneLineParser(prog="python -m data_modules.fashion_pool", description=main.__doc__)
+    p.add_argument("--data_dir", default="data", help="folder the pool is written under (default data)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the pool (default 0, the benchmark's)")
+    add_size_args(p)
     a = p.parse_args(argv)
     folder = install_fashion()
     print(f"Fashion-MNIST: {folder}", file=sys.stderr, flush=True)

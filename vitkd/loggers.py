@@ -30,6 +30,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
+from vitkd.io import atomic_path, write_text
+
 ID_FILE = "wandb_id.txt"
 
 
@@ -110,8 +112,6 @@ def stable_run_id(run_dir: Path, run_name: str) -> str:
 
 @rank_zero_only
 def _store_run_id(run_dir: Path, run_id: str) -> None:
-    from vitkd.io import write_text
-
     if not (run_dir / ID_FILE).is_file():
         write_text(run_dir / ID_FILE, run_id + "\n")
 
@@ -143,15 +143,11 @@ class DurableWriter(ExperimentWriter):
     def log_hparams(self, params: dict[str, Any]) -> None:
         from lightning.pytorch.core.saving import save_hparams_to_yaml
 
-        from vitkd.io import atomic_path
-
         self.hparams.update(params)
         with atomic_path(Path(self.log_dir) / self.NAME_HPARAMS_FILE) as tmp:
             save_hparams_to_yaml(str(tmp), self.hparams)
 
     def save(self) -> None:
-        from vitkd.io import atomic_path
-
         if not self.metrics:
             return
         self._record_new_keys()

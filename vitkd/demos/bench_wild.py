@@ -29,12 +29,12 @@ import numpy as np
 
 from data_modules.fashion import (
     SELECT_VAL,
-    VAL_PER_CLASS,
-    WILD_MAX,
     find_fashion_dir,
     num_test_images,
     write_val_shards,
 )
+from data_modules.fashion_pool import add_size_args, pool_dir
+from data_modules.shards import expand_urls, raw_samples, read_str, shard_url
 from vitkd.demos import tables
 from vitkd.demos.runs import cell, machine, mean_std, run_fit, run_graph, run_logged
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
@@ -439,24 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         help="options added to every run (e.g. a shorter budget for a test), one shell-quoted string",
     )
     p.add_argument("--teacher_args", default="", help="options added to the teacher's run when it is trained")
-    p.add_argument(
-        "--wild_max",
-        type=positive_int,
-        default=WILD_MAX,
-        help="split size: the largest class's held-out wild images (smaller only for tests)",
-    )
-    p.add_argument(
-        "--val_per_class",
-        type=positive_int,
-        default=VAL_PER_CLASS,
-        help="split size: validation images per class (smaller only for tests)",
-    )
-    p.add_argument(
-        "--ood_scale",
-        type=float,
-        default=1.0,
-        help="fraction of the pool's out-of-distribution counts (smaller only for tests)",
-    )
+    add_size_args(p)
     a = p.parse_args(argv)
     if a.markdown:
         try:
@@ -495,15 +478,11 @@ def main(argv: list[str] | None = None) -> None:
             out / "pool.log",
             "writing the wild pool",
         )
-        from data_modules.fashion_pool import pool_dir
-
         meta_path = (
             pool_dir(a.data_dir, 0, {"wild_max": a.wild_max, "val_per_class": a.val_per_class}, a.ood_scale)
             / "meta.json"
         )
         meta = json.loads(meta_path.read_text())
-        from data_modules.shards import shard_url
-
         shards = min(meta["shards"], QUICK_SHARDS) if a.quick else meta["shards"]
         urls = shard_url(meta_path.parent, shards, "wild")
         k1 = meta["sources"]["fashion"] if not a.quick else _count_source(meta_path.parent, shards, "fashion")
@@ -557,8 +536,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _count_source(folder: Path, shards: int, src: str) -> int:
     """Samples tagged ``src`` in the first ``shards`` shards of a pool (read from the tar members)."""
-    from data_modules.shards import expand_urls, raw_samples, read_str, shard_url
-
     return sum(
         1
         for s in raw_samples(expand_urls(shard_url(folder, shards, "wild")), split_by_worker=False)

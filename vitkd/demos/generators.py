@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data_modules.digits import DigitsDataModule
+from data_modules.fashion import FashionMNISTDataModule
 from vitkd.demos.runs import mean_std, run_fit
 from vitkd.errors import OneLineParser, VitkdInputError, demo_main, positive_int
 from vitkd.io import atomic_path, write_json
@@ -108,14 +110,7 @@ def real_images(teacher: str, n: int = 64):
     """The first ``n`` training images of the teacher's data in [0, 1] (for the figure only)."""
     import torch
 
-    if teacher == "digits":
-        from data_modules.digits import DigitsDataModule as dm_cls
-
-        dm = dm_cls(img_size=16)
-    else:
-        from data_modules.fashion import FashionMNISTDataModule as dm_cls
-
-        dm = dm_cls(img_size=28)
+    dm = DigitsDataModule(img_size=16) if teacher == "digits" else FashionMNISTDataModule(img_size=28)
     ds = dm._original("train")
     x = torch.stack([ds[i][0] for i in range(n)])
     return x * 0.5 + 0.5

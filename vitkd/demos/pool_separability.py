@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from data_modules import shards
+from data_modules.transforms import to_tensor
 from vitkd.errors import OneLineParser, VitkdInputError, positive_int
 from vitkd.io import write_json
 from vitkd.selection.metrics import score_auroc
@@ -34,9 +36,6 @@ from vitkd.selection.metrics import score_auroc
 
 def read_pool(urls: str, img_size: int, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """Grey pixels in [0, 1], (N, img_size²) float32, and the ``src`` tag of each sample (``""`` if none)."""
-    from data_modules import shards
-    from data_modules.transforms import to_tensor
-
     skips = shards.SkipCounter()
     pixels, tags = [], []
     for sample in shards.raw_samples(shards.expand_urls(urls), skips=skips, split_by_worker=False):

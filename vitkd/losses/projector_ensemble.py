@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitkd.errors import VitkdInputError
+
 
 class ProjectorEnsemble(nn.Module):
     """``num_projectors`` Linear(student_dim → teacher_dim) projectors (+ ReLU); ``forward`` returns their mean."""
@@ -26,8 +28,6 @@ class ProjectorEnsemble(nn.Module):
     ):
         super().__init__()
         if num_projectors < 1:
-            from vitkd.errors import VitkdInputError
-
             raise VitkdInputError(f"num_projectors {num_projectors} must be at least 1: use e.g. 3")
         self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(num_projectors))
         self.activation = activation

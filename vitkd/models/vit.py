@@ -13,6 +13,8 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from vitkd.models.conv_stem import ConvStemEmbed
+
 
 def preset_kwargs(pretrained: bool, kwargs: dict) -> dict:
     """Constructor kwargs of a vitkd preset: no pretrained weights, timm's registry bookkeeping dropped,
@@ -65,8 +67,6 @@ def test_vit_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 
 def _conv_stem_vit(pretrained: bool, stem_width: int, **kwargs) -> VisionTransformer:
-    from vitkd.models.conv_stem import ConvStemEmbed
-
     return _vit(pretrained, embed_layer=partial(ConvStemEmbed, stem_width=stem_width), **kwargs)
 
 
