@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from benchmarks.table import table
-from vitkd.efficient.measure import cpu_model
+from vitkd.efficient.measure import cpu_model, sync
 from vitkd.io import write_json
 
 # Model pairs and batch sizes. On CUDA vitkd scores 1024 at a time; on a CPU smaller batches stay in cache and
@@ -57,11 +57,6 @@ TIMING = "warm-up iterations, then the median of per-iteration wall times (time.
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
     """Median and best per-iteration wall time of ``fn``, synchronised before the clock starts and stops."""
     for _ in range(warmup):

@@ -35,6 +35,17 @@ from vitkd.teacher import load_teacher
 TEACHER = Path("runs/demo/teacher/checkpoints/best.ckpt")
 CONFIGS = Path("experiments/efficient")
 INPUT = (1, 16, 16)
+# the cost figures of a row: what measure() and a fine-tuning run both report
+COST_KEYS = (
+    "params",
+    "gflops",
+    "macs_linear",
+    "images_per_s",
+    "throughput_batch_size",
+    "throughput_iters",
+    "throughput_threads",
+    "throughput_device",
+)
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -50,17 +61,7 @@ def evaluate(model: torch.nn.Module, loader) -> float:
 
 def cost(model: torch.nn.Module, bs: int) -> dict:
     m = measure(model, INPUT, batch_size=bs, warmup=3, iters=15)
-    keys = (
-        "params",
-        "gflops",
-        "macs_linear",
-        "images_per_s",
-        "throughput_batch_size",
-        "throughput_iters",
-        "throughput_threads",
-        "throughput_device",
-    )
-    return {k: m[k] for k in keys}
+    return {k: m[k] for k in COST_KEYS}
 
 
 def fit_run(config: Path, run_dir: Path, *overrides: str) -> dict:
@@ -173,19 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "run": f"idlevit_k{keep:.2f}",
                 "test_acc": m["test/acc"],
-                **{
-                    k: m[k]
-                    for k in (
-                        "params",
-                        "gflops",
-                        "macs_linear",
-                        "images_per_s",
-                        "throughput_batch_size",
-                        "throughput_iters",
-                        "throughput_threads",
-                        "throughput_device",
-                    )
-                },
+                **{k: m[k] for k in COST_KEYS},
                 "fine_tuned": True,
                 "keep_ratio": keep,
                 "epochs": m["epochs"],

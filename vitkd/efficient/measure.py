@@ -72,7 +72,8 @@ def linear_macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int
     return int(total[0])
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA, MPS), so a wall clock read after it times the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -92,11 +93,11 @@ def throughput(
     with torch.inference_mode():
         for _ in range(warmup):
             model(x)
-        _sync(device)
+        sync(device)
         for _ in range(iters):  # each batch timed on its own: the median resists a busy machine
             t0 = time.perf_counter()
             model(x)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
     model.train(was_training)
     times.sort()
