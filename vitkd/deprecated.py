@@ -31,6 +31,8 @@ MOVED = {
     "vitkd.runs": "vitkd.demos.runs",
     "vitkd.logging": "vitkd.loggers",
     "vitkd.losses.generator": "vitkd.losses.data_free",
+    # a data module class_path in a config (the CLI imports vitkd first, which installs the aliases)
+    "data_modules.shard_data": "data_modules.shard_datamodule",
 }
 
 
