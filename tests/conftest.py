@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -78,3 +80,50 @@ def pytest_terminal_summary(terminalreporter):
     for r in rows:
         terminalreporter.write_line(f"{r['fault']:<{width}}  {r['tries']:>5}  {r['survived']:>8}  {r['data lost']:>9}")
     write_json(Path(__file__).resolve().parent.parent / "runs" / "faults" / "summary.json", {"faults": rows})
+
+
+DET_TINY = [  # a detection stage in one short step
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
+    "--model.init_args.arch",
+    "detr_test",
+    "--model.init_args.measure_batch_size",
+    "4",
+    "--data.init_args.num_train",
+    "16",
+    "--data.init_args.num_val",
+    "8",
+    "--data.init_args.num_test",
+    "8",
+    "--data.init_args.batch_size",
+    "4",
+    "--trainer.callbacks+=callbacks.AttentionProbeLogger",
+    "--trainer.callbacks.every_n_epochs",
+    "0",
+]
+
+
+@pytest.fixture(scope="session")
+def det_teacher(tmp_path_factory) -> Path:
+    """A detr_test teacher trained one short step through the CLI; returns its best checkpoint."""
+    data, run = tmp_path_factory.mktemp("aerial"), tmp_path_factory.mktemp("det_teacher")
+    metrics = fit(
+        "--config",
+        "experiments/detection/teacher.yaml",
+        *DET_TINY,
+        "--data.init_args.data_dir",
+        str(data),
+        "--run_dir",
+        str(run),
+    )
+    for key in ("test/map", "test/map50", "params", "gflops", "images_per_s"):
+        assert math.isfinite(metrics[key])
+    assert 0.0 <= metrics["test/map"] <= 1.0 and metrics["params"] > 0 and metrics["gflops"] > 0
+    assert json.loads((run / "metrics.json").read_text())["test/map"] == metrics["test/map"]
+    return run / "checkpoints" / "best.ckpt"

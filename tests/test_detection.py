@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DET_TINY as TINY
 from conftest import fit
 from PIL import Image
 
@@ -267,7 +268,7 @@ def test_distill_stage_with_teacher_labels_uses_the_teacher_set(monkeypatch):
             super().__init__()
             self.out = {"pred_logits": torch.tensor([logits]), "pred_boxes": torch.tensor([boxes])}
 
-        def forward(self, x):
+        def forward(self, x, dn=None, queries=None):
             return {k: v.clone() for k, v in self.out.items()}
 
     # teacher: q0 class 1 on A (≈ 0.787), q1 below 0.5 (e³/(21e³ + 1) ≈ 0.048), q2 class 0 on B (≈ 0.909)
@@ -426,52 +427,6 @@ def test_aerial_set_is_fixed_and_valid(tmp_path):
 
 
 # -- stages through the CLI -----------------------------------------------------------------------------
-TINY = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.limit_test_batches",
-    "1",
-    "--model.init_args.arch",
-    "detr_test",
-    "--model.init_args.measure_batch_size",
-    "4",
-    "--data.init_args.num_train",
-    "16",
-    "--data.init_args.num_val",
-    "8",
-    "--data.init_args.num_test",
-    "8",
-    "--data.init_args.batch_size",
-    "4",
-    "--trainer.callbacks+=callbacks.AttentionProbeLogger",
-    "--trainer.callbacks.every_n_epochs",
-    "0",
-]
-
-
-@pytest.fixture(scope="module")
-def det_teacher(tmp_path_factory) -> Path:
-    data, run = tmp_path_factory.mktemp("aerial"), tmp_path_factory.mktemp("det_teacher")
-    metrics = fit(
-        "--config",
-        "experiments/detection/teacher.yaml",
-        *TINY,
-        "--data.init_args.data_dir",
-        str(data),
-        "--run_dir",
-        str(run),
-    )
-    for key in ("test/map", "test/map50", "params", "gflops", "images_per_s"):
-        assert math.isfinite(metrics[key])
-    assert 0.0 <= metrics["test/map"] <= 1.0 and metrics["params"] > 0 and metrics["gflops"] > 0
-    assert json.loads((run / "metrics.json").read_text())["test/map"] == metrics["test/map"]
-    return run / "checkpoints" / "best.ckpt"
-
-
 def test_teacher_stage_through_cli(det_teacher):
     """The teacher run's best checkpoint (its metrics are checked by the fixture) is a DetrTrainer checkpoint
     chosen on validation, with finite weights a distillation stage can load."""

@@ -65,3 +65,7 @@ class TeacherCache:
     def nbytes(self) -> int:
         """Bytes held by the stored rows (not the spare capacity)."""
         return sum(t[: self._size].nelement() * t.element_size() for t in self._fields.values())
+
+    def summary(self) -> dict[str, float]:
+        """What ``metrics.json`` records of a cache: samples, hits, misses and MB held."""
+        return {"samples": len(self), "hits": self.hits, "misses": self.misses, "mb": self.nbytes() / 2**20}

@@ -13,6 +13,9 @@ For the Hungarian matching σ of predictions to targets (``matcher.py``), per im
   so the loss scale does not change with the number of GPUs.
 - Auxiliary losses: the same terms, with their own matching, on the output of every earlier decoder layer
   (keys suffixed ``_aux{i}``), as DETR does by default.
+- Denoising queries (DN-DETR, ``denoising.py``), when the outputs carry ``dn_outputs`` and ``forward`` gets
+  their ``dn``: the same three terms on every layer against the boxes they were made from, with no matching
+  (keys ``ce_dn``, ``bbox_dn``, ``giou_dn``, suffixed ``_aux{i}`` below the last layer).
 
 Matching and all losses run in fp32 with autocast off, also inside an autocast region (see ``matcher.py``).
 """
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from vitkd.detection.denoising import DenoisingQueries, denoising_losses
 from vitkd.detection.matcher import HungarianMatcher
 
 
@@ -97,8 +101,11 @@ class SetCriterion(nn.Module):
         ).sum() / num_boxes
         return {"ce": ce, "bbox": bbox, "giou": giou}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Weighted terms of the last layer (``ce``, ``bbox``, ``giou``) and of each auxiliary layer."""
+    def forward(
+        self, outputs: dict, targets: list[dict], dn: DenoisingQueries | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Weighted terms of the last layer (``ce``, ``bbox``, ``giou``), of each auxiliary layer and, with
+        ``dn``, of the denoising queries."""
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
             layers = [("", outputs)]
@@ -109,4 +116,10 @@ class SetCriterion(nn.Module):
             for suffix, out in layers:
                 for name, value in self.layer_losses(out, targets, num_boxes).items():
                     terms[name + suffix] = self.weights[name] * value
+            if dn is not None:
+                dn_layers = outputs["dn_outputs"]
+                for i, out in enumerate(dn_layers):
+                    suffix = "_dn" if i == len(dn_layers) - 1 else f"_dn_aux{i}"
+                    for name, value in denoising_losses(out, targets, dn, num_boxes).items():
+                        terms[name + suffix] = self.weights[name] * value
         return terms

@@ -19,7 +19,22 @@ names only "classification, bounding-box and distillation losses"; the terms bel
    (``criterion.global_num_boxes``: summed over the processes under ``torch.distributed``, divided by the world
    size, at least 1), so the box terms do not change with the number of GPUs. The (D1) mean is per process,
    as DETR's cross-entropy. Last decoder layer only.
-4. Optional probe term (``probe_loss``), Eq. (D4): mean squared difference of the teacher's and the student's
+4. Shared-query distillation (``shared_query_losses``), Eq. (D5)–(D7): KD-DETR's consistent distillation
+   points (Wang et al., "KD-DETR: Knowledge Distillation for Detection Transformer with Consistent
+   Distillation Points Sampling", arXiv 2211.08071). The same M boxes are fed as queries to the teacher's and
+   the student's decoders (``DETR.forward(x, queries=...)``: a query is an anchor box) and their last-layer
+   answers are compared one to one, with no matching: the teacher's own learned anchors (specific sampling)
+   and ``general_queries`` random boxes per image (general sampling). With p_T,m the teacher's class
+   distribution at point m and w_m = 1 − p_T,m(∅) its object probability:
+
+   (D5) L_sq_cls  = τ² · (1/M) Σ_m KL(softmax(z_T,m/τ) ‖ softmax(z_S,m/τ))   over the K+1 classes, every point
+   (D6) L_sq_bbox = Σ_m w_m ‖b_S,m − b_T,m‖₁ / Σ_m w_m
+   (D7) L_sq_giou = Σ_m w_m (1 − GIoU(b_S,m, b_T,m)) / Σ_m w_m
+
+   KD-DETR weighs general points by the teacher's foreground confidence; here (vitkd's choice) the class
+   term keeps every point, since "no object here" is knowledge too, and only the box terms are weighted, so
+   points on the background do not pull boxes. The normalisers are per process, as the mean of (D1).
+5. Optional probe term (``probe_loss``), Eq. (D4): mean squared difference of the teacher's and the student's
    attention-probe maps (Attention Probe, arXiv 2102.05958, Eq. 2, CLS-row attention of a backbone block, each map
    renormalised to sum 1 over the patch grid, times the number of patches so the scale does not shrink with
    the grid). Needs the same patch grid in both backbones.
@@ -82,6 +97,36 @@ def detr_kd_losses(
         kd_bbox = F.l1_loss(s_boxes, t_boxes, reduction="sum") / n_t
         kd_giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(s_boxes), cxcywh_to_xyxy(t_boxes)))).sum() / n_t
     return {"kd_cls": kd_cls, "kd_bbox": kd_bbox, "kd_giou": kd_giou}
+
+
+def general_queries(
+    batch: int, n: int, device: torch.device, min_size: float = 0.05, max_size: float = 0.3
+) -> torch.Tensor:
+    """(batch, n, 4) random cxcywh boxes for general sampling: centres uniform over the image, width and
+    height uniform in [min_size, max_size] (fractions of the image)."""
+    centres = torch.rand(batch, n, 2, device=device)
+    sizes = min_size + (max_size - min_size) * torch.rand(batch, n, 2, device=device)
+    return torch.cat([centres, sizes], -1)
+
+
+def shared_query_losses(student: dict, teacher: dict, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Unweighted Eq. (D5)–(D7): ``sq_cls``, ``sq_bbox``, ``sq_giou`` of the student's and the teacher's
+    ``query_outputs`` (the same boxes asked of both)."""
+    s_q, t_q = student["query_outputs"], teacher["query_outputs"]
+    with torch.autocast(device_type=s_q["pred_logits"].device.type, enabled=False):
+        s_logits, t_logits = s_q["pred_logits"].float().flatten(0, 1), t_q["pred_logits"].float().flatten(0, 1)
+        s_boxes, t_boxes = s_q["pred_boxes"].float().flatten(0, 1), t_q["pred_boxes"].float().flatten(0, 1)
+        tau = temperature
+        kl = F.kl_div(
+            F.log_softmax(s_logits / tau, -1), F.log_softmax(t_logits / tau, -1), reduction="none", log_target=True
+        )
+        sq_cls = kl.sum(-1).mean() * tau**2
+        w = 1 - t_logits.softmax(-1)[:, -1]
+        norm = w.sum().clamp(min=1e-6)
+        sq_bbox = (w * (s_boxes - t_boxes).abs().sum(-1)).sum() / norm
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(s_boxes), cxcywh_to_xyxy(t_boxes)))
+        sq_giou = (w * (1 - giou)).sum() / norm
+    return {"sq_cls": sq_cls, "sq_bbox": sq_bbox, "sq_giou": sq_giou}
 
 
 def probe_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:

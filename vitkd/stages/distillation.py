@@ -141,6 +141,5 @@ class DistillationStage(ClassificationStage):
     def report(self) -> dict[str, Any]:
         out = super().report()
         if self.cache is not None:  # this rank's cache
-            c = self.cache
-            out["teacher_cache"] = {"samples": len(c), "hits": c.hits, "misses": c.misses, "mb": c.nbytes() / 2**20}
+            out["teacher_cache"] = self.cache.summary()
         return out
