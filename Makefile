@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup lint demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
+.PHONY: setup lint demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants detection-teacher demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -35,8 +35,12 @@ generator-sweep: setup
 generator-variants: setup
 	$(PY) -m vitkd.demos.generator_variants
 
-# DETR teacher -> lighter DETR student on the embedded aerial set.
-demo-detection: setup
+# The DETR teacher on the embedded aerial set, trained once (runs/detection-teacher/); demo-detection reuses it.
+detection-teacher: setup
+	$(PY) -m vitkd.demos.detection --teacher_only
+
+# DETR teacher -> lighter DETR student variants (3 seeds each) on the embedded aerial set.
+demo-detection: detection-teacher
 	$(PY) -m vitkd.demos.detection
 
 # Fashion-MNIST: $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, or apt-get as root;

@@ -22,7 +22,7 @@ from vitkd.io import atomic_dir, build_once, write_json
 
 VERSION = 1
 CLASSES = ("disk", "square", "triangle", "digit")
-SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "wild": 3}
 
 
 def backgrounds() -> list[np.ndarray]:
@@ -139,6 +139,18 @@ def generate_aerial(
     return Path(out_dir)
 
 
+def generate_wild(out_dir: str | Path, n: int, seed: int = 0, img_size: int = 64) -> Path:
+    """``n`` more images of the same kind, drawn from their own seed, as PNGs with no annotations (an
+    unlabeled pool for data-free distillation), written atomically."""
+    photos, glyphs = backgrounds(), _glyphs()
+    rng = np.random.default_rng([seed, SPLIT_SEEDS["wild"]])
+    with atomic_dir(out_dir) as tmp:
+        for i in range(n):
+            image, _ = make_image(rng, photos, glyphs, img_size, 4, 6, 14)
+            image.save(tmp / f"{i:05d}.png")
+    return Path(out_dir)
+
+
 class AerialDataModule(CocoDataModule):
     """The embedded aerial set (made on first use under ``data_dir``), served as a COCO-format set.
 
@@ -148,6 +160,8 @@ class AerialDataModule(CocoDataModule):
         seed: seed of the set (fixed splits for a given seed and sizes).
         img_size: 64 (the set is drawn at this size).
         batch_size, num_workers: DataLoader settings.
+        wild_images: train on this many unlabeled images of the same kind instead (their own seed, no
+            annotations written; ``train_labeled`` is False), for data-free distillation; 0 = the labelled split.
     """
 
     num_classes = len(CLASSES)
@@ -155,7 +169,7 @@ class AerialDataModule(CocoDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        num_train: int = 1200,
+        num_train: int = 6000,
         num_val: int = 200,
         num_test: int = 200,
         seed: int = 0,
@@ -163,6 +177,7 @@ class AerialDataModule(CocoDataModule):
         in_chans: int = 3,
         batch_size: int = 32,
         num_workers: int = 0,
+        wild_images: int = 0,
     ):
         self.root = Path(data_dir) / f"aerial-v{VERSION}-{num_train}-{num_val}-{num_test}-{img_size}px-s{seed}"
         self.sizes, self.seed, self.aerial_img_size = (
@@ -181,6 +196,10 @@ class AerialDataModule(CocoDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
         )
+        self.wild_root = Path(data_dir) / f"aerial-wild-v{VERSION}-{wild_images}-{img_size}px-s{seed}"
+        self.wild_images = wild_images
+        if wild_images > 0:
+            self.train_unlabeled, self.train_labeled = str(self.wild_root), False
         self.sources = {s: (str(r / "images"), str(r / f"{s}.json"), None) for s in ("train", "val", "test")}
         self.categories = list(range(1, len(CLASSES) + 1))
 
@@ -190,6 +209,12 @@ class AerialDataModule(CocoDataModule):
             lambda: generate_aerial(self.root, self.sizes, self.seed, self.aerial_img_size),
             done=self.root / "test.json",
         )
+        if self.wild_images > 0:
+            build_once(
+                self.wild_root,
+                lambda: generate_wild(self.wild_root, self.wild_images, self.seed, self.aerial_img_size),
+                done=self.wild_root / f"{self.wild_images - 1:05d}.png",
+            )
 
     def dataset(self, split: str):
         self.prepare_data()

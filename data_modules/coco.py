@@ -147,6 +147,27 @@ class CocoDetection(Dataset):
         return x, make_target(self.anns[img["id"]], img["width"], img["height"], img["id"])
 
 
+class UnlabeledImages(Dataset):
+    """Every PNG/JPEG image under a folder (sorted), each with an empty target: training images the teacher
+    labels (data-free detection distillation)."""
+
+    SUFFIXES = (".png", ".jpg", ".jpeg")
+
+    def __init__(self, root: str | Path, img_size: int, in_chans: int = 3):
+        self.root, self.img_size, self.in_chans = Path(root), img_size, in_chans
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in self.SUFFIXES)
+        if not self.files:
+            raise VitkdInputError(f"train_unlabeled {self.root}: no .png/.jpg image found: pass a folder of images")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as image:
+            x = to_tensor(image, self.img_size, self.in_chans)
+        return x, make_target([], 1, 1, i + 1)
+
+
 class DetectionShards(IterableDataset):
     """Detection webdataset shards (format in the module docstring), in shard order (``shuffle`` buffers samples)."""
 
@@ -249,6 +270,8 @@ class CocoDataModule(pl.LightningDataModule):
         in_chans: 3 (RGB) or 1 (grey).
         batch_size, num_workers: DataLoader settings.
         shuffle_buffer: sample shuffle buffer for training shards.
+        train_unlabeled: a folder of images to train on instead, without labels (``train_labeled`` is then
+            False: only a stage that takes its targets from a teacher accepts it).
     """
 
     def __init__(
@@ -268,8 +291,11 @@ class CocoDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         shuffle_buffer: int = 500,
+        train_unlabeled: str | None = None,
     ):
         super().__init__()
+        self.train_unlabeled = train_unlabeled
+        self.train_labeled = train_unlabeled is None
         self.sources = {
             "train": (train_images, train_json, train_urls),
             "val": (val_images, val_json, val_urls),
@@ -297,7 +323,9 @@ class CocoDataModule(pl.LightningDataModule):
     def dataset(self, split: str):
         if split not in self.datasets:
             images, ann_file, urls = self.sources[split]
-            if ann_file:
+            if split == "train" and self.train_unlabeled:
+                self.datasets[split] = UnlabeledImages(self.train_unlabeled, self.img_size, self.in_chans)
+            elif ann_file:
                 if not images:
                     raise VitkdInputError(
                         f"{split}_json is given without {split}_images: pass the image folder of the split"

@@ -387,7 +387,31 @@ def digits_demo_short(res: dict) -> str:
     return md_table(("run", "data the student trains on", "test acc (%)", "selection precision"), rows, right=(3,))
 
 
+def _map(r: dict, key: str) -> str:
+    spread = f" ± {r[key + '_std']:.3f}" if r.get("seeds", 1) > 1 else " (1 run)"
+    return f"{r[key]:.3f}{spread}"
+
+
+def detection_demo(res: dict) -> str:
+    """``make demo-detection``: each row's test mAP and mAP@50 (mean ± sample std over its seeds) and cost."""
+    rows = [
+        (
+            r["run"],
+            r["what"],
+            _map(r, "map"),
+            _map(r, "map50"),
+            f"{r['params'] / 1e6:.2f}M",
+            f"{r['gflops']:.3f}",
+            rate(r["images_per_s"]),
+        )
+        for r in res["rows"]
+    ]
+    header = ("run", "what it learns from", "test mAP", "test mAP@50", "params", "GFLOPs", "images/s")
+    return md_table(header, rows, right=(2, 3, 4, 5, 6))
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
+    "detection-demo": detection_demo,
     "digits-demo": digits_demo,
     "digits-demo-short": digits_demo_short,
     "bench-wild": bench_wild,
