@@ -50,7 +50,7 @@ def test_shared_query_terms_zero_when_the_student_answers_as_the_teacher():
     g = torch.Generator().manual_seed(0)
     out = {"pred_logits": torch.randn(2, 5, 4, generator=g), "pred_boxes": torch.rand(2, 5, 4, generator=g) * 0.3 + 0.2}
     terms = shared_query_losses({"query_outputs": out}, {"query_outputs": out})
-    assert all(v.abs().item() < 1e-6 for v in terms.values())
+    assert all(v.abs().item() < 1e-4 for v in terms.values())  # GIoU: torchvision adds eps 1e-7 to the areas
     hot = {"pred_logits": out["pred_logits"] * 3, "pred_boxes": out["pred_boxes"]}
     assert shared_query_losses({"query_outputs": out}, {"query_outputs": hot})["sq_cls"].item() > 1e-3
 
@@ -143,7 +143,7 @@ def test_denoising_queries_are_not_matched_and_perfect_answers_cost_nothing():
     assert matcher.query_counts == [q, q]  # last layer and one auxiliary layer; no call for the denoising part
     dn_terms = {n: v for n, v in terms.items() if "_dn" in n}
     assert set(dn_terms) == {f"{t}{s}" for t in ("ce", "bbox", "giou") for s in ("_dn", "_dn_aux0")}
-    assert all(v.item() < 1e-6 for v in dn_terms.values())
+    assert all(v.item() < 1e-4 for v in dn_terms.values())
     # a wrong denoising answer costs: the term can fail
     wrong = denoising_losses({**perfect, "pred_boxes": perfect_boxes.roll(1, 1)}, TARGETS, dn, torch.tensor(3.0))
     assert wrong["bbox"].item() > 0.01 and wrong["giou"].item() > 0.01

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher_dir", default="runs/detection-teacher", help="the teacher's run (trained once)")
     p.add_argument("--teacher_only", action="store_true", help="train (or find) the teacher, then stop")
     p.add_argument("--retrain_teacher", action="store_true", help="train the teacher again even if it is there")
+    p.add_argument("--reuse_teacher", action="store_true", help=argparse.SUPPRESS)  # the default now; kept one release
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS), help="student rows")
     p.add_argument("--seeds", type=positive_int, default=len(SEEDS), help="seeds per student variant")
     p.add_argument(
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=None, help="also record the table under this folder (<machine>-<date>.json)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every student run")
     a = p.parse_args(argv)
+    if a.reuse_teacher:
+        warnings.warn(
+            "--reuse_teacher is the default now (a finished teacher is reused); drop it", FutureWarning, stacklevel=2
+        )
     out, teacher_dir = Path(a.out), Path(a.teacher_dir)
     t0 = time.time()
     print("[1/3] teacher", flush=True)

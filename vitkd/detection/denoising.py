@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
 
-from vitkd.detection.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from vitkd.detection.box_ops import cxcywh_to_xyxy
 
 
 @dataclass(frozen=True)
@@ -114,5 +115,5 @@ def denoising_losses(
     norm = num_boxes * dn.groups
     ce = F.cross_entropy(logits[b_idx, q_idx], tgt_labels)
     bbox = F.l1_loss(src, tgt_boxes, reduction="sum") / norm
-    giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt_boxes)))).sum() / norm
+    giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt_boxes), reduction="sum") / norm  # paired
     return {"ce": ce, "bbox": bbox, "giou": giou}
