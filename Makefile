@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # An empty PIP_FIND_LINKS keeps pip off locally cached CPU-only torch wheels (they break torchvision).
 PIP := PIP_FIND_LINKS= $(VENV)/bin/pip
 
-.PHONY: setup lint demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants detection-teacher demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench report docs test test-fast faults clean
+.PHONY: setup lint demo demo-efficient demo-generator demo-generator-fashion generator-sweep generator-variants detection-teacher demo-detection data-fashion bench-wild-teacher bench-wild bench-wild-quick bench bench-gpu report docs test test-fast faults clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +61,12 @@ bench-wild-quick: bench-wild-teacher
 # Speed and memory figures, written to benchmarks/results/<machine>-<date>.json.
 bench: setup
 	$(PY) -m benchmarks.bench
+
+# The GPU benchmark (docs/gpu-bench.md), for a machine with no internet: the venv's python if there is one, else
+# python3; no setup. Writes benchmarks/results/gpu-<device>-<date>.json.
+BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu:
+	$(BENCH_PY) -m benchmarks.gpu
 
 # Comparison table and plots of the demo's runs (runs/demo/comparison/).
 report: setup
