@@ -3,12 +3,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# precision: auto caches its timings under XDG_CACHE_HOME: the suite keeps its own, never the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vitkd-test-cache-")
 
 
 def fit(*args: str) -> dict:

@@ -12,11 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -24,9 +25,43 @@ from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
 from vitkd.loggers import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
+from vitkd.precision import AUTO, PrecisionChoice, as_record, cache_file, choose_for_stage
 from vitkd.stages import Stage
 
 quiet_lightning()
+
+
+class Trainer(pl.Trainer):
+    """Lightning's Trainer whose ``precision`` also takes ``auto``: ``VitkdCLI`` replaces it with the precision
+    measured fastest for the run's nets on this device (``vitkd.precision``) before the trainer is built."""
+
+    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any):
+        if precision == AUTO:
+            raise VitkdInputError(
+                "--trainer.precision auto is chosen by python -m vitkd.fit: give a hand-built Trainer e.g. 32-true"
+            )
+        super().__init__(precision=precision, **kwargs)
+
+
+def run_device(accelerator: Any) -> torch.device:
+    """The device Lightning will train on for ``--trainer.accelerator`` (``auto``: CUDA, else MPS, else CPU)."""
+    acc = str(accelerator or "auto").lower()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if acc in ("cuda", "gpu") or (acc == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local)
+    if acc == "mps" or (acc == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def process_count(trainer_cfg: Any) -> int:
+    """How many processes the run will have: the launcher's world size, else devices × nodes of the config."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    devices = trainer_cfg.get("devices")
+    per_node = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+    return max(1, per_node) * int(trainer_cfg.get("num_nodes") or 1)
 
 
 class VitkdCLI(LightningCLI):
@@ -124,10 +159,35 @@ class VitkdCLI(LightningCLI):
             ),
         )
         kwargs.setdefault("default_root_dir", str(self.run_dir))
+        self.precision_choice = self.choose_precision(cfg.trainer)
+        if self.precision_choice is not None:
+            kwargs["precision"] = self.precision_choice.precision
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def choose_precision(self, trainer_cfg: Any) -> PrecisionChoice | None:
+        """``--trainer.precision auto`` and ``--model.init_args.teacher_bf16 auto`` decided by timing the stage's
+        nets (``vitkd.precision``), printed in one line by the first process; None when neither is ``auto``."""
+        precision = str(trainer_cfg.get("precision") or "32-true")
+        if precision != AUTO and getattr(self.model, "teacher_bf16", None) != AUTO:
+            return None
+        dm = self.datamodule
+        trains = any(n.train for n in self.model.timed_nets())
+        batch = getattr(dm, "batch_size" if trains else "eval_batch_size", None) or getattr(dm, "batch_size", 64)
+        choice = choose_for_stage(
+            self.model,
+            min(int(batch), 256),
+            run_device(trainer_cfg.get("accelerator")),
+            precision,
+            processes=process_count(trainer_cfg),
+        )
+        if choice.teacher_bf16 is not None:
+            self.model.teacher_bf16 = choice.teacher_bf16
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+            print(choice.line(cache_file()), flush=True)
+        return choice
 
 
 def checkpoint_epoch(path: str | None) -> int | None:
@@ -305,6 +365,7 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
         cli = VitkdCLI(
             Stage,
             pl.LightningDataModule,
+            trainer_class=Trainer,
             subclass_mode_model=True,
             subclass_mode_data=True,
             run=False,
@@ -344,6 +405,9 @@ def cli_main(args: ArgsType = None) -> dict[str, Any]:
         except SIGTERMException:
             raise RunStopped(run_dir) from None
         metrics["run_dir"] = str(run_dir)
+        metrics["trainer_precision"] = str(trainer.precision)
+        if cli.precision_choice is not None:
+            metrics["precision_auto"] = as_record(cli.precision_choice)
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", metrics)
         finish_loggers(trainer.loggers)

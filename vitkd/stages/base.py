@@ -17,6 +17,7 @@ from vitkd.data_contract import ReportingData, StageData, require
 from vitkd.efficient.measure import measure
 from vitkd.errors import VitkdInputError
 from vitkd.models import count_params
+from vitkd.precision import TimedNet
 from vitkd.teacher import load_teacher, shape_mismatch
 
 
@@ -148,6 +149,13 @@ class Stage(pl.LightningModule):
                 out[k] = int(trainer.strategy.reduce(torch.tensor(float(v), device=self.device), reduce_op="sum"))
         return out
 
+    def timed_nets(self) -> list[TimedNet]:
+        """The nets whose step times choose ``precision: auto`` and ``teacher_bf16: auto`` (``vitkd.precision``):
+        here the frozen teacher's forward on images; a training stage adds the net it trains."""
+        hp = self.hparams
+        image = (hp["in_chans"], hp["img_size"], hp["img_size"])
+        return [TimedNet("teacher", self.teacher, image, train=False)] if "teacher" in self._modules else []
+
     def report(self) -> dict[str, Any]:
         """Stage-specific figures for ``metrics.json`` (parameters of the trained model by default)."""
         return {"params": count_params(self.model)}
@@ -225,6 +233,11 @@ class TrainingStage(Stage):
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), **self.cost_figures(self.model)}
+
+    def timed_nets(self) -> list[TimedNet]:
+        hp = self.hparams
+        image = (hp["in_chans"], hp["img_size"], hp["img_size"])
+        return [TimedNet("model", self.model, image, train=True), *super().timed_nets()]
 
     def logs_term(self, name: str) -> bool:
         """Whether the loss term ``name`` gets its own ``train/<name>`` curve (all of them by default)."""

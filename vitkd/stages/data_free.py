@@ -60,6 +60,7 @@ from vitkd.losses import (
     total_variation_loss,
 )
 from vitkd.models import AttentionProbe, count_params, create_model
+from vitkd.precision import TimedNet
 from vitkd.stages.base import warmup_cosine
 from vitkd.stages.distillation import DistillationStage, weight_group
 
@@ -421,6 +422,17 @@ class DataFreeGAN(DistillationStage):
         return x
 
     # -- the losses -------------------------------------------------------------------------------
+    def timed_nets(self) -> list[TimedNet]:
+        """The generator from noise and the student, trained; the teacher forward+backward too, since the
+        generator's gradients pass through it."""
+        hp = self.hparams
+        image = (hp.in_chans, hp.img_size, hp.img_size)
+        return [
+            TimedNet("generator", self.generator, (hp.latent_dim,), train=True),
+            TimedNet("model", self.model, image, train=True),
+            TimedNet("teacher", self.teacher, image, train=True),
+        ]
+
     def teacher_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits and pre-logits features (the DAFL activation term's f_T)."""
         f = self.teacher.forward_features(x)

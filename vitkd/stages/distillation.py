@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from vitkd.data_contract import KeyedTrainData, StageData, require
 from vitkd.errors import VitkdInputError
 from vitkd.models import FeatureTap
+from vitkd.precision import AUTO, choose_teacher_bf16
 from vitkd.stages.base import ClassificationStage
 from vitkd.teacher_cache import TeacherCache
 
@@ -44,7 +45,9 @@ class DistillationStage(ClassificationStage):
         teacher_arch: arch of a plain state-dict teacher.
         img_size, in_chans, num_classes: the teacher is built for these (set from the data module).
         teacher_bf16: run the frozen teacher's forward under bf16 autocast (``teacher_precision``) while the
-            student trains at the trainer's precision; its outputs are returned in fp32.
+            student trains at the trainer's precision; its outputs are returned in fp32. ``auto``: when the
+            teacher's forward measures faster so (``vitkd.precision``; ``vitkd.fit`` decides before the run,
+            a trainer built by hand on the first training step).
         teacher_cache: keep the teacher's outputs per training sample (``vitkd.teacher_cache``) and reuse them
             in later epochs; needs a data module whose training batches carry sample keys and do not change
             between epochs (``KeyedTrainData`` with ``augment`` off).
@@ -62,7 +65,7 @@ class DistillationStage(ClassificationStage):
         img_size: int,
         in_chans: int,
         num_classes: int,
-        teacher_bf16: bool = False,
+        teacher_bf16: bool | Literal["auto"] = False,
         teacher_cache: bool = False,
     ):
         super().__init__()
@@ -87,6 +90,8 @@ class DistillationStage(ClassificationStage):
     def teacher_precision(self, x: torch.Tensor):
         """bf16 autocast for the teacher's forward when ``teacher_bf16``; else the trainer's own precision
         (a null context: ``autocast(enabled=False)`` would switch off the trainer's bf16-mixed autocast)."""
+        if self.teacher_bf16 == AUTO:  # a trainer built by hand: vitkd.fit has not decided
+            self.teacher_bf16 = bool(choose_teacher_bf16(self, x).teacher_bf16)
         return torch.autocast(x.device.type, dtype=torch.bfloat16) if self.teacher_bf16 else contextlib.nullcontext()
 
     def pair_taps(self, pairs: Sequence[Sequence[int]]) -> None:

@@ -89,7 +89,7 @@ class ProbeDistillation(DistillationStage):
         projector_act: Literal["relu", "none"] = "relu",
         measure_batch_size: int = 256,
         teacher_cache: bool = False,
-        teacher_bf16: bool = False,
+        teacher_bf16: bool | Literal["auto"] = False,
     ):
         w = weight_group(ProbeLossWeights, loss_weights)
         if not any((w.ce, w.alpha, w.beta, w.projector)):
