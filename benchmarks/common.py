@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import torch
 
 from benchmarks.table import table
@@ -91,7 +90,7 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu-{psutil.cpu_count(logical=True)}c-{cpu_model()}"
+        name = f"cpu-{os.cpu_count()}c-{cpu_model()}"
     name = re.sub(r"\((r|tm)\)|processor|cpu @.*", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
@@ -106,7 +105,7 @@ def header(device: torch.device, threads: int, quick: bool, presets: dict[str, d
     return {
         "machine": machine_name(device),
         "cpu": cpu_model(),
-        "cores": psutil.cpu_count(logical=True),
+        "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": gpu or "cpu",

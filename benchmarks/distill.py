@@ -138,6 +138,11 @@ def ratios(out: dict[str, Any], b: int, compile_variant: bool) -> dict[str, Any]
         f"{config}, teacher forward every step, fused attention, no .item() per step"
     )
     res["vitkd_teacher_every_step_best"] = out[best]
+    # (teacher, student) precisions of that step, for its share of the machine's peak
+    res["teacher_every_step_best_precisions"] = (
+        "bf16" if "bf16" in best else "fp32",
+        "bf16" if best.startswith("vitkd_bf16") else "fp32",
+    )
     res["speedup_ratio_teacher_every_step"] = out[best]["images_per_s"] / ref_rate
     res["speedup_ratio_fp32"] = out["vitkd_fp32"]["images_per_s"] / ref_rate
     c = max(("fp32", "bf16"), key=lambda q: out[f"vitkd_{q}_cached_teacher"]["images_per_s"])
