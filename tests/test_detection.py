@@ -70,6 +70,25 @@ def test_matcher_equals_brute_force(seed):
     assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
 
 
+def test_batched_matcher_matches_each_image_alone():
+    """The batch's one cost matrix gives each image the assignment it gets matched on its own, empty images too."""
+    g = torch.Generator().manual_seed(0)
+    b, q, k = 6, 7, 3
+    sizes = [3, 0, 1, 5, 0, 2]
+    logits, boxes = torch.randn(b, q, k + 1, generator=g), random_boxes(g, b * q).view(b, q, 4)
+    targets = [
+        {"labels": torch.randint(0, k, (t,), generator=g), "boxes": random_boxes(g, t) if t else torch.zeros(0, 4)}
+        for t in sizes
+    ]
+    matcher = HungarianMatcher()
+    batched = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    for i, t in enumerate(targets):
+        ((rows, cols),) = matcher({"pred_logits": logits[i : i + 1], "pred_boxes": boxes[i : i + 1]}, [t])
+        assert torch.equal(batched[i][0], rows) and torch.equal(batched[i][1], cols) and len(rows) == sizes[i]
+    none = matcher({"pred_logits": logits, "pred_boxes": boxes}, [targets[1]] * b)
+    assert all(len(r) == 0 and len(c) == 0 for r, c in none)
+
+
 def test_matcher_and_criterion_fp32_under_autocast():
     g = torch.Generator().manual_seed(0)
     outputs = {

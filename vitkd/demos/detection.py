@@ -49,6 +49,15 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 LABELLED = ("student_distilled", "student_shared_query")  # the distillations that use labels
 DEFAULT_VARIANTS = ("student_scratch", "student_distilled", "student_shared_query", "student_data_free")
+# the longest runs start first, so the last to finish is a short one and no core waits long (the shared-query
+# terms run the teacher's decoder every step; the data-free variant has them too)
+LONGEST_FIRST = (
+    "student_data_free",
+    "student_shared_query",
+    "student_pseudo_gt",
+    "student_distilled",
+    "student_scratch",
+)
 
 
 def train_teacher(teacher_dir: Path, retrain: bool, threads: int) -> tuple[dict, bool]:
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[2/3] {len(a.variants)} student variants x {a.seeds} seeds", flush=True)
     t1 = time.time()
     jobs = []
-    for name in a.variants:
+    for name in sorted(a.variants, key=LONGEST_FIRST.index):
         cfg = VARIANTS[name][0]
         tk = [] if name == "student_scratch" else ["--model.init_args.teacher_ckpt", str(teacher_ckpt)]
         for seed in SEEDS[: a.seeds] if a.seeds <= len(SEEDS) else range(a.seeds):

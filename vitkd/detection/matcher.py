@@ -6,7 +6,8 @@ Per image, the cost of assigning prediction i to target j is
 
 with DETR's weights w_class = 1, w_bbox = 5, w_giou = 2: the class cost is the negative softmax probability
 (not the NLL), L1 is on normalised ``cxcywh`` boxes, GIoU on ``xyxy``. The optimal one-to-one assignment is
-solved by ``scipy.optimize.linear_sum_assignment`` on CPU, image by image.
+solved by ``scipy.optimize.linear_sum_assignment`` on CPU, image by image (the costs of the whole batch computed
+at once, as DETR does).
 
 Always in fp32, also under autocast: in fp16 box areas and costs overflow and ``linear_sum_assignment``
 raises "matrix contains invalid numeric entries" (mmdetection PR #10335).
@@ -46,16 +47,26 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``outputs``: ``pred_logits`` (B, Q, K+1) and ``pred_boxes`` (B, Q, 4); ``targets``: per image
-        ``labels`` (T,) and ``boxes`` (T, 4). Returns per image (prediction indices, target indices)."""
-        device = outputs["pred_logits"].device
-        with torch.autocast(device_type=device.type, enabled=False):
-            out = []
-            for logits, boxes, t in zip(outputs["pred_logits"], outputs["pred_boxes"], targets):
-                if len(t["labels"]) == 0:
-                    empty = torch.zeros(0, dtype=torch.int64)
-                    out.append((empty, empty))
-                    continue
-                cost = self.cost_matrix(logits, boxes, t["labels"], t["boxes"]).cpu()
-                rows, cols = linear_sum_assignment(cost.numpy())
-                out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        ``labels`` (T,) and ``boxes`` (T, 4). Returns per image (prediction indices, target indices).
+
+        As DETR: one cost matrix of every prediction against every target of the batch, then each image's own
+        block solved, so the cost's tensor ops run once per batch, not once per image."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        b, q = logits.shape[:2]
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(b)]
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            labels = torch.cat([t["labels"] for t in targets])
+            tgt_boxes = torch.cat([t["boxes"] for t in targets])
+            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, tgt_boxes)
+            blocks = cost.view(b, q, -1).cpu().split(sizes, dim=-1)
+        out = []
+        for i, block in enumerate(blocks):
+            if sizes[i] == 0:
+                out.append((empty, empty))
+                continue
+            rows, cols = linear_sum_assignment(block[i].numpy())
+            out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return out
