@@ -160,8 +160,8 @@ class VitkdCLI(LightningCLI):
         )
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         self.precision_choice = self.choose_precision(cfg.trainer)
-        if self.precision_choice is not None:
-            kwargs["precision"] = self.precision_choice.precision
+        if self.precision_choice is not None and str(cfg.trainer.get("precision")) == AUTO:
+            kwargs["precision"] = self.precision_choice.precision  # a given precision (or plugin) is kept
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])

@@ -130,9 +130,10 @@ def _step(net: nn.Module, x: torch.Tensor, train: bool, option: str) -> None:
         torch.autocast(x.device.type, dtype=torch.bfloat16) if option == "bf16-mixed" else contextlib.nullcontext()
     )
     if train:
+        x = x.detach().requires_grad_(x.is_floating_point())  # gradients reach the input, as a generator's do
         with autocast:
             loss = _float_sum(net(x))
-        if loss is not None:
+        if loss is not None and loss.requires_grad:
             loss.backward()
     else:
         with torch.no_grad(), autocast:
