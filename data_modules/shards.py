@@ -26,6 +26,9 @@ from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_dir
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
+# Every member's time: fixed (2000-01-01), so a rewritten shard is byte-identical, and whole seconds, so no
+# member needs a pax header (a float time gets one per member: a second header to parse for every file read).
+TAR_MTIME = 946684800
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -308,7 +311,7 @@ def write_shards(
     """
     counts: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
-        with wds.ShardWriter(str(tmp / pattern), maxcount=maxcount, verbose=0) as sink:
+        with wds.ShardWriter(str(tmp / pattern), maxcount=maxcount, verbose=0, mtime=TAR_MTIME) as sink:
             for s in samples:
                 sink.write(s)
                 name = Path(sink.fname).name
