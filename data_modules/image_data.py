@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules import shards
 from data_modules.stream import ArrayDataset, ShardBatches, ShardStream
-from data_modules.transforms import random_affine
+from data_modules.transforms import random_affine, view_affine
 from vitkd.data_contract import DataFreeData, KeyedTrainData, ReportingData, ScoringData
 from vitkd.errors import VitkdInputError
 
@@ -33,6 +33,11 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         eval_batch_size: batch size for validation, test and scoring.
         num_workers: DataLoader worker processes.
         augment: random affine augmentation of training batches (applied to whole batches after transfer).
+        augment_views: 0: a fresh draw of the augmentation each time a sample comes back; ``K`` > 0: each
+            training sample has ``K`` fixed augmented views (``view_affine``, drawn from the run's seed, the
+            sample's key and the view), view ``epoch mod K`` in each epoch, so a frozen teacher's outputs for
+            every view can be kept (``--model.init_args.teacher_cache true``) and its forward runs in ``K``
+            epochs instead of all of them. Training batches then carry keys ``<key>@<view>``.
         train_urls: shards to train on instead of the original training split (e.g. a selection's
             ``selected/shard-{000000..000002}.tar``); validation is then a held-out slice of them.
         val_fraction: fraction of ``train_urls`` samples held out (by key) for validation.
@@ -61,6 +66,7 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         eval_batch_size: int = 512,
         num_workers: int = 0,
         augment: bool = True,
+        augment_views: int = 0,
         train_urls: str | None = None,
         val_fraction: float = 0.05,
         val_urls: str | None = None,
@@ -72,6 +78,11 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         data_dir: str = "data",
     ):
         super().__init__()
+        if augment_views < 0:
+            raise VitkdInputError(
+                f"--data.init_args.augment_views {augment_views} must be 0 (a fresh draw every epoch) "
+                "or a positive number of fixed views per sample"
+            )
         for name, value in (
             ("img_size", img_size),
             ("in_chans", in_chans),
@@ -99,11 +110,18 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         self.wild_urls, self.data_dir = wild_urls, Path(data_dir)
         self.epoch_samples, self.skips = epoch_samples, shards.SkipCounter(strict)
         self.memory_cache = memory_cache
-        self.train_keys = False  # training batches carry each sample's key third (``request_train_keys``)
+        self.augment_views = augment_views if augment else 0
+        self.keys_requested = False  # training batches reach the stage with each sample's key third
+        self._view_seed: int | None = None
+
+    @property
+    def train_keys(self) -> bool:
+        """Whether the training datasets yield keys: the stage asked for them, or fixed views are drawn by key."""
+        return self.keys_requested or self.augment_views > 0
 
     def request_train_keys(self) -> None:
         """From now on, training batches are ``(x, y, key)``: a stage that caches per sample asks for them."""
-        self.train_keys = True
+        self.keys_requested = True
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -211,10 +229,17 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         self._resume_epochs = state_dict.get("train_epochs")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.augment and self.trainer is not None and self.trainer.training:
-            x, *rest = batch
-            batch = (random_affine(x), *rest)
-        return batch
+        if not (self.augment and self.trainer is not None and self.trainer.training):
+            return batch
+        if self.augment_views and len(batch) >= 3:
+            x, y, keys = batch
+            if self._view_seed is None:
+                self._view_seed = torch.initial_seed() % (2**31)  # the run's seed: the same on every rank
+            view = self.trainer.current_epoch % self.augment_views
+            x = view_affine(x, keys, view, self._view_seed)
+            return (x, y, [f"{k}@{view}" for k in keys]) if self.keys_requested else (x, y)
+        x, *rest = batch
+        return (random_affine(x), *rest)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_urls:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,35 @@ def random_affine(
     angle = torch.empty(b, device=x.device).uniform_(-degrees, degrees) * (torch.pi / 180)
     s = torch.empty(b, device=x.device).uniform_(*scale)
     shift = torch.empty(b, 2, device=x.device).uniform_(-translate, translate) * 2  # grid units span [-1, 1]
+    return _affine(x, angle, s, shift, fill)
+
+
+def view_affine(
+    x: torch.Tensor,
+    keys: Sequence[str],
+    view: int,
+    seed: int,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    fill: float = -1.0,
+) -> torch.Tensor:
+    """``random_affine``'s transform with each image's draw fixed by (``seed``, its key, ``view``): view ``v`` of
+    a sample is the same image every time it comes back, so a frozen teacher's outputs for it can be kept
+    (FKD's stored soft labels of fixed random crops: Shen & Xing, "A Fast Knowledge Distillation Framework for
+    Visual Recognition", arXiv 2112.01528). The four uniforms of a draw are the 16-byte BLAKE2 digest of
+    (seed, view, key): a seeded generator per key would cost more than the transform itself."""
+    digests = b"".join(hashlib.blake2b(f"{seed}/{view}/{k}".encode(), digest_size=16).digest() for k in keys)
+    u = np.frombuffer(digests, dtype="<u4").reshape(len(keys), 4) / 2.0**32
+    u = torch.as_tensor(u, dtype=torch.float32, device=x.device)
+    angle = (u[:, 0] * 2 - 1) * degrees * (torch.pi / 180)
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    shift = (u[:, 2:] * 2 - 1) * translate * 2
+    return _affine(x, angle, s, shift, fill)
+
+
+def _affine(x: torch.Tensor, angle: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, fill: float) -> torch.Tensor:
+    """Rotate by ``angle`` (radians), scale by ``s`` and shift by ``shift`` (grid units) each image of ``x``."""
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)

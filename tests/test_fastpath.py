@@ -178,6 +178,23 @@ def test_training_with_teacher_cache_matches_recomputing(tiny_teacher, tiny_pool
     assert c["misses"] == n_train and c["hits"] == 2 * n_train and 40 <= n_train <= 60  # 60 kept, ~20% held out
 
 
+def test_teacher_cache_over_fixed_augmented_views_matches_recomputing(tiny_teacher, tiny_pool, tmp_path):
+    """Augmented training through the cache with 2 fixed views per sample (view = epoch mod 2): the teacher
+    runs once per sample and view, and every logged loss equals the run that recomputes it each step."""
+    _select(tiny_teacher, tiny_pool, tmp_path / "sel", "32-true")
+    urls = str(tmp_path / "sel" / "selected" / "shard-000000.tar")
+    views = ("--data.init_args.augment", "true", "--data.init_args.augment_views", "2")
+    plain, _ = _student(tiny_teacher, urls, tmp_path / "plain", *views)
+    cached, m = _student(tiny_teacher, urls, tmp_path / "cached", *views, "--model.init_args.teacher_cache", "true")
+    unaugmented, _ = _student(tiny_teacher, urls, tmp_path / "unaugmented")
+    assert len(plain) == len(cached) == len(unaugmented) >= 6
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(torch.tensor(plain), torch.tensor(unaugmented))  # the views are augmented
+    c = m["teacher_cache"]
+    n_train = c["samples"] // 2  # epochs 1 and 2 fill one view each, epoch 3 reads view 0 back
+    assert c["samples"] == c["misses"] == 2 * n_train and c["hits"] == n_train and 40 <= n_train <= 60
+
+
 def test_teacher_cache_refuses_augmented_inputs(tiny_teacher, tiny_pool, tmp_path):
     with pytest.raises(VitkdInputError, match="augment false"):
         fit(

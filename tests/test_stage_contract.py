@@ -94,6 +94,7 @@ def test_teacher_cache_asks_for_keyed_batches_through_the_protocol(tiny_teacher)
     with pytest.raises(VitkdInputError, match="augment false"):
         stage.check_data(DigitsDataModule(augment=True))
     stage.check_data(DigitsDataModule(augment=False))
+    stage.check_data(DigitsDataModule(augment=True, augment_views=4))  # fixed views come back unchanged
     plain = ProbeDistillation(
         arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)]
     )

@@ -50,7 +50,8 @@ class DistillationStage(ClassificationStage):
             a trainer built by hand on the first training step).
         teacher_cache: keep the teacher's outputs per training sample (``vitkd.teacher_cache``) and reuse them
             in later epochs; needs a data module whose training batches carry sample keys and do not change
-            between epochs (``KeyedTrainData`` with ``augment`` off).
+            between epochs (``KeyedTrainData`` with ``augment`` off, or with ``augment_views``: each sample's
+            fixed augmented views, one entry per view).
 
     The subclass calls ``save_hyperparameters`` after this constructor, then ``pair_taps`` if a loss term
     compares blocks.
@@ -114,14 +115,16 @@ class DistillationStage(ClassificationStage):
         return KeyedTrainData if self.cache is not None else StageData
 
     def check_data(self, datamodule: Any) -> None:
-        """As ``Stage.check_data``; with the teacher cache on, also un-augmented training inputs."""
+        """As ``Stage.check_data``; with the teacher cache on, also training inputs that come back unchanged
+        (no augmentation, or fixed augmented views)."""
         if self.cache is None:
             return super().check_data(datamodule)
         require(datamodule, self.data_contract, f"{type(self).__name__} with --model.init_args.teacher_cache true")
-        if datamodule.augment:
+        if datamodule.augment and not getattr(datamodule, "augment_views", 0):
             raise VitkdInputError(
-                "--model.init_args.teacher_cache true needs --data.init_args.augment false: "
-                "augmented inputs change every epoch, so the teacher's outputs cannot be reused"
+                "--model.init_args.teacher_cache true needs --data.init_args.augment false, or fixed views "
+                "(--data.init_args.augment_views 4): freshly augmented inputs change every epoch, so the "
+                "teacher's outputs cannot be reused"
             )
 
     def setup(self, stage: str) -> None:

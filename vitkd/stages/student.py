@@ -47,7 +47,8 @@ class ProbeDistillation(DistillationStage):
     Args:
         arch: student timm model name.
         teacher_ckpt, teacher_arch, teacher_bf16, teacher_cache: the frozen teacher (``DistillationStage``).
-            ``teacher_cache`` needs ``--data.init_args.augment false``: augmented inputs differ every epoch.
+            ``teacher_cache`` needs ``--data.init_args.augment false`` or ``augment_views K`` (each sample's
+            ``K`` fixed augmented views): freshly augmented inputs differ every epoch.
             ``teacher_bf16`` suits a teacher much wider than its student; under ``bf16-mixed`` the teacher is
             in bf16 already.
         loss_weights: the weight of each term (``ProbeLossWeights``; config keys
