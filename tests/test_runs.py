@@ -129,3 +129,30 @@ def test_build_once_builds_again_what_was_left_without_its_last_file(tmp_path):
     build_once(target, build, done=target / "meta.json")
     build_once(target, build, done=target / "meta.json")
     assert builds == [1]
+
+
+def test_a_forked_run_sees_the_callers_environment_and_folder(tiny_teacher, tiny_pool, tmp_path, monkeypatch):
+    """Demo runs are forked from a server that imported vitkd.fit once: each still runs in the environment and
+    the folder of the moment it is asked for (not the server's), its output in its log; a failure is one line
+    naming the log."""
+    from pathlib import Path
+
+    from vitkd.demos import runs
+    from vitkd.errors import VitkdInputError
+
+    if runs.forked_fit_context() is None:
+        pytest.skip("no forkserver on this platform: runs are fresh interpreters (run_logged)")
+    runs.run_fit_process(["--print_config"], tmp_path / "first.log", "print")  # the server runs from here on
+    assert "trainer:" in (tmp_path / "first.log").read_text()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "experiments" / "digits" / "select.yaml"
+    args = ("--model.init_args.teacher_ckpt", str(tiny_teacher), "--model.init_args.probe_blocks", "[0, 1]")
+    args += ("--model.init_args.num_keep", "10", "--data.init_args.wild_urls", tiny_pool, "--wandb.enabled", "false")
+    metrics = runs.run_fit(config, Path("sel"), *args)
+    assert metrics["num_kept"] == 10 and (tmp_path / "sel" / "fit.log").is_file()  # a relative run_dir: here
+    assert (tmp_path / "cache" / "vitkd" / "precision.json").is_file()  # precision auto's cache: this XDG_CACHE_HOME
+    with pytest.raises(VitkdInputError) as err:
+        runs.run_fit_process(["--no_such_option", "1"], tmp_path / "bad.log", "run bad")
+    assert str(err.value) == f"run bad failed (exit 2): see {tmp_path / 'bad.log'}"
+    assert "vitkd: error:" in (tmp_path / "bad.log").read_text()

@@ -1,9 +1,16 @@
 """Running configs from the demos: each ``python -m vitkd.fit`` run in its own process, several at a time,
-those that need another run's output once it is there."""
+those that need another run's output once it is there.
+
+Each run is forked from a process that has already imported ``vitkd.fit`` (a ``forkserver`` with it preloaded)
+where the platform has one: a fresh interpreter would import Lightning, torchmetrics and torchvision again for
+every run, seconds that a demo of twenty short runs pays twenty times. The forked run starts from that clean
+process, never from an earlier run, so runs share nothing but the imported modules.
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import re
 import statistics
@@ -32,13 +39,62 @@ def run_logged(args: Sequence[str], log: Path, what: str) -> None:
         raise VitkdInputError(f"{what} failed (exit {done.returncode}): see {log}")
 
 
+_FORKSERVER: Any = None  # the multiprocessing context whose server has vitkd.fit imported, once started
+
+
+def forked_fit_context() -> Any:
+    """The ``forkserver`` context that starts each run with ``vitkd.demos.preload`` (``vitkd.fit``) already
+    imported; None where the platform has no forkserver (Windows), and each run is a fresh interpreter."""
+    global _FORKSERVER
+    if _FORKSERVER is None and "forkserver" in mp.get_all_start_methods():
+        _FORKSERVER = mp.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["vitkd.demos.preload"])
+    return _FORKSERVER
+
+
+def _forked_fit(argv: list[str], log: str, env: dict[str, str], cwd: str) -> None:
+    """A forked run: the caller's environment and folder (the server keeps those it started with), its output
+    (every file descriptor 1 and 2 writes to) into ``log``, warnings off as ``run_logged`` has them, then
+    ``vitkd.fit``'s main; its return code is the process's exit code."""
+    import warnings
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ["PYTHONWARNINGS"] = "ignore"  # for the processes the run starts (loader workers)
+    warnings.simplefilter("ignore")
+    from vitkd import fit
+
+    try:
+        code = fit.main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+def run_fit_process(argv: Sequence[str], log: Path, what: str) -> None:
+    """``python -m vitkd.fit ARGV`` with its output in ``log``, forked from the preloaded server where there is
+    one; a failure raises one line naming ``what`` and the log, as ``run_logged`` does."""
+    ctx = forked_fit_context()
+    if ctx is None:
+        return run_logged([sys.executable, "-m", "vitkd.fit", *argv], log, what)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = ctx.Process(target=_forked_fit, args=(list(argv), str(log), dict(os.environ), os.getcwd()), name=what)
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise VitkdInputError(f"{what} failed (exit {proc.exitcode}): see {log}")
+
+
 def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] = ()) -> dict:
     """One run in its own process; returns its ``metrics.json``. The log goes to ``run_dir/fit.log``;
     one line with the time and the ``show`` figures is printed."""
     args = [
-        sys.executable,
-        "-m",
-        "vitkd.fit",
         "--config",
         str(config),
         "--run_dir",
@@ -49,7 +105,7 @@ def run_fit(config: str | Path, run_dir: Path, *extra: str, show: Sequence[str] 
         *extra,
     ]
     t0 = time.time()
-    run_logged(args, run_dir / "fit.log", f"run {run_dir}")
+    run_fit_process(args, run_dir / "fit.log", f"run {run_dir}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(
         f"  {run_dir}: {time.time() - t0:.0f}s {json.dumps({k: metrics[k] for k in show if k in metrics})}", flush=True
