@@ -28,7 +28,14 @@ class FakeTimer:
 
     def __call__(self, nets, options, batch, device):
         self.calls += 1
-        return {opt: {name: self.per_net[(prec, name)] for name, prec in per.items()} for opt, per in options.items()}
+        return {
+            opt: {name: self.seconds(opt, prec, name) for name, prec in per.items()} for opt, per in options.items()
+        }
+
+    def seconds(self, opt: str, prec: str, name: str) -> float:
+        """A net's time at ``prec``; under a plain-attention option its own entry if given, else the same."""
+        math = opt.endswith(P.MATH_ATTENTION) and (prec + P.MATH_ATTENTION, name) in self.per_net
+        return self.per_net[(prec + P.MATH_ATTENTION, name) if math else (prec, name)]
 
 
 STUDENT_FP32_FAST = {
@@ -62,6 +69,56 @@ def test_faster_option_is_chosen_and_cached(tmp_path, monkeypatch):
     assert (other.precision, other.teacher_bf16, bf16_fast.calls) == ("bf16-mixed", False, 1)
     P.choose_precision("KD", nets(), 32, cpu, "auto", "auto", cache=cache, timer=bf16_fast)
     assert bf16_fast.calls == 2 and len(json.loads(cache.read_text())) == 3
+
+
+def attention_nets() -> list[P.TimedNet]:
+    from timm.models.vision_transformer import Attention
+
+    class Tokens(nn.Module):  # (B, 1, 4, 4) -> 4 tokens of 4 channels through one timm attention block
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(4, num_heads=2)
+
+        def forward(self, x):
+            return self.attn(x.flatten(1).view(len(x), 4, 4))
+
+    return [P.TimedNet("model", Tokens(), (1, 4, 4), train=True)]
+
+
+def test_plain_attention_is_weighed_where_a_net_has_timm_attention_blocks(tmp_path):
+    cpu = torch.device("cpu")
+    assert set(P.options_for(nets(), True, "auto", None, None)) == {"32-true", "bf16-mixed"}  # no attention block
+    assert set(P.options_for(attention_nets(), True, "auto", None, None)) == {
+        "32-true",
+        "bf16-mixed",
+        "32-true" + P.MATH_ATTENTION,
+        "bf16-mixed" + P.MATH_ATTENTION,
+    }
+    timer = FakeTimer(
+        {("32-true", "model"): 0.010, ("bf16-mixed", "model"): 0.030, ("32-true+math_attention", "model"): 0.006}
+    )
+    c = P.choose_precision(
+        "Classifier", attention_nets(), 64, cpu, "auto", None, cache=tmp_path / "c.json", timer=timer
+    )
+    assert (c.precision, c.fused_attention) == ("32-true", False) and "plain attention" in c.line(None)
+    again = P.choose_precision(
+        "Classifier", attention_nets(), 64, cpu, "auto", None, cache=tmp_path / "c.json", timer=timer
+    )
+    assert (again.fused_attention, again.cached, timer.calls) == (False, True, 1)
+    timer = FakeTimer(
+        {("32-true", "model"): 0.010, ("bf16-mixed", "model"): 0.030, ("32-true+math_attention", "model"): 0.02}
+    )
+    fused = P.choose_precision("Classifier", attention_nets(), 64, cpu, "auto", None, cache=None, timer=timer)
+    assert (fused.precision, fused.fused_attention) == ("32-true", True) and "plain" not in fused.line(None)
+    plain = FakeTimer(STUDENT_FP32_FAST)
+    assert P.choose_precision("KD", nets(), 64, cpu, "auto", None, cache=None, timer=plain).fused_attention is None
+    # timed for real: each block is switched only while its option runs, and left fused
+    net = attention_nets()
+    options = P.options_for(net, True, "auto", None, None)
+    assert set(P.time_steps(net, options, 8, cpu, budget_s=0.0)) == set(options)
+    assert P.attention_blocks(net[0].module)[0].fused_attn is True
+    P.set_fused_attention(net[0].module, False)
+    assert [m.fused_attn for m in P.attention_blocks(net[0].module)] == [False]
 
 
 def test_fixed_trainer_precision_and_fixed_teacher(tmp_path):
@@ -152,6 +209,7 @@ def test_cli_records_and_prints_the_choice(tiny_teacher, tmp_path, monkeypatch, 
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert recorded["trainer_precision"] == m["trainer_precision"] == "32-true"
     assert recorded["precision_auto"]["teacher_bf16"] is True and not recorded["precision_auto"]["cached"]
+    assert recorded["precision_auto"]["fused_attention"] is True  # the faked times tie: the fused kernel stays
     assert timer.calls == 1
     # a second run on the same device and shapes reads the cache; bf16 faster for the student now picks bf16-mixed
     # only once the cache is gone

@@ -25,7 +25,7 @@ from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
 from vitkd.loggers import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
-from vitkd.precision import AUTO, PrecisionChoice, as_record, cache_file, choose_for_stage
+from vitkd.precision import AUTO, PrecisionChoice, as_record, cache_file, choose_for_stage, set_fused_attention
 from vitkd.stages import Stage
 
 quiet_lightning()
@@ -185,6 +185,8 @@ class VitkdCLI(LightningCLI):
         )
         if choice.teacher_bf16 is not None:
             self.model.teacher_bf16 = choice.teacher_bf16
+        if choice.fused_attention is not None:
+            set_fused_attention(self.model, choice.fused_attention)
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
             print(choice.line(cache_file()), flush=True)
         return choice

@@ -3,7 +3,10 @@
 Whether bf16 pays depends on the device, not on the model alone: an Intel CPU with AMX runs bf16 matmuls
 several times faster than fp32, an AMD CPU without AMX barely faster, and small nets lose to autocast's casts
 on either. So the first run on a device times a few steps of its nets at each precision, interleaved, and
-keeps the faster; a GPU that supports bf16 gets ``bf16-mixed`` without timing. The decision is cached by
+keeps the faster; a GPU that supports bf16 gets ``bf16-mixed`` without timing. Nets with timm attention blocks
+are also timed with the plain softmax(QKᵀ)V product in place of the fused kernel
+(``F.scaled_dot_product_attention``): on a CPU, for the few tokens of small inputs, the fused kernel can be the
+slower one; a GPU keeps it. The decision is cached by
 device and model shape in ``$XDG_CACHE_HOME/vitkd/precision.json`` (default ``~/.cache``), so later runs
 start at once. Written by hand: Lightning takes a precision, it does not choose one.
 """
@@ -29,6 +32,7 @@ from vitkd.efficient.measure import cpu_model, sync
 from vitkd.io import write_json
 
 AUTO = "auto"
+MATH_ATTENTION = "+math_attention"  # an option's suffix: timm's attention blocks without the fused kernel
 TRAIN_CANDIDATES = ("32-true", "bf16-mixed")
 INFERENCE_CANDIDATES = ("32-true", "bf16-mixed", "bf16-true")
 
@@ -57,10 +61,12 @@ class PrecisionChoice:
     reason: str
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     cached: bool = False
+    fused_attention: bool | None = None  # None: no timm attention block among the nets, nothing chosen
 
     def line(self, cache: Path | None) -> str:
         """The one line a run prints."""
         teacher = "" if self.teacher_bf16 is None else f", teacher_bf16 {str(self.teacher_bf16).lower()}"
+        teacher += ", plain attention" if self.fused_attention is False else ""
         where = f"cached in {cache}" if cache is not None and not self.cached else f"from {cache}" if cache else ""
         timed = ", ".join(f"{opt} {1e3 * sum(t.values()):.1f} ms" for opt, t in self.seconds.items())
         why = f"{timed} per step" if timed else self.reason
@@ -125,6 +131,31 @@ def _untouched(module: nn.Module) -> Iterator[None]:
                 p.grad = None
 
 
+def attention_blocks(module: nn.Module) -> list[nn.Module]:
+    """The timm attention blocks of ``module``: those with a ``fused_attn`` switch (fused kernel or plain product)."""
+    return [m for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+
+
+def set_fused_attention(module: nn.Module, fused: bool) -> None:
+    """Every timm attention block of ``module`` with the fused kernel (``True``) or the plain product."""
+    for m in attention_blocks(module):
+        m.fused_attn = fused
+
+
+@contextlib.contextmanager
+def _attention(module: nn.Module, fused: bool | None) -> Iterator[None]:
+    """``module``'s attention blocks fused or not for a timed step (``None``: as they are), then as they were."""
+    blocks = attention_blocks(module) if fused is not None else []
+    before = [m.fused_attn for m in blocks]
+    try:
+        for m in blocks:
+            m.fused_attn = fused
+        yield
+    finally:
+        for m, was in zip(blocks, before):
+            m.fused_attn = was
+
+
 def _step(net: nn.Module, x: torch.Tensor, train: bool, option: str) -> None:
     autocast = (
         torch.autocast(x.device.type, dtype=torch.bfloat16) if option == "bf16-mixed" else contextlib.nullcontext()
@@ -151,7 +182,8 @@ def time_steps(
     """Median seconds of one step of each net under each option, ``seconds[option][net]``.
 
     ``options[option][net]`` is the precision the net runs at under that option (``32-true``, ``bf16-mixed``:
-    bf16 autocast, ``bf16-true``: weights and inputs in bf16). Each (option, net) is run once to warm up, then
+    bf16 autocast, ``bf16-true``: weights and inputs in bf16); an option ending in ``MATH_ATTENTION`` runs the
+    nets' timm attention blocks without the fused kernel. Each (option, net) is run once to warm up, then
     the options are timed in turns, round after round (at least ``rounds[0]``, at most ``rounds[1]``, until
     ``budget_s`` has passed), so a machine busy with something else slows every option alike."""
     gen = torch.Generator().manual_seed(0)  # inputs drawn from a local generator, never the global RNG
@@ -172,7 +204,13 @@ def time_steps(
                     net, x = true_copies[n.name], inputs[n.name].to(torch.bfloat16)
                 else:
                     net, x = n.module, inputs[n.name]
-                runs[(opt, n.name)] = lambda net=net, x=x, train=n.train, prec=prec: _step(net, x, train, prec)
+                fused = False if opt.endswith(MATH_ATTENTION) else None
+
+                def run(net=net, x=x, train=n.train, prec=prec, fused=fused) -> None:
+                    with _attention(net, fused):
+                        _step(net, x, train, prec)
+
+                runs[(opt, n.name)] = run
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
         for run in runs.values():  # warm-up: first-call allocations and kernel choices
             run()
@@ -201,7 +239,8 @@ def options_for(
     teacher_bf16: bool | str | None,
 ) -> dict[str, dict[str, str]]:
     """The options weighed: each trainer precision (every net at it) when the trainer's is ``auto``, else the
-    given one; and with ``teacher_bf16: auto`` (net ``teacher``), also fp32 with the teacher alone in bf16."""
+    given one; with ``teacher_bf16: auto`` (net ``teacher``), also fp32 with the teacher alone in bf16; and when
+    a net has timm attention blocks, each of those again with the plain attention product (``MATH_ATTENTION``)."""
     train = any(n.train for n in nets)
     precisions = (TRAIN_CANDIDATES if train else INFERENCE_CANDIDATES) if trainer_auto else (trainer_precision,)
     fixed_teacher = teacher_bf16 if isinstance(teacher_bf16, bool) else None
@@ -214,6 +253,8 @@ def options_for(
     if teacher is not None and teacher_bf16 == AUTO and any(p not in ("bf16-mixed", "bf16-true") for p in precisions):
         base = "32-true" if "32-true" in precisions else precisions[0]
         options[f"{base}+teacher_bf16"] = {**options[base], teacher: "bf16-mixed"}
+    if any(attention_blocks(n.module) for n in nets):
+        options.update({opt + MATH_ATTENTION: per_net for opt, per_net in list(options.items())})
     return options
 
 
@@ -249,11 +290,14 @@ def choose_precision(
     options = options_for(nets, trainer_auto, trainer_precision, teacher, teacher_bf16)
     key = f"{name} || {shape_key(stage, nets, batch, list(options))}"
 
+    attention = any(attention_blocks(n.module) for n in nets)
+
     def decided(opt: str, reason: str, seconds=None, cached=False) -> PrecisionChoice:
         prec = opt.split("+")[0]
         # under a bf16 trainer precision the teacher runs in bf16 already
-        t_bf16 = opt.endswith("+teacher_bf16") if teacher_auto else None
-        return PrecisionChoice(prec, t_bf16, name, key, reason, seconds or {}, cached)
+        t_bf16 = "+teacher_bf16" in opt if teacher_auto else None
+        fused = not opt.endswith(MATH_ATTENTION) if attention else None
+        return PrecisionChoice(prec, t_bf16, name, key, reason, seconds or {}, cached, fused)
 
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
