@@ -13,6 +13,7 @@ from benchmarks.common import autocast, rate, timed
 from benchmarks.reference import ReferenceDistiller
 from vitkd.models import create_model
 from vitkd.stages import ProbeDistillation
+from vitkd.stages.base import adamw
 from vitkd.teacher_cache import TeacherCache
 
 DEMO_EPOCHS = 20  # the digits students' epochs: the cache's one teacher forward per sample is spread over them
@@ -43,12 +44,13 @@ def distill_stage(p: dict, teacher_ckpt: Path, device: torch.device, **kwargs) -
 
 
 def distill_optimizer(stage: ProbeDistillation) -> torch.optim.Optimizer:
-    """The stage's AdamW groups (student; Q at its own constant lr, no decay), without the Lightning scheduler."""
+    """The stage's AdamW groups (student; Q at its own constant lr, no decay; fused where it runs), without the
+    Lightning scheduler."""
     hp = stage.hparams
     groups = [{"params": list(stage.model.parameters()), "lr": hp.lr, "weight_decay": hp.weight_decay}]
     if stage.q is not None:
         groups.append({"params": list(stage.q.parameters()), "lr": hp.q_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+    return adamw(groups)
 
 
 def train_step(

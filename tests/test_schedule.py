@@ -56,3 +56,26 @@ def test_schedule_keeps_a_constant_group_at_its_lr():
         1e-3 * 0.5 * (1 + math.cos(math.pi * 14 / 15))
     )
     assert all(lr[1] == 5e-4 for lr in lrs), "Q's group stays at q_lr"
+
+
+def test_adam_is_fused_where_its_kernel_runs_and_steps_as_the_loop_does():
+    from vitkd.stages.base import adamw, fused_ok
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    fused, loop = (
+        adamw(list(a.parameters()), lr=1e-2, weight_decay=0.05),
+        torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05),
+    )
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        for net, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert fused_ok([{"params": [torch.zeros(2, requires_grad=True)]}])
+    assert not fused_ok([torch.zeros(2, dtype=torch.int64)]) and not fused_ok([])

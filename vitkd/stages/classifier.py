@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkd.models import create_model
-from vitkd.stages.base import ClassificationStage
+from vitkd.stages.base import ClassificationStage, adamw
 
 
 class Classifier(ClassificationStage):
@@ -47,5 +47,5 @@ class Classifier(ClassificationStage):
         return {"ce": F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)}
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(list(self.model.parameters()), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return self.cosine_schedule(opt, self.hparams.warmup_epochs)

@@ -61,7 +61,7 @@ from vitkd.losses import (
 )
 from vitkd.models import AttentionProbe, count_params, create_model
 from vitkd.precision import TimedNet
-from vitkd.stages.base import warmup_cosine
+from vitkd.stages.base import adam, adamw, warmup_cosine
 from vitkd.stages.distillation import DistillationStage, weight_group
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out noise bank never coincides with a training stream
@@ -700,8 +700,8 @@ class DataFreeGAN(DistillationStage):
         lr_g, betas = (
             (hp.lr_g * hp.fast_inner_steps, (0.5, 0.999)) if hp.synthesizer == "fast" else (hp.lr_g, tuple(hp.betas_g))
         )
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=betas)
-        opt_s = torch.optim.AdamW(self.model.parameters(), lr=hp.lr_s, weight_decay=hp.weight_decay)
+        opt_g = adam(list(self.generator.parameters()), lr=lr_g, betas=betas)
+        opt_s = adamw(list(self.model.parameters()), lr=hp.lr_s, weight_decay=hp.weight_decay)
         if hp.student_schedule == "constant":
             return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _s: 1.0)]
         per_epoch = hp.steps_per_epoch * hp.student_steps

@@ -19,7 +19,7 @@ from vitkd.detection.evaluate import detection_map
 from vitkd.detection.matcher import HungarianMatcher
 from vitkd.errors import VitkdInputError
 from vitkd.models.probe import AttentionProbe
-from vitkd.stages.base import TrainingStage
+from vitkd.stages.base import TrainingStage, adamw
 from vitkd.teacher import read_checkpoint
 from vitkd.teacher_cache import TeacherCache
 
@@ -171,7 +171,7 @@ class DetrTrainer(TrainingStage):
         backbone = list(self.model.vit.parameters())
         ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        opt = torch.optim.AdamW(
+        opt = adamw(
             [{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}],
             weight_decay=hp.weight_decay,
         )

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from vitkd.efficient.idlevit import IdleViT
 from vitkd.efficient.measure import measure
 from vitkd.losses import kd_loss
+from vitkd.stages.base import adamw
 from vitkd.stages.distillation import DistillationStage, weight_group
 
 
@@ -110,7 +111,7 @@ class IdleViTFinetune(DistillationStage):
         return out
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(list(self.model.parameters()), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return self.cosine_schedule(opt, self.hparams.warmup_epochs)
 
     def report(self) -> dict[str, Any]:

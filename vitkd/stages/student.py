@@ -18,6 +18,7 @@ from vitkd.errors import VitkdInputError
 from vitkd.losses import NoisyAdaptation, cls_relation, kd_loss, relation_rows_loss
 from vitkd.losses.projector_ensemble import ProjectorEnsemble, projector_ensemble_loss
 from vitkd.models import create_model
+from vitkd.stages.base import adamw
 from vitkd.stages.distillation import DistillationStage, weight_group
 
 
@@ -184,7 +185,7 @@ class ProbeDistillation(DistillationStage):
         if self.q is not None:
             # DFND trains θ with its own Adam(1e-3) every step: here a constant-lr group with no decay
             groups.append({"params": self.q.parameters(), "lr": self.hparams.q_lr, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups)
+        opt = adamw(groups)
         return self.cosine_schedule(opt, self.hparams.warmup_epochs, constant_groups=(1,) if self.q is not None else ())
 
     def report(self) -> dict[str, Any]:
