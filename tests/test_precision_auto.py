@@ -249,3 +249,24 @@ def test_a_stage_outside_the_cli_decides_teacher_bf16_on_its_first_batch(tiny_te
     stage.teacher_bf16 = "auto"
     out = stage.teacher_outputs(x)
     assert stage.teacher_bf16 is True and timer.calls == 1 and out["logits"].dtype == torch.float32
+
+
+def test_a_hopeless_option_is_not_timed_after_its_warm_up():
+    import time
+
+    class SlowUnderAutocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = nn.Linear(16, 2), {"32-true": 0, "bf16-mixed": 0}
+
+        def forward(self, x):
+            slow = torch.is_autocast_enabled("cpu")
+            self.calls["bf16-mixed" if slow else "32-true"] += 1
+            time.sleep(0.02 if slow else 0.001)
+            return self.lin(x.flatten(1))
+
+    net = SlowUnderAutocast()
+    nets = [P.TimedNet("model", net, (1, 4, 4), train=False)]
+    seconds = P.time_steps(nets, P.options_for(nets, True, "auto", None, None), 4, torch.device("cpu"), budget_s=0.0)
+    assert net.calls["32-true"] == 1 + 3 and net.calls["bf16-mixed"] == 1  # bf16-true times a copy
+    assert seconds["bf16-mixed"]["model"] > 10 * seconds["32-true"]["model"]

@@ -178,6 +178,7 @@ def time_steps(
     device: torch.device,
     budget_s: float = 4.0,
     rounds: tuple[int, int] = (3, 9),
+    prune: float = 1.5,
 ) -> dict[str, dict[str, float]]:
     """Median seconds of one step of each net under each option, ``seconds[option][net]``.
 
@@ -185,7 +186,10 @@ def time_steps(
     bf16 autocast, ``bf16-true``: weights and inputs in bf16); an option ending in ``MATH_ATTENTION`` runs the
     nets' timm attention blocks without the fused kernel. Each (option, net) is run once to warm up, then
     the options are timed in turns, round after round (at least ``rounds[0]``, at most ``rounds[1]``, until
-    ``budget_s`` has passed), so a machine busy with something else slows every option alike."""
+    ``budget_s`` has passed), so a machine busy with something else slows every option alike. An option more than
+    ``2 * prune`` times slower than the fastest in the warm-up, or ``prune`` times in the first round, is not
+    timed again (its last time is returned): a step of a hopeless option can take longer than every other
+    option's together."""
     gen = torch.Generator().manual_seed(0)  # inputs drawn from a local generator, never the global RNG
     inputs = {n.name: torch.randn((batch, *n.shape), generator=gen).to(device) for n in nets}
     runs: dict[tuple[str, str], Callable[[], None]] = {}
@@ -212,22 +216,39 @@ def time_steps(
 
                 runs[(opt, n.name)] = run
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
-        for run in runs.values():  # warm-up: first-call allocations and kernel choices
+        warm: dict[tuple[str, str], float] = {}
+        for k, run in runs.items():  # warm-up: first-call allocations and kernel choices
+            t0 = time.perf_counter()
             run()
-        sync(device)
+            sync(device)
+            warm[k] = time.perf_counter() - t0
         t_start = time.perf_counter()
+        dropped = _slow({opt: sum(warm[(opt, n.name)] for n in nets) for opt in options}, 2 * prune)
+        for k in runs:
+            if k[0] in dropped:
+                samples[k].append(warm[k])
         for r in range(rounds[1]):
             for k, run in runs.items():
+                if k[0] in dropped:
+                    continue
                 t0 = time.perf_counter()
                 run()
                 sync(device)
                 samples[k].append(time.perf_counter() - t0)
+            if r == 0:
+                dropped |= _slow({opt: sum(samples[(opt, n.name)][-1] for n in nets) for opt in options}, prune)
             if r + 1 >= rounds[0] and time.perf_counter() - t_start > budget_s:
                 break
     seconds: dict[str, dict[str, float]] = {}
     for (opt, name), ts in samples.items():
         seconds.setdefault(opt, {})[name] = statistics.median(ts)
     return seconds
+
+
+def _slow(totals: dict[str, float], factor: float) -> set[str]:
+    """The options whose step took more than ``factor`` times the fastest's."""
+    best = min(totals.values())
+    return {opt for opt, t in totals.items() if t > factor * best}
 
 
 # -- the choice ------------------------------------------------------------------------------------
