@@ -77,5 +77,6 @@ def test_adam_is_fused_where_its_kernel_runs_and_steps_as_the_loop_does():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not adamw(list(a.parameters()), amp=True).defaults["fused"]  # Lightning's AMP clips only the loop
     assert fused_ok([{"params": [torch.zeros(2, requires_grad=True)]}])
     assert not fused_ok([torch.zeros(2, dtype=torch.int64)]) and not fused_ok([])

@@ -31,15 +31,16 @@ def fused_ok(params: Any) -> bool:
     return bool(ps) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in ps)
 
 
-def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+def adamw(params: Any, amp: bool = False, **kwargs: Any) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel where it runs: one kernel over every tensor instead of a
-    Python loop over them, the loop being most of the optimizer's time for small nets."""
-    return torch.optim.AdamW(params, fused=fused_ok(params) or None, **kwargs)
+    Python loop over them, the loop being most of the optimizer's time for small nets. ``amp``: the run uses
+    Lightning's mixed-precision plugin, which refuses to clip a fused optimizer's gradients: the loop then."""
+    return torch.optim.AdamW(params, fused=(fused_ok(params) and not amp) or None, **kwargs)
 
 
-def adam(params: Any, **kwargs: Any) -> torch.optim.Adam:
+def adam(params: Any, amp: bool = False, **kwargs: Any) -> torch.optim.Adam:
     """``torch.optim.Adam`` with its fused kernel where it runs (as ``adamw``)."""
-    return torch.optim.Adam(params, fused=fused_ok(params) or None, **kwargs)
+    return torch.optim.Adam(params, fused=(fused_ok(params) and not amp) or None, **kwargs)
 
 
 def warmup_cosine(total: float, warmup: float):
@@ -221,6 +222,12 @@ class Stage(pl.LightningModule):
         ]
 
     # -- optimisation shared by training stages -----------------------------------------------
+    def under_amp(self) -> bool:
+        """Whether the trainer runs Lightning's mixed-precision plugin (``*-mixed``): its gradient clipping
+        refuses fused optimizers (``adamw``)."""
+        t = self._trainer
+        return t is not None and "mixed" in str(t.precision)
+
     def cosine_schedule(
         self, optimizer: torch.optim.Optimizer, warmup_epochs: float, constant_groups: tuple[int, ...] = ()
     ):

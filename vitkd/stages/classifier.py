@@ -47,5 +47,10 @@ class Classifier(ClassificationStage):
         return {"ce": F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)}
 
     def configure_optimizers(self):
-        opt = adamw(list(self.model.parameters()), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(
+            list(self.model.parameters()),
+            amp=self.under_amp(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
         return self.cosine_schedule(opt, self.hparams.warmup_epochs)

@@ -700,8 +700,8 @@ class DataFreeGAN(DistillationStage):
         lr_g, betas = (
             (hp.lr_g * hp.fast_inner_steps, (0.5, 0.999)) if hp.synthesizer == "fast" else (hp.lr_g, tuple(hp.betas_g))
         )
-        opt_g = adam(list(self.generator.parameters()), lr=lr_g, betas=betas)
-        opt_s = adamw(list(self.model.parameters()), lr=hp.lr_s, weight_decay=hp.weight_decay)
+        opt_g = adam(list(self.generator.parameters()), amp=self.under_amp(), lr=lr_g, betas=betas)
+        opt_s = adamw(list(self.model.parameters()), amp=self.under_amp(), lr=hp.lr_s, weight_decay=hp.weight_decay)
         if hp.student_schedule == "constant":
             return [opt_g, opt_s], [torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _s: 1.0)]
         per_epoch = hp.steps_per_epoch * hp.student_steps

@@ -111,7 +111,12 @@ class IdleViTFinetune(DistillationStage):
         return out
 
     def configure_optimizers(self):
-        opt = adamw(list(self.model.parameters()), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(
+            list(self.model.parameters()),
+            amp=self.under_amp(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
         return self.cosine_schedule(opt, self.hparams.warmup_epochs)
 
     def report(self) -> dict[str, Any]:

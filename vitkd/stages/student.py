@@ -185,7 +185,7 @@ class ProbeDistillation(DistillationStage):
         if self.q is not None:
             # DFND trains θ with its own Adam(1e-3) every step: here a constant-lr group with no decay
             groups.append({"params": self.q.parameters(), "lr": self.hparams.q_lr, "weight_decay": 0.0})
-        opt = adamw(groups)
+        opt = adamw(groups, amp=self.under_amp())
         return self.cosine_schedule(opt, self.hparams.warmup_epochs, constant_groups=(1,) if self.q is not None else ())
 
     def report(self) -> dict[str, Any]:
