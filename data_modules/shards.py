@@ -26,8 +26,9 @@ from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_dir
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
-# Every member's time: fixed (2000-01-01), so a rewritten shard is byte-identical, and whole seconds, so no
-# member needs a pax header (a float time gets one per member: a second header to parse for every file read).
+# The packer's member time: fixed (2000-01-01), so a rewritten shard is byte-identical. write_shards keeps
+# webdataset's float clock time: its pax header per member makes tarfile raise on a damaged member header
+# (which the reader then recovers from), where a plain ustar header would silently end the shard there.
 TAR_MTIME = 946684800
 
 
@@ -311,7 +312,7 @@ def write_shards(
     """
     counts: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
-        with wds.ShardWriter(str(tmp / pattern), maxcount=maxcount, verbose=0, mtime=TAR_MTIME) as sink:
+        with wds.ShardWriter(str(tmp / pattern), maxcount=maxcount, verbose=0) as sink:
             for s in samples:
                 sink.write(s)
                 name = Path(sink.fname).name

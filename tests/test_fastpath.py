@@ -210,6 +210,8 @@ def test_teacher_cache_refuses_augmented_inputs(tiny_teacher, tiny_pool, tmp_pat
             "true",
             "--data.init_args.train_urls",
             tiny_pool,
+            "--data.init_args.augment_views",
+            "0",  # a fresh draw every epoch (the config's fixed views can be cached)
             "--trainer.max_epochs",
             "1",
             "--run_dir",

@@ -443,20 +443,3 @@ def test_bad_arguments_one_line(capsys):
         and len(err) == 1
         and err[0].startswith("vitkd: error: argument FORMAT: invalid choice: 'imagenet'")
     )
-
-
-def test_written_shards_need_no_pax_headers_and_are_byte_identical(tmp_path):
-    """write_shards (selections, wild pools) stamps whole-second member times: a float time would give every
-    member a pax header, which doubles the cost of reading a shard, and a clock time would make a rewrite differ."""
-    samples = [
-        {"__key__": f"s{i:03d}", "png": shards.encode_png(np.full((4, 4), i, np.uint8)), "cls": b"1"} for i in range(5)
-    ]
-    first = shards.write_shards(iter(samples), tmp_path / "a", maxcount=3)
-    second = shards.write_shards(iter(samples), tmp_path / "b", maxcount=3)
-    assert [p.name for p in first] == ["shard-000000.tar", "shard-000001.tar"]
-    for a, b in zip(first, second):
-        assert a.read_bytes() == b.read_bytes()
-        with tarfile.open(a) as tar:
-            members = tar.getmembers()
-        assert len(members) in (4, 6)
-        assert all(m.pax_headers == {} and m.mtime == shards.TAR_MTIME for m in members)
