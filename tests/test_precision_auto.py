@@ -11,6 +11,7 @@ from torch import nn
 
 import vitkd.precision as P
 from tests.conftest import fit
+from vitkd.efficient.vit_parts import set_fused_attention
 
 
 def nets(width: int = 8, teacher: bool = True) -> list[P.TimedNet]:
@@ -117,7 +118,7 @@ def test_plain_attention_is_weighed_where_a_net_has_timm_attention_blocks(tmp_pa
     options = P.options_for(net, True, "auto", None, None)
     assert set(P.time_steps(net, options, 8, cpu, budget_s=0.0)) == set(options)
     assert P.attention_blocks(net[0].module)[0].fused_attn is True
-    P.set_fused_attention(net[0].module, False)
+    set_fused_attention(net[0].module, False)
     assert [m.fused_attn for m in P.attention_blocks(net[0].module)] == [False]
 
 

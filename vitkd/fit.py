@@ -22,10 +22,11 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vitkd.checkpoint_io import AtomicCheckpointIO
+from vitkd.efficient.vit_parts import set_fused_attention
 from vitkd.errors import VitkdInputError
 from vitkd.io import write_json, write_text
 from vitkd.loggers import WandbOptions, build_loggers, finish_loggers, quiet_lightning, slurm_requeued
-from vitkd.precision import AUTO, PrecisionChoice, as_record, cache_file, choose_for_stage, set_fused_attention
+from vitkd.precision import AUTO, PrecisionChoice, as_record, cache_file, choose_for_stage
 from vitkd.stages import Stage
 
 quiet_lightning()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vitkd.efficient.measure import cpu_model, sync
+from vitkd.efficient.vit_parts import attention_blocks
 from vitkd.io import write_json
 
 AUTO = "auto"
@@ -129,17 +130,6 @@ def _untouched(module: nn.Module) -> Iterator[None]:
                     own[k].copy_(v)
             for p in module.parameters():
                 p.grad = None
-
-
-def attention_blocks(module: nn.Module) -> list[nn.Module]:
-    """The timm attention blocks of ``module``: those with a ``fused_attn`` switch (fused kernel or plain product)."""
-    return [m for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-
-
-def set_fused_attention(module: nn.Module, fused: bool) -> None:
-    """Every timm attention block of ``module`` with the fused kernel (``True``) or the plain product."""
-    for m in attention_blocks(module):
-        m.fused_attn = fused
 
 
 @contextlib.contextmanager

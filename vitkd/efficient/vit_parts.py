@@ -98,11 +98,20 @@ def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """The timm attention blocks of ``model``: those with a ``fused_attn`` switch (fused kernel or plain product)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+
+
+def set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Every timm attention block of ``model`` on the fused kernel (``True``) or its explicit path, in place."""
+    for m in attention_blocks(model):
+        m.fused_attn = fused
+
+
 def unfused(model: nn.Module) -> nn.Module:
     """Switch every timm attention in ``model`` to its explicit (unfused) path, in place; returns the model."""
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
+    set_fused_attention(model, False)
     return model
 
 
