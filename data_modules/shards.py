@@ -26,10 +26,6 @@ from vitkd.errors import VitkdInputError
 from vitkd.io import atomic_dir
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
-# The packer's member time: fixed (2000-01-01), so a rewritten shard is byte-identical. write_shards keeps
-# webdataset's float clock time: its pax header per member makes tarfile raise on a damaged member header
-# (which the reader then recovers from), where a plain ustar header would silently end the shard there.
-TAR_MTIME = 946684800
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -312,6 +308,8 @@ def write_shards(
     """
     counts: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
+        # webdataset's float member times give each member a pax header, so a damaged member header makes tarfile
+        # raise (and the reader recover) where a plain ustar header would end the shard there silently
         with wds.ShardWriter(str(tmp / pattern), maxcount=maxcount, verbose=0) as sink:
             for s in samples:
                 sink.write(s)

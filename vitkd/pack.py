@@ -36,11 +36,12 @@ from tqdm import tqdm
 from data_modules.readers import FORMATS, NATIVE_SIZE, Reader, open_reader
 from data_modules.readers.idx import EMNIST_SPLITS
 from data_modules.readers.resize import fit_size
-from data_modules.shards import TAR_MTIME, encode_png, shard_url
+from data_modules.shards import encode_png, shard_url
 from vitkd.errors import OneLineParser, VitkdInputError
 from vitkd.io import atomic_path, write_json
 
 PLAN_FILE = ".pack-plan.json"  # the options of the pack in progress, compared when it resumes
+TAR_MTIME = 946684800  # fixed member time (2000-01-01) so a rewritten shard is byte-identical
 RESAMPLE = ("auto", "box", "bicubic", "bilinear", "lanczos", "nearest")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
