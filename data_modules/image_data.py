@@ -112,7 +112,6 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         self.memory_cache = memory_cache
         self.augment_views = augment_views if augment else 0
         self.keys_requested = False  # training batches reach the stage with each sample's key third
-        self._view_seed: int | None = None
 
     @property
     def train_keys(self) -> bool:
@@ -233,10 +232,8 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
             return batch
         if self.augment_views and len(batch) >= 3:
             x, y, keys = batch
-            if self._view_seed is None:
-                self._view_seed = torch.initial_seed() % (2**31)  # the run's seed: the same on every rank
             view = self.trainer.current_epoch % self.augment_views
-            x = view_affine(x, keys, view, self._view_seed)
+            x = view_affine(x, keys, view, torch.initial_seed() % (2**31))  # the run's seed, as train_dataloader
             return (x, y, [f"{k}@{view}" for k in keys]) if self.keys_requested else (x, y)
         x, *rest = batch
         return (random_affine(x), *rest)

@@ -172,8 +172,8 @@ class DetrTrainer(TrainingStage):
         ids = {id(p) for p in backbone}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
         opt = adamw(
+            [{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}],
             amp=self.under_amp(),
-            params=[{"params": rest, "lr": hp.lr}, {"params": backbone, "lr": hp.lr_backbone or hp.lr}],
             weight_decay=hp.weight_decay,
         )
         return self.cosine_schedule(opt, hp.warmup_epochs)
