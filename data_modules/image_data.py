@@ -7,6 +7,7 @@ the original train/val/test arrays (``DigitsDataModule`` here; real formats in l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -38,6 +39,10 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
             sample's key and the view), view ``epoch mod K`` in each epoch, so a frozen teacher's outputs for
             every view can be kept (``--model.init_args.teacher_cache true``) and its forward runs in ``K``
             epochs instead of all of them. Training batches then carry keys ``<key>@<view>``.
+        view_seed: the seed of the fixed views; ``None``: the run's seed, so each seed of a sweep sees its
+            own views. A number gives every run the same views (as FKD's soft labels, stored once for all
+            runs: arXiv 2112.01528), so the runs of several seeds can share the teacher's outputs
+            (``--model.init_args.teacher_cache_file``). Unused without fixed views.
         train_urls: shards to train on instead of the original training split (e.g. a selection's
             ``selected/shard-{000000..000002}.tar``); validation is then a held-out slice of them.
         val_fraction: fraction of ``train_urls`` samples held out (by key) for validation.
@@ -67,6 +72,7 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         num_workers: int = 0,
         augment: bool = True,
         augment_views: int = 0,
+        view_seed: int | None = None,
         train_urls: str | None = None,
         val_fraction: float = 0.05,
         val_urls: str | None = None,
@@ -111,6 +117,7 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         self.epoch_samples, self.skips = epoch_samples, shards.SkipCounter(strict)
         self.memory_cache = memory_cache
         self.augment_views = augment_views if augment else 0
+        self.view_seed = view_seed
         self.keys_requested = False  # training batches reach the stage with each sample's key third
 
     @property
@@ -121,6 +128,26 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
     def request_train_keys(self) -> None:
         """From now on, training batches are ``(x, y, key)``: a stage that caches per sample asks for them."""
         self.keys_requested = True
+
+    UNUSED_BY_INPUTS = ("num_workers", "eval_batch_size", "memory_cache")  # how samples load, not what they are
+
+    def train_inputs_id(self) -> dict:
+        """What each keyed training input depends on: this module's class and options, the views' seed (the
+        run's when ``view_seed`` is unset) and each local training shard's size and modification time (a
+        rewritten shard is other data); remote shards by URL."""
+        files = []
+        for url in shards.expand_urls(self.train_urls) if self.train_urls else []:
+            st = os.stat(url) if "://" not in url and not url.startswith("pipe:") else None
+            files.append([os.path.abspath(url), st.st_size, st.st_mtime_ns] if st else [url])
+        return {
+            "module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "options": {k: v for k, v in self.hparams.items() if k not in self.UNUSED_BY_INPUTS},
+            "view_seed": self._view_seed() if self.augment_views else None,
+            "train_files": files,
+        }
+
+    def _view_seed(self) -> int:
+        return self.view_seed if self.view_seed is not None else torch.initial_seed() % (2**31)
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +260,7 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
         if self.augment_views and len(batch) >= 3:
             x, y, keys = batch
             view = self.trainer.current_epoch % self.augment_views
-            x = view_affine(x, keys, view, torch.initial_seed() % (2**31))  # the run's seed, as train_dataloader
+            x = view_affine(x, keys, view, self._view_seed())
             return (x, y, [f"{k}@{view}" for k in keys]) if self.keys_requested else (x, y)
         x, *rest = batch
         return (random_affine(x), *rest)

@@ -195,6 +195,49 @@ def test_teacher_cache_over_fixed_augmented_views_matches_recomputing(tiny_teach
     assert c["samples"] == c["misses"] == 2 * n_train and c["hits"] == n_train and 40 <= n_train <= 60
 
 
+def test_teacher_cache_file_keeps_rows_only_for_the_same_fingerprint(tmp_path):
+    cache = TeacherCache()
+    cache(["a", "b"], torch.arange(4.0).view(2, 2), lambda x: {"logits": 2 * x})
+    cache.save(tmp_path / "c.pt", "f1")
+    back = TeacherCache()
+    assert back.load(tmp_path / "c.pt", "f1") is None and back.loaded == len(back) == 2
+    out = back(["b", "a"], torch.zeros(2, 2), lambda x: {"logits": x})  # read back: never recomputed
+    torch.testing.assert_close(out["logits"], torch.tensor([[4.0, 6.0], [0.0, 2.0]]))
+    assert back.misses == 0 and back.hits == 2
+    assert "another" in TeacherCache().load(tmp_path / "c.pt", "f2")
+    (tmp_path / "c.pt").write_bytes(b"not a torch file")
+    assert TeacherCache().load(tmp_path / "c.pt", "f1").startswith("unreadable")
+    assert TeacherCache().load(tmp_path / "none.pt", "f1") == "no such file yet"
+
+
+def test_teacher_cache_file_is_shared_by_seeds_over_the_same_views(tiny_teacher, tiny_pool, tmp_path):
+    """Two fixed views drawn with ``view_seed`` 0: the seed-1 run reads every row the seed-0 run wrote and logs
+    the losses of a seed-1 run that runs the teacher itself; other views or a damaged file are recomputed and
+    the file replaced."""
+    _select(tiny_teacher, tiny_pool, tmp_path / "sel", "32-true")
+    urls = str(tmp_path / "sel" / "selected" / "shard-000000.tar")
+    file = tmp_path / "teacher_outputs.pt"
+    views = ["--data.init_args.augment", "true", "--data.init_args.augment_views", "2"]
+    views += ["--data.init_args.view_seed", "0", "--model.init_args.teacher_cache", "true"]
+    kept = [*views, "--model.init_args.teacher_cache_file", str(file)]
+    _, first = _student(tiny_teacher, urls, tmp_path / "s0", *kept, "--seed_everything", "0")
+    n_rows = first["teacher_cache"]["samples"]
+    assert first["teacher_cache"]["misses"] == n_rows > 0 and first["teacher_cache"]["loaded"] == 0
+    assert file.exists()
+    shared, m = _student(tiny_teacher, urls, tmp_path / "s1", *kept, "--seed_everything", "1")
+    own, _ = _student(tiny_teacher, urls, tmp_path / "s1-own", *views, "--seed_everything", "1")
+    assert m["teacher_cache"]["loaded"] == n_rows and m["teacher_cache"]["misses"] == 0
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(own), rtol=1e-4, atol=1e-6)
+    other = [*kept[:5], "1", *kept[6:]]  # view_seed 1: other inputs, so other outputs
+    _, m = _student(tiny_teacher, urls, tmp_path / "v1", *other, "--seed_everything", "1")
+    assert m["teacher_cache"]["loaded"] == 0 and m["teacher_cache"]["misses"] == n_rows
+    file.write_bytes(file.read_bytes()[:100])  # a damaged file
+    _, m = _student(tiny_teacher, urls, tmp_path / "v1-again", *other, "--seed_everything", "1")
+    assert m["teacher_cache"]["loaded"] == 0 and m["teacher_cache"]["misses"] == n_rows
+    _, m = _student(tiny_teacher, urls, tmp_path / "v1-third", *other, "--seed_everything", "2")
+    assert m["teacher_cache"]["loaded"] == n_rows and m["teacher_cache"]["misses"] == 0  # replaced whole
+
+
 def test_teacher_cache_refuses_augmented_inputs(tiny_teacher, tiny_pool, tmp_path):
     with pytest.raises(VitkdInputError, match="augment false"):
         fit(

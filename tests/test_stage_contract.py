@@ -87,14 +87,21 @@ def test_teacher_cache_asks_for_keyed_batches_through_the_protocol(tiny_teacher)
         teacher_cache=True,
     )
     assert stage.data_contract is KeyedTrainData
-    with pytest.raises(
-        VitkdInputError, match=r"teacher_cache true needs a data module with augment, request_train_keys\(\)"
-    ):
+    missing = r"augment, request_train_keys\(\), train_inputs_id\(\)"
+    with pytest.raises(VitkdInputError, match=f"teacher_cache true needs a data module with {missing}"):
         stage.check_data(_LoadersOnly())
     with pytest.raises(VitkdInputError, match="augment false"):
         stage.check_data(DigitsDataModule(augment=True))
     stage.check_data(DigitsDataModule(augment=False))
     stage.check_data(DigitsDataModule(augment=True, augment_views=4))  # fixed views come back unchanged
+    with pytest.raises(VitkdInputError, match="teacher_cache_file .* set --model.init_args.teacher_cache true"):
+        ProbeDistillation(
+            arch="test_vit_patch4_16",
+            teacher_ckpt=str(tiny_teacher),
+            q_diagonal=0.9,
+            probe_pairs=[(0, 0)],
+            teacher_cache_file="outputs.pt",
+        )
     plain = ProbeDistillation(
         arch="test_vit_patch4_16", teacher_ckpt=str(tiny_teacher), q_diagonal=0.9, probe_pairs=[(0, 0)]
     )

@@ -48,6 +48,11 @@ class KeyedTrainData(StageData, Protocol):
         """From now on, training batches carry each sample's key third."""
         ...
 
+    def train_inputs_id(self) -> dict:
+        """JSON-able description of what each keyed training input depends on (data, options, views), so kept
+        teacher outputs are reused only for the same inputs."""
+        ...
+
 
 @runtime_checkable
 class DataFreeData(StageData, Protocol):

@@ -10,11 +10,15 @@ loss terms and steps: ``teacher_outputs(x)`` (what its terms read from the teach
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from vitkd.data_contract import KeyedTrainData, StageData, require
@@ -52,6 +56,11 @@ class DistillationStage(ClassificationStage):
             in later epochs; needs a data module whose training batches carry sample keys and do not change
             between epochs (``KeyedTrainData`` with ``augment`` off, or with ``augment_views``: each sample's
             fixed augmented views, one entry per view).
+        teacher_cache_file: keep the cache in this file between runs: read at the start of training when it was
+            written for the same teacher, stage options, precision, device type and training inputs (a
+            fingerprint of them), written at the end when the run added rows. Runs of several seeds share it
+            when their views are the same (``--data.init_args.view_seed``); under DDP each rank has its own
+            file (``.rank<r>`` before the suffix).
 
     The subclass calls ``save_hyperparameters`` after this constructor, then ``pair_taps`` if a loss term
     compares blocks.
@@ -68,8 +77,14 @@ class DistillationStage(ClassificationStage):
         num_classes: int,
         teacher_bf16: bool | Literal["auto"] = False,
         teacher_cache: bool = False,
+        teacher_cache_file: str | None = None,
     ):
         super().__init__()
+        if teacher_cache_file and not teacher_cache:
+            raise VitkdInputError(
+                f"--model.init_args.teacher_cache_file {teacher_cache_file} keeps the teacher-output cache: "
+                "set --model.init_args.teacher_cache true, or drop the file"
+            )
         if isinstance(student, nn.Module):
             self.model = student
         self.load_frozen_teacher(
@@ -79,6 +94,7 @@ class DistillationStage(ClassificationStage):
             self.model = student(self.teacher)
         self.teacher_bf16 = teacher_bf16
         self.cache = TeacherCache() if teacher_cache else None
+        self.cache_file, self.cache_fingerprint = teacher_cache_file, ""
         self.taps: tuple[FeatureTap, FeatureTap] | None = None
         self.pairs: list[tuple[int, int]] = []
 
@@ -132,6 +148,56 @@ class DistillationStage(ClassificationStage):
             return
         self.check_data(self.trainer.datamodule)
         self.trainer.datamodule.request_train_keys()
+        if self.cache_file:
+            self.load_cache_file()
+
+    # -- the teacher-output cache file ---------------------------------------------------------------
+    def rank_cache_file(self) -> Path:
+        """``teacher_cache_file``, with ``.rank<r>`` before the suffix on rank r > 0 of a DDP run."""
+        path, rank = Path(self.cache_file), self.trainer.global_rank
+        return path.with_name(f"{path.stem}.rank{rank}{path.suffix}") if rank else path
+
+    def teacher_outputs_id(self) -> str:
+        """sha256 of what the teacher's outputs depend on: its weights, this stage's class and options, the
+        teacher's precision, the device type and the data module's training inputs (``train_inputs_id``)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.teacher.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        options = {k: v for k, v in self.hparams.items() if k != "teacher_cache_file"}
+        h.update(
+            json.dumps(
+                {
+                    "stage": f"{type(self).__module__}.{type(self).__qualname__}",
+                    "options": options,
+                    "teacher_bf16": self.teacher_bf16,
+                    "precision": str(self.trainer.precision),
+                    "device": self.trainer.strategy.root_device.type,
+                    "inputs": self.trainer.datamodule.train_inputs_id(),
+                },
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+        return h.hexdigest()
+
+    def load_cache_file(self) -> None:
+        """Fills the cache from ``teacher_cache_file`` when it was written for these outputs; one line says
+        which."""
+        self.cache_fingerprint = self.teacher_outputs_id()
+        path = self.rank_cache_file()
+        why = self.cache.load(path, self.cache_fingerprint, self.trainer.strategy.root_device)
+        if why is None:
+            rank_zero_info(f"teacher outputs: {self.cache.loaded} rows read from {path}")
+        else:
+            rank_zero_info(f"teacher outputs: {path} not used ({why}); it is written at the end of training")
+
+    def on_train_end(self) -> None:
+        if self.cache is None or not self.cache_file or not self.cache.misses:
+            return
+        path = self.rank_cache_file()
+        self.cache.save(path, self.cache_fingerprint)
+        rank_zero_info(f"teacher outputs: {len(self.cache)} rows written to {path}")
 
     def batch_losses(self, batch) -> dict[str, torch.Tensor]:
         """A keyed batch ``(x, y, keys)`` reads the teacher's outputs through the cache; others run the teacher."""

@@ -47,7 +47,8 @@ class ProbeDistillation(DistillationStage):
 
     Args:
         arch: student timm model name.
-        teacher_ckpt, teacher_arch, teacher_bf16, teacher_cache: the frozen teacher (``DistillationStage``).
+        teacher_ckpt, teacher_arch, teacher_bf16, teacher_cache, teacher_cache_file: the frozen teacher
+            (``DistillationStage``).
             ``teacher_cache`` needs ``--data.init_args.augment false`` or ``augment_views K`` (each sample's
             ``K`` fixed augmented views): freshly augmented inputs differ every epoch.
             ``teacher_bf16`` suits a teacher much wider than its student; under ``bf16-mixed`` the teacher is
@@ -91,6 +92,7 @@ class ProbeDistillation(DistillationStage):
         projector_act: Literal["relu", "none"] = "relu",
         measure_batch_size: int = 256,
         teacher_cache: bool = False,
+        teacher_cache_file: str | None = None,
         teacher_bf16: bool | Literal["auto"] = False,
     ):
         w = weight_group(ProbeLossWeights, loss_weights)
@@ -108,6 +110,7 @@ class ProbeDistillation(DistillationStage):
             num_classes=num_classes,
             teacher_bf16=teacher_bf16,
             teacher_cache=teacher_cache,
+            teacher_cache_file=teacher_cache_file,
         )
         self.save_hyperparameters()
         self.weights = w
