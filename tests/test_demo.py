@@ -113,23 +113,28 @@ def test_demo_jobs_pass_each_student_its_selection_and_wait_for_what_they_use(tm
             assert got_cfg == cfg and args[:2] == ["--seed_everything", str(seed)]
             assert (args[2:4] == teacher_arg) == (name != "scratch")
             waits = jobs[f"{name}/seed{seed}"][0]
-            assert (
-                waits == (() if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel))
-                and set(waits) <= before
-            )
+            want = () if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)
+            # a later seed of a wild-data student reads the first seed's teacher outputs, so it waits for it
+            want += (f"{name}/seed0",) if sel is not None and seed else ()
+            assert waits == want and set(waits) <= before
             if sel is not None:
                 assert (
                     args[-2:] == ["--data.init_args.train_urls", f"{sel}/selected/shard-000000.tar"] and sel in before
                 )
+                file = str(tmp_path / name / "teacher_outputs.pt")
+                assert args[4:6] == ["--model.init_args.teacher_cache_file", file]
             else:
                 assert "--data.init_args.train_urls" not in args
     for sel, cfg in SELECTIONS.items():
         assert (
             runs[sel][0] == cfg
-            and runs[sel][1] == teacher_arg
+            and runs[sel][1][:2] == teacher_arg
             and jobs[sel][0] == ("teacher", "pool")
             and {"teacher", "pool"} <= runs[sel][2]
         )
+    for name, (_, args, _) in runs.items():  # each run re-reads its own share of the cores
+        i = args.index("--torch_threads_file")
+        assert args[i + 1] == str(tmp_path / "threads" / name.replace("/", "-"))
     # as the demo runs it, several at a time: every job still finds the results it is handed
     calls.clear(), ended.clear()
     assert run_graph(demo_jobs(tmp_path, [0, 1, 2], fit=fake_fit, pool=fake_pool), workers=8).keys() == done.keys()

@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vitkd.demos.runs import cell, machine, mean_std, results_file, run_fit, run_graph, run_logged
+from vitkd.demos.runs import (
+    cell,
+    machine,
+    mean_std,
+    results_file,
+    run_fit,
+    run_graph,
+    run_logged,
+    share_threads,
+    threads_file,
+)
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
 
@@ -67,14 +77,18 @@ def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callab
     ``fit(config, run_dir, *args, show=...)`` runs one config and returns its metrics; ``pool(out)`` writes the
     wild pool. Among the jobs ready, the first listed starts first: the teacher is on every path, so it
     starts first, with the pool and then the scratch students (which need neither) on the other core; then
-    the selections; then the long wild-data students, the short ones last to fill the gaps.
+    the selections; then the long wild-data students, the short ones last to fill the gaps. The later seeds of
+    a wild-data student wait for its first, whose teacher outputs they read (``teacher_cache_file``).
     """
     common = ["--model.init_args.teacher_ckpt", str(out / "teacher" / "checkpoints" / "best.ckpt")]
 
     def run(config: str, run_dir: Path, *extra: str, sel: str | None = None) -> Callable:
+        name = run_dir.relative_to(out).as_posix()  # the job's name; its thread share is re-read from a file
+        threads = ["--torch_threads_file", str(threads_file(out / "threads", name))]
+
         def job(results: dict) -> dict:
             urls = ["--data.init_args.train_urls", results[sel]["selected_urls"]] if sel else []
-            return fit(CONFIGS / config, run_dir, *extra, *urls, show=SHOW)
+            return fit(CONFIGS / config, run_dir, *extra, *threads, *urls, show=SHOW)
 
         return job
 
@@ -87,9 +101,11 @@ def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callab
     for name, cfg, _, sel in reversed(STUDENTS):
         after = () if name == "scratch" else ("teacher",) if sel is None else ("teacher", sel)
         teacher = common if name != "scratch" else []
-        for seed in seeds:
+        if sel is not None:  # the seeds' views are the same (view_seed): the first seed's teacher outputs serve all
+            teacher = [*teacher, "--model.init_args.teacher_cache_file", str(out / name / "teacher_outputs.pt")]
+        for i, seed in enumerate(seeds):
             jobs[f"{name}/seed{seed}"] = (
-                after,
+                (*after, f"{name}/seed{seeds[0]}") if sel is not None and i else after,
                 run(cfg, out / name / f"seed{seed}", "--seed_everything", str(seed), *teacher, sel=sel),
             )
     return jobs
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.jobs} at a time",
         flush=True,
     )
-    rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)
+    # a job left alone (the teacher once the pool and scratch end, the last student) takes the freed cores
+    rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs, share_threads(out / "threads")), seeds)
     write_json(out / "summary.json", rows)
     if a.results:
         print(f"results in {record(rows, time.time() - t0, a.jobs, Path(a.results))}")
