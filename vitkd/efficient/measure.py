@@ -135,10 +135,24 @@ def measure(
 
 
 def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``), else what ``platform`` knows:
-    results name the machine."""
+    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``), with its widest matmul instructions
+    (``cpu_matmul_isa``) where known, else what ``platform`` knows: results name the machine, and two CPUs
+    of one model name can differ in those (one "AMD EPYC" with AVX-512 BF16, another with AVX2 only)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        isa = cpu_matmul_isa(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+        for line in info:
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                return f"{name} ({isa})" if isa else name
     return platform.processor() or platform.machine()
+
+
+def cpu_matmul_isa(flags: list[str]) -> str:
+    """The widest matmul instructions among ``/proc/cpuinfo`` ``flags``: AMX, AVX-512 BF16, AVX-512, AVX2,
+    or "" (none of them, or another architecture)."""
+    have = set(flags)
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in have:
+            return name
+    return ""
