@@ -5,10 +5,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from callbacks.thread_share import ThreadShare, read_threads
-from vitkd.demos.runs import run_graph, share_threads, threads_file
+from vitkd.demos.runs import run_graph
 from vitkd.io import build_once
 
 
@@ -50,35 +48,6 @@ def test_a_job_waiting_for_two_starts_after_the_slower_one_ends():
     run_graph(jobs, workers=2)
     order = [(kind, name) for kind, name, *_ in log]
     assert order.index(("start", "both")) > order.index(("end", "slow")) > order.index(("end", "fast"))
-
-
-def test_a_job_left_alone_is_given_the_cores_the_others_freed(tmp_path):
-    """``share_threads`` splits the cores between the running jobs each time they change: two at once get one
-    core each, the long job left alone gets both; a run re-reads its share at each epoch start."""
-    seen: dict[str, list[int | None]] = {"long": [], "short": []}
-
-    def job(name, pause):
-        def fn(results):
-            for _ in range(4):
-                seen[name.split("/")[0]].append(read_threads(threads_file(tmp_path, name)))
-                time.sleep(pause)
-
-        return fn
-
-    jobs = {"long/seed0": ((), job("long/seed0", 0.1)), "short": ((), job("short", 0.01))}
-    run_graph(jobs, 2, share_threads(tmp_path, 2))
-    assert seen["short"] == [1, 1, 1, 1] and seen["long"][0] == 1 and seen["long"][-1] == 2
-    assert (tmp_path / "long-seed0").is_file()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ThreadShare(tmp_path / "long-seed0").on_train_epoch_start(None, None)
-        assert torch.get_num_threads() == 2
-        (tmp_path / "long-seed0").write_text("many\n")  # unreadable: the threads are left as they are
-        ThreadShare(tmp_path / "long-seed0").on_validation_epoch_start(None, None)
-        assert torch.get_num_threads() == 2 and read_threads(tmp_path / "missing") is None
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_two_workers_run_two_ready_jobs_at_once_and_a_waiting_job_after_its_inputs():

@@ -21,7 +21,6 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.thread_share import ThreadShare
 from vitkd.checkpoint_io import AtomicCheckpointIO
 from vitkd.efficient.vit_parts import set_fused_attention
 from vitkd.errors import VitkdInputError
@@ -77,13 +76,6 @@ class VitkdCLI(LightningCLI):
         )
         parser.add_argument(
             "--torch_threads", type=int | None, default=None, help="torch intra-op threads (default: torch's choice)."
-        )
-        parser.add_argument(
-            "--torch_threads_file",
-            type=str | None,
-            default=None,
-            help="A file holding the torch intra-op thread count, re-read at each epoch start "
-            "(a scheduler sharing the machine between runs rewrites it; callbacks.ThreadShare).",
         )
         parser.add_argument(
             "--overwrite",
@@ -174,10 +166,7 @@ class VitkdCLI(LightningCLI):
         plugins = cfg.trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
-        trainer = super().instantiate_trainer(**kwargs)
-        if self.config.torch_threads_file:
-            trainer.callbacks.append(ThreadShare(self.config.torch_threads_file))
-        return trainer
+        return super().instantiate_trainer(**kwargs)
 
     def choose_precision(self, trainer_cfg: Any) -> PrecisionChoice | None:
         """``--trainer.precision auto`` and ``--model.init_args.teacher_bf16 auto`` decided by timing the stage's

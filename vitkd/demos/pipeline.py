@@ -15,17 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vitkd.demos.runs import (
-    cell,
-    machine,
-    mean_std,
-    results_file,
-    run_fit,
-    run_graph,
-    run_logged,
-    share_threads,
-    threads_file,
-)
+from vitkd.demos.runs import cell, machine, mean_std, results_file, run_fit, run_graph, run_logged
 from vitkd.errors import OneLineParser, demo_main, positive_int
 from vitkd.io import write_json
 
@@ -83,12 +73,9 @@ def demo_jobs(out: Path, seeds: list[int], fit: Callable = run_fit, pool: Callab
     common = ["--model.init_args.teacher_ckpt", str(out / "teacher" / "checkpoints" / "best.ckpt")]
 
     def run(config: str, run_dir: Path, *extra: str, sel: str | None = None) -> Callable:
-        name = run_dir.relative_to(out).as_posix()  # the job's name; its thread share is re-read from a file
-        threads = ["--torch_threads_file", str(threads_file(out / "threads", name))]
-
         def job(results: dict) -> dict:
             urls = ["--data.init_args.train_urls", results[sel]["selected_urls"]] if sel else []
-            return fit(CONFIGS / config, run_dir, *extra, *threads, *urls, show=SHOW)
+            return fit(CONFIGS / config, run_dir, *extra, *urls, show=SHOW)
 
         return job
 
@@ -188,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.jobs} at a time",
         flush=True,
     )
-    # a job left alone (the teacher once the pool and scratch end, the last student) takes the freed cores
-    rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs, share_threads(out / "threads")), seeds)
+    rows = summary_rows(run_graph(demo_jobs(out, seeds), a.jobs), seeds)
     write_json(out / "summary.json", rows)
     if a.results:
         print(f"results in {record(rows, time.time() - t0, a.jobs, Path(a.results))}")

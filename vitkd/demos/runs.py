@@ -23,7 +23,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vitkd.efficient.measure import cpu_model
 from vitkd.errors import VitkdInputError
-from vitkd.io import write_text
 
 # a demo owns its output folder: running it again replaces its earlier runs
 DEMO_RUN_FLAGS = ("--overwrite", "true")
@@ -121,15 +120,12 @@ def run_many(jobs: Sequence[tuple], workers: int, show: Sequence[str] = ()) -> l
 
 
 def run_graph(
-    jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]],
-    workers: int,
-    on_running: Callable[[list[str]], None] | None = None,
+    jobs: Mapping[str, tuple[Sequence[str], Callable[[dict[str, Any]], Any]]], workers: int
 ) -> dict[str, Any]:
     """Jobs ``name: (after, fn)`` that wait for others: ``fn(inputs)`` starts once every job named in ``after``
     has finished (``inputs``: what each of those returned, by name), ``workers`` at a time; among the jobs
     ready, the one listed first starts first. Returns every job's result by name. When a job fails no new
-    job starts, and its error is raised once the running ones end. ``on_running(names)`` is told the jobs
-    running each time they change, those about to start included (``share_threads``).
+    job starts, and its error is raised once the running ones end.
     Written by hand: concurrent.futures has no dependencies between tasks, and a workflow engine for one
     machine's dozen runs would be a dependency heavier than this loop."""
     unknown = sorted({d for after, _ in jobs.values() for d in after} - set(jobs))
@@ -145,11 +141,9 @@ def run_graph(
     pending, running = dict(jobs), {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while pending or running:
-            ready = [n for n, (after, _) in pending.items() if all(d in results for d in after)]
-            start = ready[: workers - len(running)]
-            if on_running is not None:
-                on_running(sorted([*running.values(), *start]))
-            for name in start:
+            for name in [n for n, (after, _) in pending.items() if all(d in results for d in after)]:
+                if len(running) == workers:
+                    break
                 after, fn = pending.pop(name)
                 running[pool.submit(fn, {d: results[d] for d in after})] = name
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -162,24 +156,6 @@ def run_graph(
                 raise done[failed[0]].exception()
             results.update((name, future.result()) for name, future in done.items())
     return results
-
-
-def share_threads(folder: Path, cores: int | None = None) -> Callable[[list[str]], None]:
-    """An ``on_running`` for ``run_graph`` that splits ``cores`` (default: all) between the running jobs: it
-    writes each one's share to ``folder/<job>`` (``/`` in a name as ``-``), which a run given that file as
-    ``--torch_threads_file`` re-reads at each epoch start, so a job left alone takes the freed cores."""
-    cores = cores or os.cpu_count() or 1
-
-    def on_running(names: list[str]) -> None:
-        for name in names:
-            write_text(threads_file(folder, name), f"{max(1, cores // len(names))}\n")
-
-    return on_running
-
-
-def threads_file(folder: Path, name: str) -> Path:
-    """Where ``share_threads`` writes job ``name``'s thread count."""
-    return Path(folder) / name.replace("/", "-")
 
 
 # -- the demos' summary tables ------------------------------------------------------------------
