@@ -61,6 +61,17 @@ def _distill_rows(name: str, d: dict, f: dict) -> list[tuple[str, ...]]:
         )
     )
 
+    if "vitkd_augmented_fixed_views" in d:
+        rows.append(
+            (
+                "  augmented, fixed views",
+                f"{d['vitkd_augmented_fixed_views']['images_per_s']:.0f}",
+                "",
+                f"{d['speedup_ratio_augmented_fixed_views']:.2f}x",
+                d["augmented_fixed_views_config"].split(":")[0],
+            )
+        )
+
     def share(who: str) -> str:
         return " / ".join(
             f"{100 * f[f'{what}_{who}_fraction_of_peak']:.1f}% {f[f'{what}_{who}_peak_precision']}"

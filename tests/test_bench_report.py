@@ -68,3 +68,12 @@ def test_a_run_without_the_paper_pair_judges_nothing():
     res = {k: {"digits": next(iter(v.values()))} if k != "scale" else v for k, v in res.items()}
     judge(res, {"digits": {}})
     assert "not_judged" in res["targets"]
+
+
+def test_fixed_views_spread_one_teacher_forward_per_view_over_the_epochs():
+    from benchmarks.distill import amortised_rate
+
+    # 20 epochs at 100 img/s through the cache, plus the teacher at 50 img/s in 1 (or 4) of them
+    assert amortised_rate(100.0, 50.0, 1, 20) == pytest.approx(1 / (0.01 + 1 / 1000))
+    assert amortised_rate(100.0, 50.0, 4, 20) == pytest.approx(1 / (0.01 + 4 / 1000))
+    assert amortised_rate(100.0, 50.0, 20, 20) == pytest.approx(1 / (0.01 + 0.02))  # the teacher every epoch
