@@ -164,6 +164,21 @@ def test_mnist_gzip_idx(tmp_path, workers):
     assert shards.shard_counts(shards.expand_urls(meta["url"]))[str(tmp_path / "out" / "mnist-train-000004.tar")] == 3
 
 
+def test_a_damaged_member_header_is_an_error_not_the_end_of_the_shard(tmp_path):
+    """Each member has a pax header before its own, so a bit flipped in a member's header makes tarfile raise
+    (the readers count the shard as damaged) where a plain ustar header would end the shard there silently."""
+    make_mnist(tmp_path / "MNIST" / "raw")
+    meta = packer.pack("mnist", tmp_path / "MNIST", tmp_path / "out", shard_size=5, workers=1, progress=False)
+    shard = shards.expand_urls(meta["url"])[0]
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[4]  # the third sample's first file
+    data = bytearray(open(shard, "rb").read())
+    data[member.offset_data - 512 + 3] ^= 0x10  # in its name: the header's checksum fails
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(tarfile.ReadError), tarfile.open(shard) as tar:
+        tar.getmembers()
+
+
 def test_mnist_plain_idx_test_and_all_splits(tmp_path):
     sets = make_mnist(tmp_path / "raw", gz=False)
     test = read_back(packer.pack("mnist", tmp_path / "raw", tmp_path / "test", split="test", progress=False))

@@ -90,7 +90,9 @@ class ShardJob:
         """Write shard ``j`` under a temporary name; it gets its final name only once complete."""
         n = 0
         with atomic_path(self.path(j)) as tmp:
-            with wds.TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
+            # a float member time gives each member a pax header (as write_shards' do), so a damaged member
+            # header makes tarfile raise where a plain ustar header would end the shard there silently
+            with wds.TarWriter(str(tmp), encoder=False, mtime=float(TAR_MTIME)) as sink:
                 for sample in self.samples(j):
                     sink.write(sample)
                     n += 1
