@@ -146,8 +146,13 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
             "train_files": files,
         }
 
+    @staticmethod
+    def _run_seed() -> int:
+        """The run's seed, the same on every rank after seed_everything."""
+        return torch.initial_seed() % (2**31)
+
     def _view_seed(self) -> int:
-        return self.view_seed if self.view_seed is not None else torch.initial_seed() % (2**31)
+        return self.view_seed if self.view_seed is not None else self._run_seed()
 
     # -- what a subclass provides -------------------------------------------------------------
     def original_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -221,13 +226,12 @@ class ImageDataModule(pl.LightningDataModule, KeyedTrainData, DataFreeData, Scor
 
     def train_dataloader(self) -> DataLoader:
         if self.train_urls:
-            seed = torch.initial_seed() % (2**31)  # the same on every rank after seed_everything
             part = "all" if self.val_urls else "train"
             stream = self._stream(
                 self.train_urls,
                 part=part,
                 val_fraction=self.val_fraction,
-                shuffle_seed=seed,
+                shuffle_seed=self._run_seed(),
                 epoch_samples=self.train_epoch_samples(),
                 keys=self.train_keys,
                 memory_cache=self.memory_cache,
